@@ -1,0 +1,43 @@
+# Tandem: `make demo` and `make test` work on a fresh machine by themselves.
+PYTHON        ?= python3
+VENV          ?= .venv
+TORCH_VERSION ?= 2.13.0
+PY            := $(VENV)/bin/python
+PIP           := $(PY) -m pip
+STAMP         := $(VENV)/.tandem-installed
+PROTOS        := $(shell find protos -name '*.proto')
+GENERATED     := services/tandem/v1/.generated
+PYTEST_ARGS   ?=
+
+.PHONY: all install protos demo test clean
+
+all: install
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned, so that a CPU machine takes the CPU wheel and nothing pulls CUDA builds.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PIP) install --quiet "torch==$(TORCH_VERSION)"
+	$(PIP) install --quiet -e '.[test]'
+	touch $@
+
+install: $(STAMP) $(GENERATED)
+
+$(GENERATED): $(STAMP) $(PROTOS)
+	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
+		--grpc_python_out=services $(PROTOS)
+	touch $@
+
+protos: $(GENERATED)
+
+demo: install
+	$(VENV)/bin/tandem demo
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info services/*.egg-info
+	find services -name '*_pb2*.py*' -delete
+	rm -f $(GENERATED)

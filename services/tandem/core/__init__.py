@@ -1,0 +1,1 @@
+"""Code shared by every Tandem service: model, tensor codec, tokenizer, configuration, errors."""

@@ -1,0 +1,119 @@
+"""Attention over a paged KV cache, for batched prefill of ragged prompts and batched decode.
+
+A step is a list of sequences, each adding `num_new_tokens` after `num_computed_tokens`
+already cached. Tokens of all sequences are packed into one [T] axis for the linear
+layers; attention gathers each sequence's keys through its block table into a padded
+[B, max_context] view and runs one masked scaled-dot-product call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from tandem.core.errors import InvalidArgumentError
+
+
+@dataclass(frozen=True)
+class SequenceSlice:
+    """What one sequence contributes to a step."""
+
+    num_computed_tokens: int  # tokens of this sequence already in the KV cache
+    num_new_tokens: int  # tokens this step adds (the prompt, a chunk of it, or 1 in decode)
+    block_table: Sequence[int]  # KV block ids holding positions [0, num_computed + num_new)
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    """Per-step tensors shared by every layer of a stage."""
+
+    positions: torch.Tensor  # [T] int64 position of each new token
+    slot_mapping: torch.Tensor  # [T] int64 cache slot (block * block_size + offset) each new token writes
+    key_slots: torch.Tensor  # [B, max_context] int64 cache slot of each key, padded with 0
+    mask: torch.Tensor  # [B, 1, max_query, max_context] bool, True where a query may attend
+    query_index: torch.Tensor  # [T] int64 row of each token in the padded [B * max_query] layout
+    last_token_indices: torch.Tensor  # [B] int64 index in [T] of each sequence's last new token
+    max_query_len: int
+
+    @property
+    def num_seqs(self) -> int:
+        return self.key_slots.shape[0]
+
+    @classmethod
+    def build(
+        cls,
+        seqs: Sequence[SequenceSlice],
+        block_size: int,
+        device: torch.device | str = "cpu",
+        sliding_window: int | None = None,
+    ) -> "AttentionMetadata":
+        if not seqs:
+            raise InvalidArgumentError("a step needs at least one sequence")
+        query_lens = [s.num_new_tokens for s in seqs]
+        context_lens = [s.num_computed_tokens + s.num_new_tokens for s in seqs]
+        for i, (s, ctx) in enumerate(zip(seqs, context_lens)):
+            if s.num_new_tokens < 1 or s.num_computed_tokens < 0:
+                raise InvalidArgumentError(
+                    f"sequence {i}: num_new_tokens must be >= 1 and num_computed_tokens >= 0, "
+                    f"got {s.num_new_tokens} and {s.num_computed_tokens}"
+                )
+            if len(s.block_table) * block_size < ctx:
+                raise InvalidArgumentError(
+                    f"sequence {i}: block table of {len(s.block_table)} blocks holds "
+                    f"{len(s.block_table) * block_size} tokens, needs {ctx}"
+                )
+        num_seqs, max_q, max_ctx = len(seqs), max(query_lens), max(context_lens)
+        max_blocks = -(-max_ctx // block_size)
+        tables = torch.zeros(num_seqs, max_blocks, dtype=torch.int64)
+        for i, s in enumerate(seqs):
+            n = min(len(s.block_table), max_blocks)
+            tables[i, :n] = torch.as_tensor(list(s.block_table[:n]), dtype=torch.int64)
+
+        key_pos = torch.arange(max_ctx)
+        key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
+
+        computed = torch.tensor([s.num_computed_tokens for s in seqs])
+        qlens = torch.tensor(query_lens)
+        offsets = torch.arange(max_q)
+        is_real = offsets[None, :] < qlens[:, None]  # [B, max_q]
+        query_pos = torch.where(is_real, computed[:, None] + offsets[None, :], 0)  # padding attends key 0 only
+        mask = key_pos[None, None, :] <= query_pos[:, :, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
+
+        positions = query_pos[is_real]  # [T], row-major: sequence by sequence
+        seq_of_token = torch.arange(num_seqs)[:, None].expand(num_seqs, max_q)[is_real]
+        slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
+        query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
+        last_token_indices = torch.cumsum(qlens, 0) - 1
+        return cls(
+            positions=positions.to(device),
+            slot_mapping=slot_mapping.to(device),
+            key_slots=key_slots.to(device),
+            mask=mask[:, None].to(device),
+            query_index=query_index.to(device),
+            last_token_indices=last_token_indices.to(device),
+            max_query_len=max_q,
+        )
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, heads, head_dim]
+    keys: torch.Tensor,  # [slots, kv_heads, head_dim] one layer's key cache, new keys already written
+    values: torch.Tensor,  # [slots, kv_heads, head_dim]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of the new tokens over their sequences' cached context -> [T, heads, head_dim]."""
+    num_tokens, num_heads, head_dim = q.shape
+    b, max_q = meta.num_seqs, meta.max_query_len
+    k = keys[meta.key_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, head_dim]
+    v = values[meta.key_slots].transpose(1, 2)
+    padded = q.new_zeros(b * max_q, num_heads, head_dim)
+    padded[meta.query_index] = q
+    padded = padded.view(b, max_q, num_heads, head_dim).transpose(1, 2)  # [B, heads, max_q, head_dim]
+    out = F.scaled_dot_product_attention(padded, k, v, attn_mask=meta.mask, scale=scale, enable_gqa=True)
+    return out.transpose(1, 2).reshape(b * max_q, num_heads, head_dim)[meta.query_index]

@@ -1,0 +1,32 @@
+"""Typed errors. Services raise these; one interceptor maps them to gRPC status codes."""
+
+
+class TandemError(Exception):
+    """Base of every error Tandem raises on purpose."""
+
+
+class InvalidArgumentError(TandemError, ValueError):
+    """The caller sent something malformed or out of range (gRPC INVALID_ARGUMENT)."""
+
+
+class NotFoundError(TandemError, KeyError):
+    """A named thing (request, sequence, block) does not exist (gRPC NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ResourceExhaustedError(TandemError):
+    """A bounded resource (queue, KV blocks) is full (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class CodecError(InvalidArgumentError):
+    """A tensor message failed validation: dtype, shape, byte count or size limit."""
+
+
+class ModelLoadError(TandemError):
+    """A model directory cannot be loaded; the message names the file or tensor at fault."""
+
+
+class ConfigError(InvalidArgumentError):
+    """A configuration value is unknown or invalid; the message names the field."""

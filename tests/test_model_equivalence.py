@@ -1,0 +1,89 @@
+"""Keystone: the model split into stages equals transformers on the same checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tandem.core.pipeline import LocalPipeline
+
+PROMPTS = [
+    [5, 7, 9, 11, 13, 200, 3],
+    [100, 4, 40],
+    list(range(20, 47)),  # longer than the Mistral sliding window and several KV blocks
+    [300],
+]
+MAX_NEW_TOKENS = 14
+SPLITS = [
+    pytest.param(1, None, id="1-stage"),
+    pytest.param(2, None, id="2-stages-even"),
+    pytest.param(3, [1, 4], id="3-stages-uneven"),
+]
+
+
+def reference_generate(model, prompt: list[int]) -> tuple[list[int], torch.Tensor]:
+    out = model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=MAX_NEW_TOKENS,
+        do_sample=False,
+        eos_token_id=None,
+        pad_token_id=0,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences[0, len(prompt) :].tolist(), torch.stack(out.logits, 1)[0].float()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("num_stages,boundaries", SPLITS)
+def test_split_model_matches_transformers(arch, num_stages, boundaries, checkpoint, reference_model):
+    path = checkpoint(arch)
+    if boundaries and max(boundaries) >= reference_model(path).config.num_hidden_layers:
+        boundaries = [1, 3]
+    pipe = LocalPipeline(path, num_stages=num_stages, stage_boundaries=boundaries, block_size=4, num_blocks=96)
+    assert len(pipe.stages) == num_stages
+    got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=(), keep_logits=True)
+    for prompt, ids, logits in zip(PROMPTS, got.output_ids, got.logits):
+        want_ids, want_logits = reference_generate(reference_model(path), prompt)
+        assert ids == want_ids, f"prompt of {len(prompt)} tokens diverged"
+        torch.testing.assert_close(logits, want_logits, atol=2e-4, rtol=1e-4)
+    # Every block went back to the pool.
+    assert pipe.allocator.num_free == 96
+
+
+def test_batch_composition_does_not_change_output(checkpoint):
+    """A prompt alone and the same prompt batched with others give the same tokens."""
+    pipe = LocalPipeline(checkpoint("llama"), num_stages=2, block_size=8, num_blocks=64)
+    batched = pipe.generate(PROMPTS, 8, stop_token_ids=()).output_ids
+    alone = [pipe.generate([p], 8, stop_token_ids=()).output_ids[0] for p in PROMPTS]
+    assert batched == alone
+
+
+def test_stops_at_eos(checkpoint, reference_model):
+    path = checkpoint("qwen2")
+    pipe = LocalPipeline(path, block_size=4, num_blocks=64)
+    first = pipe.generate([PROMPTS[0]], 6, stop_token_ids=()).output_ids[0]
+    stop = first[2]
+    out = pipe.generate([PROMPTS[0]], 6, stop_token_ids=(stop,)).output_ids[0]
+    assert out == first[: first.index(stop) + 1]
+
+
+def test_sharded_checkpoint_loads(tmp_path, reference_model):
+    from conftest import make_checkpoint
+
+    path = make_checkpoint("llama", tmp_path / "sharded", max_shard_size="60KB")
+    assert (path / "model.safetensors.index.json").exists()
+    pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=64)
+    got = pipe.generate(PROMPTS[:2], 6, stop_token_ids=()).output_ids
+    for prompt, ids in zip(PROMPTS[:2], got):
+        assert ids == reference_generate(reference_model(path), prompt)[0][:6]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_transformers(checkpoint, reference_model):
+    path = checkpoint("llama")
+    pipe = LocalPipeline(path, num_stages=2, device="cuda", dtype="float32", block_size=4, num_blocks=96)
+    got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=()).output_ids
+    for prompt, ids in zip(PROMPTS, got):
+        assert ids == reference_generate(reference_model(path), prompt)[0]
