@@ -50,11 +50,33 @@ def _mistral():
 BUILDERS = {"llama": _llama, "qwen2": _qwen2, "mistral": _mistral}
 
 
+CORPUS = (
+    "def main(argv):\n    return parse(argv)\n"
+    "Pipeline parallelism splits layers into stages; sampling runs on the CPU. "
+    "Café, naïve, 東京, emoji 🙂. The quick brown fox jumps over the lazy dog.\n"
+) * 20
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer of exactly `vocab_size` tokens (id 1 BOS, id 2 EOS)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS], trainer)
+    assert tok.get_vocab_size() <= vocab_size
+    tok.save(str(path / "tokenizer.json"))
+
+
 def make_checkpoint(arch: str, path: Path, seed: int = 0, **save_kwargs) -> Path:
-    """Write a random-weight checkpoint of `arch` to `path` and return it."""
+    """Write a random-weight checkpoint of `arch` (with a tokenizer) to `path` and return it."""
     torch.manual_seed(seed)
     model = BUILDERS[arch]().eval()
     model.save_pretrained(path, safe_serialization=True, **save_kwargs)
+    write_tokenizer(path, model.config.vocab_size)
     return path
 
 

@@ -49,6 +49,91 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import importlib
+    import signal
+    import threading
+
+    from tandem.core.config import load_config
+    from tandem.launcher import READY_PREFIX
+
+    service = args.service.replace("-", "_")
+    config_cls = {
+        "coordinator": ("tandem.coordinator.config", "CoordinatorConfig"),
+        "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
+        "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
+        "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
+    }[service]
+    config = load_config(getattr(importlib.import_module(config_cls[0]), config_cls[1]), args.config)
+    module = importlib.import_module(f"tandem.{service}.servicer")
+    result = module.serve(config)
+    server = result[0] if isinstance(result, tuple) else result
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"{READY_PREFIX}{server.address}", flush=True)
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from tandem.launcher import Launcher
+
+    model = args.model or str(bundled_model_dir())
+    launcher = Launcher(log_dir=args.log_dir)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        address = launcher.up(model, args.stages, args.samplers, args.port, num_blocks=args.num_blocks,
+                              kv_store=not args.no_kv_store, device=args.device)
+        print(f"tandem ready on {address}", flush=True)
+        while not stop.wait(0.5):
+            if (dead := launcher.first_exited()) is not None:
+                print(f"tandem: {dead[0]} exited with status {dead[1]}; stopping", file=sys.stderr)
+                return 1
+        return 0
+    finally:
+        launcher.stop()
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import json
+
+    from tandem.client import TandemClient
+    from tandem.client.errors import ClientError
+
+    prompt_ids = [int(t) for t in args.prompt_ids.split(",")] if args.prompt_ids else None
+    if (args.prompt is None) == (prompt_ids is None):
+        print("tandem generate: give a PROMPT or --prompt-ids, not both", file=sys.stderr)
+        return 2
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                    seed=args.seed, ignore_eos=args.ignore_eos)
+    try:
+        with TandemClient(args.endpoint, timeout_s=args.timeout) as client:
+            if args.json:
+                r = client.generate(args.prompt, prompt_ids=prompt_ids, **sampling)
+                print(json.dumps({"request_id": r.request_id, "token_ids": list(r.token_ids), "text": r.text,
+                                  "finish_reason": r.finish_reason}))
+                return 0
+            stream = client.generate_stream(args.prompt, prompt_ids=prompt_ids, **sampling)
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+    except ClientError as e:
+        print(f"tandem generate: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,12 +146,47 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")
     demo.set_defaults(func=_demo)
+
+    serve = sub.add_parser("serve", help="run one service (what the containers run)")
+    serve.add_argument("service", choices=[*SERVICES, *(n.replace("_", "-") for n in SERVICES)])
+    serve.add_argument("--config", required=True, help="the service's YAML configuration")
+    serve.set_defaults(func=_serve)
+
+    up = sub.add_parser("up", help="start every service on loopback and stop them all on Ctrl-C")
+    up.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")
+    up.add_argument("--stages", type=int, default=2, help="pipeline stages")
+    up.add_argument("--samplers", type=int, default=2, help="CPU sampler replicas")
+    up.add_argument("--port", type=int, default=50051, help="port of the public API")
+    up.add_argument("--num-blocks", type=int, default=512, help="KV blocks per stage")
+    up.add_argument("--device", default="cpu", help="device of the stage workers")
+    up.add_argument("--no-kv-store", action="store_true", help="no host KV tier: preemption recomputes")
+    up.add_argument("--log-dir", help="where each service writes its log (default: a temporary directory)")
+    up.set_defaults(func=_up)
+
+    gen = sub.add_parser("generate", help="stream a completion from a running deployment")
+    gen.add_argument("prompt", nargs="?", help="prompt text")
+    gen.add_argument("--prompt-ids", help="comma-separated prompt token ids instead of text")
+    gen.add_argument("--endpoint", default="127.0.0.1:50051", help="host:port of the coordinator")
+    gen.add_argument("--max-tokens", type=int, default=None, help="most tokens to generate")
+    gen.add_argument("--temperature", type=float, default=None, help="0 for greedy")
+    gen.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]")
+    gen.add_argument("--seed", type=int, default=None, help="sampling seed")
+    gen.add_argument("--ignore-eos", action="store_true", help="keep going past EOS")
+    gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
+    gen.set_defaults(func=_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from tandem.core.errors import ConfigError, ModelLoadError
+
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (ConfigError, ModelLoadError) as e:
+        print(f"tandem {args.command}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -30,3 +30,11 @@ class ModelLoadError(TandemError):
 
 class ConfigError(InvalidArgumentError):
     """A configuration value is unknown or invalid; the message names the field."""
+
+
+class UnavailableError(TandemError):
+    """A service or a peer it needs is not ready or is gone (gRPC UNAVAILABLE)."""
+
+
+class DeadlineExceededError(TandemError):
+    """A request ran past its deadline (gRPC DEADLINE_EXCEEDED)."""

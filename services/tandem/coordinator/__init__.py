@@ -1,0 +1,1 @@
+"""Coordinator: the public API, request lifecycle, scheduling and KV block accounting."""

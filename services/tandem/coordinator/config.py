@@ -1,0 +1,38 @@
+"""Coordinator configuration (the YAML `tandem serve coordinator --config` loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.core.config import doc
+from tandem.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    model: str = doc("Hugging Face model directory (config.json, tokenizer.json)", "")
+    stages: tuple[str, ...] = doc("host:port of each stage worker, stage 0 first", ())
+    samplers: tuple[str, ...] = doc("host:port of each CPU sampler replica (static membership)", ())
+    kv_store: str = doc("host:port of the KV store; empty: preempted sequences are recomputed", "")
+    host: str = doc("address to listen on", "127.0.0.1")
+    port: int = doc("port to listen on; 0 picks a free one", 0)
+    num_blocks: int = doc("KV blocks per stage (every stage has the same number)", 512)
+    block_size: int = doc("tokens per KV block", 16)
+    max_num_seqs: int = doc("most sequences in one micro-batch", 64)
+    max_num_batched_tokens: int = doc("most tokens in one micro-batch (a longer prompt runs alone)", 2048)
+    max_in_flight: int = doc("micro-batches in flight; 0 means number of stages + 1", 0)
+    max_queue: int = doc("most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED", 256)
+    max_model_len: int = doc("longest prompt plus output in tokens; 0 means the model's max positions", 0)
+    step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
+    max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("config field 'model' must name a model directory")
+        if not self.stages:
+            raise ConfigError("config field 'stages' must list at least one stage worker")
+        if not self.samplers:
+            raise ConfigError("config field 'samplers' must list at least one sampler")
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"config field {name!r} must be >= 1")

@@ -1,0 +1,184 @@
+"""The public Coordinator gRPC service: thin adapters from protobuf to the engine."""
+
+from __future__ import annotations
+
+import queue
+import secrets
+import uuid
+from pathlib import Path
+
+import grpc
+
+from tandem import __version__
+from tandem.coordinator.config import CoordinatorConfig
+from tandem.coordinator.engine import Engine
+from tandem.coordinator.requests import Output, Request
+from tandem.coordinator.scheduler import Scheduler
+from tandem.core.errors import InvalidArgumentError, NotFoundError
+from tandem.core.model_config import ModelConfig
+from tandem.core.sampling import SamplingOptions
+from tandem.core.server import Server, wait_ready
+from tandem.core.tokenizer import Tokenizer
+from tandem.v1 import common_pb2, cpu_sampler_pb2, kv_store_pb2, stage_worker_pb2
+from tandem.v1 import coordinator_pb2 as pb
+from tandem.v1 import coordinator_pb2_grpc as pb_grpc
+
+SERVICE_NAME = "tandem.v1.Coordinator"
+
+
+class CoordinatorServicer(pb_grpc.CoordinatorServicer):
+    def __init__(self, config: CoordinatorConfig, engine: Engine, tokenizer: Tokenizer, model: ModelConfig):
+        self.config, self.engine, self.tokenizer, self.model = config, engine, tokenizer, model
+        self.max_model_len = config.max_model_len or model.max_position_embeddings
+
+    def Generate(self, request: pb.GenerateRequest, context):
+        req, params = self._new_request(request)
+        context.add_callback(lambda: self.engine.abort(req.request_id))
+        self.engine.submit(req, params)
+        while True:
+            out = req.outputs.get()
+            if out.finish_reason:
+                if out.error is not None:
+                    raise out.error
+                yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req))
+                return
+            merged = [out]
+            try:  # send what has accumulated as one chunk
+                while not (nxt := req.outputs.get_nowait()).finish_reason:
+                    merged.append(nxt)
+                req.outputs.queue.appendleft(nxt)
+            except queue.Empty:
+                pass
+            yield pb.GenerateResponse(request_id=req.request_id, chunk=self._chunk(req, merged))
+
+    def Abort(self, request: pb.AbortRequest, context):
+        if request.request_id not in self.engine.requests:
+            raise NotFoundError(f"no live request with id {request.request_id!r}")
+        self.engine.abort(request.request_id)
+        return pb.AbortResponse()
+
+    def Tokenize(self, request: pb.TokenizeRequest, context):
+        add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_special_tokens=add))
+
+    def Detokenize(self, request: pb.DetokenizeRequest, context):
+        ids = self._check_ids(list(request.token_ids), "token_ids")
+        skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
+        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=skip))
+
+    def GetServerInfo(self, request, context):
+        sched, cfg = self.scheduler, self.config
+        info = pb.GetServerInfoResponse(
+            model=Path(cfg.model).name, version=__version__, vocab_size=self.model.vocab_size,
+            max_model_len=self.max_model_len, num_requests_running=sched.num_running,
+            num_requests_waiting=sched.num_waiting, kv_blocks_total=cfg.num_blocks,
+            kv_blocks_used=cfg.num_blocks - sched.blocks.num_free, block_size=cfg.block_size,
+            num_preemptions_total=sched.num_preemptions,
+        )
+        for i, stub in enumerate(self.engine.stage_stubs):
+            s = stub.GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=5)
+            info.stages.add(index=i, address=self.engine.stage_addresses[i], layer_start=s.layer_start,
+                            layer_end=s.layer_end, kv_blocks_used=s.kv_blocks_used)
+            info.dtype, info.device = s.dtype, s.device
+        for address, stub in self.engine.sampler_stubs.items():
+            s = stub.GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(), timeout=5)
+            info.samplers.add(address=address, num_sequences=s.num_sequences)
+        if self.engine.kv_store is not None:
+            kv = self.engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=5)
+            info.kv_store_blocks_used = kv.used_bytes // max(1, self._block_bytes())
+        return info
+
+    # --- helpers ------------------------------------------------------------------------
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self.engine.scheduler
+
+    def _block_bytes(self) -> int:
+        m = self.model
+        return m.num_hidden_layers * 2 * self.config.block_size * m.num_key_value_heads * m.head_dim * 4
+
+    def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, common_pb2.SamplingParams]:
+        which = request.WhichOneof("input")
+        if which == "text":
+            add = request.add_special_tokens if request.HasField("add_special_tokens") else True
+            prompt_ids = self.tokenizer.encode(request.text, add_special_tokens=add)
+        elif which == "token_ids":
+            prompt_ids = self._check_ids(list(request.token_ids.ids), "token_ids")
+        else:
+            raise InvalidArgumentError("the request has no prompt: set text or token_ids")
+        if not prompt_ids:
+            raise InvalidArgumentError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidArgumentError(
+                f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.max_model_len} tokens"
+            )
+        room = self.max_model_len - len(prompt_ids)
+        params = request.sampling
+        if params.HasField("max_tokens") and params.max_tokens > room:
+            raise InvalidArgumentError(
+                f"max_tokens={params.max_tokens} does not fit: the prompt has {len(prompt_ids)} tokens and "
+                f"the context {self.max_model_len}, leaving {room}"
+            )
+        options = SamplingOptions.from_proto(params, self.model.vocab_size, max_tokens_limit=room)
+        request_id = request.request_id or uuid.uuid4().hex
+        if request_id in self.engine.requests:
+            raise InvalidArgumentError(f"request id {request_id!r} is already in use")
+        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        req = Request(
+            request_id=request_id, prompt_ids=prompt_ids, options=options, seed=seed, max_tokens=options.max_tokens,
+            eos_token_ids=frozenset(self.model.eos_token_ids), detokenizer=self.tokenizer.detokenizer(prompt_ids),
+        )
+        return req, params
+
+    def _check_ids(self, ids: list[int], field: str) -> list[int]:
+        bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
+        if bad:
+            raise InvalidArgumentError(f"{field} has ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
+        return ids
+
+    def _chunk(self, req: Request, outs: list[Output]) -> pb.GenerateChunk:
+        return pb.GenerateChunk(
+            token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
+            logprobs=[lp for o in outs for lp in o.logprobs], prompt_tokens=len(req.prompt_ids),
+            completion_tokens=len(req.output_ids),
+        )
+
+    def _complete(self, req: Request) -> pb.GenerateComplete:
+        start = req.arrival_time
+        return pb.GenerateComplete(
+            output_ids=req.output_ids, text=req.text, finish_reason=req.finish_reason, logprobs=req.logprobs,
+            usage=common_pb2.TokenUsage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)),
+            time_to_first_token_s=(req.first_token_time or start) - start,
+            e2e_latency_s=(req.finish_time or start) - start,
+            queue_time_s=(req.scheduled_time or start) - start,
+        )
+
+
+def serve(config: CoordinatorConfig) -> tuple[Server, CoordinatorServicer]:
+    """Wait for the stages and samplers, start the engine and the public server."""
+    model = ModelConfig.from_dir(config.model)
+    tokenizer = Tokenizer.from_dir(config.model)
+    for address in config.stages:
+        wait_ready(address, "tandem.v1.StageWorker")
+    for address in config.samplers:
+        wait_ready(address, "tandem.v1.CpuSampler")
+    num_host_blocks = 0
+    if config.kv_store:
+        wait_ready(config.kv_store, "tandem.v1.KvStore")
+    engine = Engine(
+        Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                  config.max_in_flight or len(config.stages) + 1),
+        list(config.stages), list(config.samplers), config.kv_store, config.max_queue, config.step_timeout_s,
+    )
+    servicer = CoordinatorServicer(config, engine, tokenizer, model)
+    if engine.kv_store is not None:
+        capacity = engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=10).capacity_bytes
+        num_host_blocks = capacity // servicer._block_bytes()
+    engine.scheduler.host_blocks_free = num_host_blocks
+    engine.start()
+    server = Server(config.host, config.port, config.max_workers)
+    server.add(pb_grpc.add_CoordinatorServicer_to_server, servicer, [SERVICE_NAME])
+    server.start()
+    server.set_ready()
+    return server, servicer

@@ -1,0 +1,53 @@
+"""Long-lived outgoing gRPC streams fed from a queue, reopened when they break."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+
+log = logging.getLogger(__name__)
+_END = object()
+
+
+class StreamSender:
+    """Sends messages over a client-streaming call in a background thread.
+
+    `open_call` takes a request iterator and makes the call (it blocks until the stream ends).
+    If the stream breaks, the next `send` opens a new one; messages sent into a broken
+    stream are lost, and whoever waits for their effect must time out and retry.
+    """
+
+    def __init__(self, open_call: Callable[[Iterator[Any]], Any], name: str):
+        self._open_call, self.name = open_call, name
+        self._lock = threading.Lock()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self.num_sent = 0
+
+    def send(self, message: Any) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._queue = queue.Queue()
+                self._thread = threading.Thread(target=self._run, args=(self._queue,), name=self.name, daemon=True)
+                self._thread.start()
+            self._queue.put(message)
+            self.num_sent += 1
+
+    def _run(self, q: queue.Queue) -> None:
+        try:
+            self._open_call(iter(q.get, _END))
+        except grpc.RpcError as e:
+            log.warning("stream %s ended: %s %s", self.name, e.code(), e.details())
+
+    def close(self) -> None:
+        with self._lock:
+            if self._queue is not None:
+                self._queue.put(_END)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout=5)

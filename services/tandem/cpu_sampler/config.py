@@ -1,0 +1,43 @@
+"""Configuration of a cpu-sampler replica (the `cpu_sampler` block of the YAML config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.core.config import doc
+from tandem.core.errors import ConfigError
+
+MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """One sampler replica: where it listens and the bounds it enforces."""
+
+    host: str = doc("Address to listen on.", "127.0.0.1")
+    port: int = doc("Port to listen on; 0 picks a free one.", 0)
+    max_workers: int = doc(
+        "gRPC handler threads; each open stream (Logits, Results) holds one.", 16)
+    vocab_size: int = doc(
+        "Vocabulary size of the model; 0 learns it from the first logits frame (token ids "
+        "of sequences added before then are checked against it at that frame).", 0)
+    max_tokens_limit: int = doc(
+        "Largest max_tokens accepted; the coordinator applies the real context-length limit.",
+        MAX_TOKEN_ID_BOUND - 1)
+    max_queued_batches: int = doc(
+        "Sampled batches queued per Results subscriber; one that falls further behind is "
+        "dropped with RESOURCE_EXHAUSTED.", 4096)
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first out-of-range field."""
+        checks = [
+            ("port", 0 <= self.port <= 65535, "must be in [0, 65535]"),
+            ("max_workers", self.max_workers >= 2, "must be >= 2 (a Logits and a Results stream)"),
+            ("vocab_size", 0 <= self.vocab_size < MAX_TOKEN_ID_BOUND, "must be in [0, 2^31)"),
+            ("max_tokens_limit", 1 <= self.max_tokens_limit < MAX_TOKEN_ID_BOUND,
+             "must be in [1, 2^31)"),
+            ("max_queued_batches", self.max_queued_batches >= 1, "must be >= 1"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ConfigError(f"config field {name!r}={getattr(self, name)!r} {rule}")

@@ -1,0 +1,36 @@
+"""Stage worker configuration (the YAML `tandem serve stage_worker --config` loads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tandem.core.config import doc
+from tandem.core.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StageWorkerConfig:
+    model: str = doc("Hugging Face model directory (config.json, *.safetensors)", "")
+    stage_index: int = doc("this stage's index, 0 first", 0)
+    num_stages: int = doc("stages in the pipeline", 1)
+    stage_boundaries: tuple[int, ...] = doc("first layer of stages 1..N-1; empty for an even split", ())
+    next_stage: str = doc("host:port of the next stage; empty on the last stage", "")
+    kv_store: str = doc("host:port of the KV store; empty when there is none", "")
+    host: str = doc("address to listen on", "127.0.0.1")
+    port: int = doc("port to listen on; 0 picks a free one", 0)
+    device: str = doc("torch device: cpu or cuda[:N]", "cpu")
+    dtype: str = doc("activation and KV dtype: auto, float32, bfloat16 or float16", "auto")
+    num_blocks: int = doc("KV cache blocks on this stage", 512)
+    block_size: int = doc("tokens per KV block", 16)
+    max_workers: int = doc("gRPC server threads", 16)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise ConfigError("config field 'model' must name a model directory")
+        if not 0 <= self.stage_index < self.num_stages:
+            raise ConfigError(f"config field 'stage_index'={self.stage_index} must be in [0, num_stages={self.num_stages})")
+        if self.num_blocks < 1 or self.block_size < 1:
+            raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
+        is_last = self.stage_index == self.num_stages - 1
+        if is_last == bool(self.next_stage):
+            raise ConfigError("config field 'next_stage' must be set on every stage but the last, and only there")

@@ -1,0 +1,106 @@
+"""Runs step plans on one stage: checks the plan, moves swapped blocks, computes. gRPC-free."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from tandem.core.attention import AttentionMetadata, SequenceSlice
+from tandem.core.errors import InvalidArgumentError
+from tandem.core.model import StageModel
+from tandem.core.model_config import ModelConfig
+from tandem.core.stages import plan_stages
+from tandem.stage_worker.config import StageWorkerConfig
+from tandem.v1 import stage_worker_pb2 as pb
+
+# (request_id, tensor [n, layers, 2, block_size, kv_heads, head_dim]) -> None, and request_id -> tensor
+PutBlocks = Callable[[str, torch.Tensor], None]
+GetBlocks = Callable[[str], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    hidden: torch.Tensor | None  # [T, hidden] for the next stage, or None on the last stage
+    logits: torch.Tensor | None  # [B, vocab] float32 on the last stage
+
+
+class StageExecutor:
+    def __init__(self, config: StageWorkerConfig):
+        self.config = config
+        self.model_config = ModelConfig.from_dir(config.model)
+        ranges = plan_stages(self.model_config.num_hidden_layers, config.num_stages, config.stage_boundaries or None)
+        self.layers = ranges[config.stage_index]
+        self.model = StageModel.load(config.model, self.layers, config.device, config.dtype, self.model_config)
+        self.cache = self.model.new_kv_cache(config.num_blocks, config.block_size)
+        self.dtype = next(self.model.parameters()).dtype
+        self.device = torch.device(config.device)
+        self.blocks_of: dict[str, list[int]] = {}  # live request -> its block table
+        self.num_steps = 0
+
+    @property
+    def num_blocks_used(self) -> int:
+        return len({b for table in self.blocks_of.values() for b in table})
+
+    def check_plan(self, plan: pb.StepPlan) -> list[SequenceSlice]:
+        """The plan's sequences as slices, after checking ids, positions and blocks."""
+        if not plan.sequences:
+            raise InvalidArgumentError(f"step {plan.step_id}: plan has no sequences")
+        vocab, max_len = self.model_config.vocab_size, self.model_config.max_position_embeddings
+        slices = []
+        for s in plan.sequences:
+            if not s.input_ids:
+                raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has no input tokens")
+            if self.layers.is_first and not all(0 <= t < vocab for t in s.input_ids):
+                raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has token ids outside [0, {vocab})")
+            if s.num_computed_tokens + len(s.input_ids) > max_len:
+                raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} exceeds {max_len} positions")
+            self._check_block_ids(plan.step_id, s.block_table)
+            slices.append(SequenceSlice(s.num_computed_tokens, len(s.input_ids), list(s.block_table)))
+        return slices
+
+    def _check_block_ids(self, step_id: int, ids) -> None:
+        if any(not 0 <= b < self.config.num_blocks for b in ids):
+            raise InvalidArgumentError(f"step {step_id}: block ids must lie in [0, {self.config.num_blocks})")
+
+    def forget(self, request_ids) -> None:
+        for rid in request_ids:
+            self.blocks_of.pop(rid, None)
+
+    def swap_out(self, plan: pb.StepPlan, put: PutBlocks) -> None:
+        for t in plan.swap_out:
+            self._check_block_ids(plan.step_id, t.block_ids)
+            ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
+            put(t.request_id, self.cache.data[:, :, ids].permute(2, 0, 1, 3, 4, 5).cpu())
+            self.blocks_of.pop(t.request_id, None)
+
+    def swap_in(self, plan: pb.StepPlan, get: GetBlocks) -> None:
+        for t in plan.swap_in:
+            self._check_block_ids(plan.step_id, t.block_ids)
+            blocks = get(t.request_id)  # [n, layers, 2, block_size, kv_heads, head_dim]
+            expected = (len(t.block_ids), *self.cache.data[:, :, 0].shape)
+            if tuple(blocks.shape) != expected:
+                raise InvalidArgumentError(f"swap-in of {t.request_id!r}: got blocks {list(blocks.shape)}, expected {list(expected)}")
+            ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
+            self.cache.data[:, :, ids] = blocks.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5)
+
+    def run(self, plan: pb.StepPlan, slices: list[SequenceSlice], hidden: torch.Tensor | None) -> StepOutput:
+        """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
+        num_tokens = sum(s.num_new_tokens for s in slices)
+        if self.layers.is_first:
+            inputs = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64, device=self.device)
+        else:
+            expected = (num_tokens, self.model_config.hidden_size)
+            if hidden is None or tuple(hidden.shape) != expected:
+                got = None if hidden is None else list(hidden.shape)
+                raise InvalidArgumentError(f"step {plan.step_id}: activations {got}, plan needs {list(expected)}")
+            inputs = hidden.to(self.device, self.dtype)
+        meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
+        for s in plan.sequences:
+            self.blocks_of[s.request_id] = list(s.block_table)
+        out = self.model(inputs, meta, self.cache)
+        self.num_steps += 1
+        if self.layers.is_last:
+            return StepOutput(hidden=None, logits=self.model.compute_logits(out, meta).cpu())
+        return StepOutput(hidden=out.cpu() if out.device.type != "cpu" else out, logits=None)

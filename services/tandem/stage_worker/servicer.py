@@ -1,0 +1,192 @@
+"""The StageWorker gRPC service: plans in, activations in, activations or logits out."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+
+import grpc
+import torch
+
+from tandem.core import codec
+from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.server import CHANNEL_OPTIONS, Server
+from tandem.core.streams import StreamSender
+from tandem.stage_worker.config import StageWorkerConfig
+from tandem.stage_worker.executor import StageExecutor
+from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
+from tandem.v1 import stage_worker_pb2 as pb
+from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+SERVICE_NAME = "tandem.v1.StageWorker"
+
+
+class StageWorkerServicer(pb_grpc.StageWorkerServicer):
+    def __init__(self, config: StageWorkerConfig):
+        self.config = config
+        self.executor: StageExecutor | None = None  # set by load()
+        self._plans: queue.Queue[pb.StepPlan | None] = queue.Queue()
+        self._done: queue.Queue[pb.StepDone] = queue.Queue()
+        self._activations: dict[int, torch.Tensor] = {}
+        self._arrived = threading.Condition()
+        self._stopping = False
+        self._channels: list[grpc.Channel] = []
+        self._next = self._sender_to_next_stage()
+        self._samplers: dict[str, StreamSender] = {}
+        self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
+
+    def load(self) -> None:
+        """Load the stage's weights and start executing plans."""
+        self.executor = StageExecutor(self.config)
+        threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
+
+    def _ready(self) -> StageExecutor:
+        if self.executor is None:
+            raise UnavailableError("stage is still loading its weights")
+        return self.executor
+
+    # --- RPCs ---------------------------------------------------------------------------
+
+    def Steps(self, request_iterator, context):
+        self._ready()
+        done: queue.Queue[pb.StepDone] = queue.Queue()
+        self._done = done  # one coordinator stream at a time; the newest wins
+
+        def read():
+            for plan in request_iterator:
+                self._plans.put(plan)
+
+        threading.Thread(target=read, name="stage-plans", daemon=True).start()
+        while context.is_active() and not self._stopping:
+            try:
+                yield done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def Activations(self, request_iterator, context):
+        self._ready()
+        num_frames = 0
+        hidden_size = self.executor.model_config.hidden_size
+        for frame in request_iterator:
+            hidden = codec.decode(frame.hidden, expected_dtype=self.executor.dtype)
+            if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+                raise CodecError(f"step {frame.step_id}: activations {list(hidden.shape)}, expected [tokens, {hidden_size}]")
+            with self._arrived:
+                self._activations[frame.step_id] = hidden
+                self._arrived.notify_all()
+            num_frames += 1
+        return pb.ActivationsSummary(num_frames=num_frames)
+
+    def GetStageInfo(self, request, context):
+        e, c = self._ready(), self.config
+        return pb.GetStageInfoResponse(
+            index=c.stage_index, layer_start=e.layers.start, layer_end=e.layers.end,
+            num_layers=e.layers.num_layers, kv_blocks_total=c.num_blocks, kv_blocks_used=e.num_blocks_used,
+            block_size=c.block_size, num_sequences=len(e.blocks_of), dtype=str(e.dtype).removeprefix("torch."),
+            device=e.device.type, num_steps_total=e.num_steps,
+        )
+
+    # --- execution ----------------------------------------------------------------------
+
+    def _execute_loop(self) -> None:
+        while (plan := self._plans.get()) is not None:
+            done = pb.StepDone(step_id=plan.step_id)
+            try:
+                self._execute(plan, done)
+            except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
+                if not isinstance(e, InvalidArgumentError):
+                    log.exception("step %d failed", plan.step_id)
+                done.error = str(e) or type(e).__name__
+            self._done.put(done)
+
+    def _execute(self, plan: pb.StepPlan, done: pb.StepDone) -> None:
+        ex = self.executor
+        ex.forget(plan.finished_request_ids)
+        t0 = time.perf_counter_ns()
+        if plan.swap_out or plan.swap_in:
+            if self._kv is None:
+                raise InvalidArgumentError(f"step {plan.step_id}: plan moves blocks but this stage has no KV store")
+            ex.swap_out(plan, self._put_blocks)
+            ex.swap_in(plan, self._get_blocks)
+        done.swap_ns = time.perf_counter_ns() - t0
+        if not plan.sequences:
+            return
+        slices = ex.check_plan(plan)
+        t1 = time.perf_counter_ns()
+        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id)
+        t2 = time.perf_counter_ns()
+        out = ex.run(plan, slices, hidden)
+        done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
+        if out.hidden is not None:
+            self._next.send(pb.ActivationFrame(step_id=plan.step_id, hidden=codec.encode(out.hidden)))
+        else:
+            self._send_logits(plan, out.logits)
+
+    def _wait_activations(self, step_id: int) -> torch.Tensor | None:
+        with self._arrived:
+            while step_id not in self._activations and not self._stopping:
+                self._arrived.wait(timeout=0.5)
+            return self._activations.pop(step_id, None)
+
+    def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(plan.sequences):
+            rows[s.sampler].append(i)
+        for address, idx in rows.items():
+            seqs = [plan.sequences[i] for i in idx]
+            frame = cpu_sampler_pb2.LogitsFrame(
+                step_id=plan.step_id,
+                request_ids=[s.request_id for s in seqs],
+                sample_indices=[s.sample_index for s in seqs],
+                logits=codec.encode(logits[idx]),
+            )
+            self._sampler_sender(address).send(frame)
+
+    def _sampler_sender(self, address: str) -> StreamSender:
+        if address not in self._samplers:
+            stub = cpu_sampler_pb2_grpc.CpuSamplerStub(self._channel(address))
+            self._samplers[address] = StreamSender(stub.Logits, f"logits->{address}")
+        return self._samplers[address]
+
+    def _sender_to_next_stage(self) -> StreamSender | None:
+        if not self.config.next_stage:
+            return None
+        stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
+        return StreamSender(stub.Activations, f"activations->{self.config.next_stage}")
+
+    def _put_blocks(self, request_id: str, blocks: torch.Tensor) -> None:
+        req = kv_store_pb2.PutBlocksRequest(request_id=request_id, stage=self.config.stage_index, blocks=codec.encode(blocks))
+        self._kv.PutBlocks(req, timeout=60)
+
+    def _get_blocks(self, request_id: str) -> torch.Tensor:
+        req = kv_store_pb2.GetBlocksRequest(request_id=request_id, stage=self.config.stage_index)
+        return codec.decode(self._kv.GetBlocks(req, timeout=60).blocks)
+
+    def _channel(self, address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return channel
+
+    def close(self) -> None:
+        self._stopping = True
+        self._plans.put(None)
+        for sender in [self._next, *self._samplers.values()]:
+            if sender is not None:
+                sender.close()
+        for channel in self._channels:
+            channel.close()
+
+
+def serve(config: StageWorkerConfig) -> tuple[Server, StageWorkerServicer]:
+    """Load the stage, start its server and mark it ready."""
+    server = Server(config.host, config.port, config.max_workers)
+    servicer = StageWorkerServicer(config)
+    server.add(pb_grpc.add_StageWorkerServicer_to_server, servicer, [SERVICE_NAME])
+    server.start()  # liveness answers while the weights load; readiness waits for them
+    servicer.load()
+    server.set_ready()
+    return server, servicer

@@ -1,0 +1,67 @@
+"""Start a whole Tandem deployment in this process: real gRPC servers on 127.0.0.1, port 0."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tandem.coordinator import servicer as coordinator
+from tandem.coordinator.config import CoordinatorConfig
+from tandem.cpu_sampler import servicer as cpu_sampler
+from tandem.cpu_sampler.config import SamplerConfig
+from tandem.kv_store import servicer as kv_store
+from tandem.kv_store.config import KvStoreConfig
+from tandem.stage_worker import servicer as stage_worker
+from tandem.stage_worker.config import StageWorkerConfig
+
+
+@dataclass
+class Cluster:
+    endpoint: str = ""
+    stages: list[str] = field(default_factory=list)
+    samplers: list[str] = field(default_factory=list)
+    kv_store: str = ""
+    _servers: list = field(default_factory=list)
+    _closers: list = field(default_factory=list)
+
+    def stop(self) -> None:
+        for close in reversed(self._closers):
+            close()
+        for server in reversed(self._servers):
+            server.stop(0)
+
+
+def start_cluster(
+    model: Path, num_stages: int = 2, num_samplers: int = 2, num_blocks: int = 128, block_size: int = 4,
+    with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, **coordinator_options,
+) -> Cluster:
+    c = Cluster()
+    try:
+        if with_kv_store:
+            server = kv_store.serve(KvStoreConfig(capacity_bytes=kv_capacity_bytes))
+            c._servers.append(server)
+            c.kv_store = server.address
+        for _ in range(num_samplers):
+            result = cpu_sampler.serve(SamplerConfig())
+            server = result[0] if isinstance(result, tuple) else result
+            c._servers.append(server)
+            c.samplers.append(server.address)
+        for index in reversed(range(num_stages)):
+            cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
+                                    next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
+                                    num_blocks=num_blocks, block_size=block_size)
+            server, servicer = stage_worker.serve(cfg)
+            c._servers.append(server)
+            c._closers.append(servicer.close)
+            c.stages.insert(0, server.address)
+        cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
+                                kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,
+                                **coordinator_options)
+        server, servicer = coordinator.serve(cfg)
+        c._servers.append(server)
+        c._closers.append(servicer.engine.stop)
+        c.endpoint = server.address
+    except BaseException:
+        c.stop()
+        raise
+    return c

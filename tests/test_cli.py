@@ -1,0 +1,120 @@
+"""`tandem up`, `tandem generate` and `tandem serve` as a user runs them: real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def wait_gone(pids: list[int], timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in pids):
+        assert time.monotonic() < deadline, f"processes left behind: {[p for p in pids if alive(p)]}"
+        time.sleep(0.1)
+
+
+def start_up(model: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "tandem.cli", "up", "--model", str(model), "--port", "0",
+           "--num-blocks", "64", "--log-dir", str(tmp_path), *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    deadline = time.monotonic() + 240
+    for line in proc.stdout:
+        if line.startswith("tandem ready on "):
+            return proc, line.split()[-1]
+        assert time.monotonic() < deadline
+    proc.kill()
+    raise AssertionError(f"tandem up never became ready: {proc.stderr.read()}")
+
+
+@pytest.fixture
+def up(checkpoint, tmp_path):
+    procs = []
+
+    def start(*extra):
+        proc, endpoint = start_up(checkpoint("llama"), tmp_path, *extra)
+        procs.append(proc)
+        return proc, endpoint
+
+    yield start
+    for proc in procs:
+        kids = children_of(proc.pid)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        wait_gone(kids)
+
+
+def generate(endpoint: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tandem.cli", "generate", "--endpoint", endpoint, *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=120)
+
+
+def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
+    proc, endpoint = up("--stages", "2", "--samplers", "2")
+    kids = children_of(proc.pid)
+    assert len(kids) == 6  # kv store, 2 samplers, 2 stages, coordinator
+
+    out = generate(endpoint, "--prompt-ids", "5,7,9,11", "--max-tokens", "6", "--temperature", "0",
+                   "--ignore-eos", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    model = reference_model(checkpoint("llama"))
+    want = model.generate(torch.tensor([[5, 7, 9, 11]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)[0, 4:].tolist()
+    assert result["token_ids"] == want and result["finish_reason"] == "length"
+
+    streamed = generate(endpoint, "The quick brown", "--max-tokens", "5", "--temperature", "0")
+    assert streamed.returncode == 0 and streamed.stdout.strip() != ""
+
+    bad = generate(endpoint, "--prompt-ids", "1,2", "--top-p", "7")
+    assert bad.returncode == 1 and "top_p" in bad.stderr
+
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    wait_gone(kids)
+
+
+def test_up_stops_everything_when_a_service_dies(up):
+    proc, _ = up("--stages", "1", "--samplers", "2")
+    kids = children_of(proc.pid)
+    os.kill(kids[1], signal.SIGKILL)
+    assert proc.wait(60) == 1
+    wait_gone(kids)
+
+
+def test_serve_rejects_unknown_config_field(tmp_path):
+    cfg = tmp_path / "sampler.yaml"
+    cfg.write_text("port: 0\nnum_replicas: 3\n")
+    out = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", "cpu-sampler", "--config", str(cfg)],
+                         capture_output=True, text=True, env=ENV, timeout=60)
+    assert out.returncode != 0 and "num_replicas" in out.stderr

@@ -1,0 +1,248 @@
+"""The cpu-sampler over real gRPC: tokens equal the reference sampler, bad input is refused."""
+
+from __future__ import annotations
+
+import queue
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tandem.core import codec
+from tandem.core.sampling import SamplingOptions, SequenceState, sample
+from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
+from tandem.cpu_sampler.servicer import CpuSamplerServicer
+from tandem.v1 import common_pb2, tensor_pb2
+from tandem.v1 import cpu_sampler_pb2 as pb
+from tandem.v1 import cpu_sampler_pb2_grpc
+
+VOCAB = 64
+LIMIT = 1000
+TIMEOUT_S = 30
+
+SEQUENCES = [
+    pb.SamplerSequence(request_id="greedy", params=common_pb2.SamplingParams(temperature=0.0, logprobs=2),
+                       seed=1, prompt_ids=[1, 2, 3]),
+    pb.SamplerSequence(request_id="nucleus", seed=2, prompt_ids=[4, 5],
+                       params=common_pb2.SamplingParams(temperature=0.9, top_p=0.9, top_k=20, logprobs=3)),
+    pb.SamplerSequence(request_id="penalized", seed=3, prompt_ids=[7, 7, 8], output_ids=[9, 9, 10],
+                       min_tokens_blocked_ids=[0], params=common_pb2.SamplingParams(
+                           repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2,
+                           min_tokens=5, logit_bias={11: 2.0})),
+]
+
+
+@dataclass
+class Replica:
+    servicer: CpuSamplerServicer
+    stub: cpu_sampler_pb2_grpc.CpuSamplerStub
+    channel: grpc.Channel
+    address: str
+
+    def subscribe(self) -> Iterator[pb.SampledBatch]:
+        """Open a Results stream and wait until the server has registered it."""
+        before = len(self.servicer.subscribers)
+        results = self.stub.Results(pb.ResultsRequest(), timeout=TIMEOUT_S)
+        deadline = time.monotonic() + 5
+        while len(self.servicer.subscribers) <= before:
+            assert time.monotonic() < deadline, "Results subscription never registered"
+            time.sleep(0.01)
+        return results
+
+
+@pytest.fixture
+def start_replica(request):
+    """start_replica() -> a running sampler on 127.0.0.1, port 0, stopped after the test."""
+
+    def start() -> Replica:
+        config = SamplerConfig(host="127.0.0.1", port=0, max_workers=8)
+        servicer = CpuSamplerServicer(config)
+        server = serve(config, servicer)
+        channel = grpc.insecure_channel(server.address)
+
+        def stop() -> None:
+            channel.close()
+            server.stop(grace_s=0)
+
+        request.addfinalizer(stop)
+        return Replica(servicer, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
+
+    return start
+
+
+def frame(step: int, request_ids: list[str], sample_indices: list[int], logits: torch.Tensor) -> pb.LogitsFrame:
+    return pb.LogitsFrame(step_id=step, request_ids=request_ids, sample_indices=sample_indices,
+                          logits=codec.encode(logits))
+
+
+def reference_states() -> dict[str, SequenceState]:
+    return {
+        seq.request_id: SequenceState(seq.request_id, SamplingOptions.from_proto(seq.params, VOCAB, LIMIT), seq.seed,
+                                      seq.prompt_ids, seq.output_ids, seq.min_tokens_blocked_ids)
+        for seq in SEQUENCES
+    }
+
+
+def steps(num_steps: int) -> list[tuple[list[str], list[int], torch.Tensor]]:
+    """Rows for every sequence at each step, in a different row order each step."""
+    start = {seq.request_id: len(seq.output_ids) for seq in SEQUENCES}
+    generator = torch.Generator().manual_seed(0)
+    out = []
+    for step in range(num_steps):
+        ids = [seq.request_id for seq in SEQUENCES][step % 3:] + [seq.request_id for seq in SEQUENCES][: step % 3]
+        out.append((ids, [start[i] + step for i in ids], torch.randn(len(ids), VOCAB, generator=generator) * 2))
+    return out
+
+
+def test_tokens_equal_the_reference_sampler(start_replica):
+    replica = start_replica()
+    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=SEQUENCES), timeout=TIMEOUT_S)
+    results = replica.subscribe()
+    plan = steps(4)
+    summary = replica.stub.Logits(iter([frame(n, *rows) for n, rows in enumerate(plan)]), timeout=TIMEOUT_S)
+    assert summary.num_frames == 4
+    states = reference_states()
+    for n, (ids, indices, logits) in enumerate(plan):
+        batch = next(results)
+        expected = sample(logits, [states[i] for i in ids], indices)
+        assert batch.step_id == n and batch.error == "" and batch.sample_ns > 0
+        assert [(t.request_id, t.sample_index) for t in batch.tokens] == list(zip(ids, indices))
+        for token, (token_id, logprobs) in zip(batch.tokens, expected):
+            assert token.token_id == token_id
+            assert token.HasField("logprobs") == (logprobs is not None)
+            if logprobs is not None:
+                assert token.logprobs == logprobs
+    info = replica.stub.GetSamplerInfo(pb.GetSamplerInfoRequest(), timeout=TIMEOUT_S)
+    assert (info.num_sequences, info.num_frames_total, info.num_rows_total) == (3, 4, 12)
+
+
+def test_two_replicas_give_identical_tokens(start_replica):
+    a, b = start_replica(), start_replica()
+    for replica in (a, b):
+        replica.stub.AddSequences(pb.AddSequencesRequest(sequences=SEQUENCES), timeout=TIMEOUT_S)
+    ids, indices, logits = steps(1)[0]
+    got = {}
+    for replica, rows in ((a, [0, 1, 2]), (b, [2, 1])):  # b gets fewer rows, in another order
+        results = replica.subscribe()
+        replica.stub.Logits(iter([frame(0, [ids[r] for r in rows], [indices[r] for r in rows], logits[rows])]),
+                            timeout=TIMEOUT_S)
+        got[replica.address] = {t.request_id: t.token_id for t in next(results).tokens}
+    assert got[b.address] == {i: got[a.address][i] for i in got[b.address]}
+
+
+def raw_frame(logits: tensor_pb2.Tensor, request_ids=("greedy",), sample_indices=(0,)) -> pb.LogitsFrame:
+    return pb.LogitsFrame(step_id=7, request_ids=request_ids, sample_indices=sample_indices, logits=logits)
+
+
+GOOD = codec.encode(torch.zeros(1, VOCAB))
+MALFORMED = {
+    "byte count": (raw_frame(tensor_pb2.Tensor(dtype="float32", shape=[1, VOCAB], data=GOOD.data[:-4])),
+                   "payload has"),
+    "rank": (raw_frame(codec.encode(torch.zeros(VOCAB))), "rank-2"),
+    "rows != ids": (raw_frame(codec.encode(torch.zeros(2, VOCAB))), "2 rows but the frame has 1 request ids"),
+    "ids != indices": (raw_frame(GOOD, sample_indices=(0, 1)), "1 request ids and 2 sample indices"),
+    "unknown dtype": (raw_frame(tensor_pb2.Tensor(dtype="float8", shape=[1, VOCAB], data=GOOD.data)),
+                      "unknown dtype 'float8'"),
+    "wrong dtype": (raw_frame(codec.encode(torch.zeros(1, VOCAB, dtype=torch.float16))), "expected float32"),
+}
+
+
+class OpenStream:
+    """A Logits client stream kept open: frames are fed through a queue."""
+
+    def __init__(self, stub: cpu_sampler_pb2_grpc.CpuSamplerStub):
+        self._frames: queue.Queue[pb.LogitsFrame | None] = queue.Queue()
+        self.future = stub.Logits.future(iter(self._frames.get, None), timeout=TIMEOUT_S)
+
+    def send(self, item: pb.LogitsFrame) -> None:
+        self._frames.put(item)
+
+    def close(self) -> pb.LogitsSummary:
+        self._frames.put(None)
+        return self.future.result()
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_frame_ends_only_its_stream(start_replica, case):
+    replica = start_replica()
+    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=SEQUENCES), timeout=TIMEOUT_S)
+    results = replica.subscribe()
+    good = OpenStream(replica.stub)
+    good.send(frame(1, ["greedy"], [0], torch.randn(1, VOCAB)))
+    assert next(results).step_id == 1
+
+    bad, phrase = MALFORMED[case]
+    with pytest.raises(grpc.RpcError) as info:
+        replica.stub.Logits(iter([bad]), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "logits frame 0 (step 7)" in info.value.details() and phrase in info.value.details()
+
+    good.send(frame(2, ["greedy"], [1], torch.randn(1, VOCAB)))
+    assert [t.sample_index for t in next(results).tokens] == [1]
+    assert good.close().num_frames == 2
+
+
+def test_invalid_params_are_refused_naming_the_field(start_replica):
+    replica = start_replica()
+    bad = pb.SamplerSequence(request_id="bad", params=common_pb2.SamplingParams(top_p=1.5))
+    with pytest.raises(grpc.RpcError) as info:
+        replica.stub.AddSequences(pb.AddSequencesRequest(sequences=[SEQUENCES[0], bad]), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sequences[1] (request 'bad')" in info.value.details() and "top_p=1.5" in info.value.details()
+    assert replica.stub.GetSamplerInfo(pb.GetSamplerInfoRequest(), timeout=TIMEOUT_S).num_sequences == 0
+
+
+def test_unknown_rows_are_skipped_and_named(start_replica):
+    replica = start_replica()
+    out_of_vocab = pb.SamplerSequence(request_id="oov", params=common_pb2.SamplingParams(logit_bias={VOCAB: 1.0}))
+    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=[*SEQUENCES, out_of_vocab]), timeout=TIMEOUT_S)
+    replica.stub.ReleaseSequences(pb.ReleaseSequencesRequest(request_ids=["nucleus", "never-added"]),
+                                  timeout=TIMEOUT_S)
+    results = replica.subscribe()
+    replica.stub.Logits(iter([frame(3, ["greedy", "nucleus", "oov"], [0, 0, 0], torch.randn(3, VOCAB))]),
+                        timeout=TIMEOUT_S)
+    batch = next(results)
+    assert [t.request_id for t in batch.tokens] == ["greedy"]
+    assert "unknown request 'nucleus'" in batch.error and "logit_bias holds token id 64" in batch.error
+    info = replica.stub.GetSamplerInfo(pb.GetSamplerInfoRequest(), timeout=TIMEOUT_S)
+    assert (info.num_sequences, info.num_frames_total, info.num_rows_total) == (3, 1, 1)
+
+
+def test_results_stream_ends_when_the_client_cancels(start_replica):
+    replica = start_replica()
+    results = replica.subscribe()
+    results.cancel()
+    wait_for_no_subscribers(replica.servicer)
+
+
+def wait_for_no_subscribers(servicer: CpuSamplerServicer) -> None:
+    deadline = time.monotonic() + 5
+    while len(servicer.subscribers):
+        assert time.monotonic() < deadline, "the Results stream never ended on the server"
+        time.sleep(0.01)
+
+
+def test_health_reports_serving(start_replica):
+    replica = start_replica()
+    health = health_pb2_grpc.HealthStub(replica.channel)
+    for service in ("", SERVICE_NAME):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT_S)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    assert SERVICE_NAME == "tandem.v1.CpuSampler"
+
+
+def test_results_stream_ends_when_the_server_stops():
+    config = SamplerConfig()
+    servicer = CpuSamplerServicer(config)
+    server = serve(config, servicer)
+    with grpc.insecure_channel(server.address) as channel:
+        replica = Replica(servicer, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
+        results = replica.subscribe()
+        server.stop(grace_s=0)
+        with pytest.raises(grpc.RpcError):
+            next(results)
+    wait_for_no_subscribers(servicer)

@@ -1,0 +1,237 @@
+"""The four services end to end on loopback, checked against transformers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import torch
+
+from cluster import start_cluster
+from tandem.client import TandemClient
+from tandem.client import errors as client_errors
+from tandem.core import codec
+from tandem.v1 import coordinator_pb2, coordinator_pb2_grpc, cpu_sampler_pb2, cpu_sampler_pb2_grpc
+from tandem.v1 import stage_worker_pb2, stage_worker_pb2_grpc, tensor_pb2
+
+PROMPTS = [[5, 7, 9, 11, 13, 200, 3], [100, 4, 40], list(range(20, 47)), [300, 17]]
+MAX_TOKENS = 10
+
+
+def reference(model, prompt: list[int], max_tokens: int = MAX_TOKENS) -> list[int]:
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def run_concurrently(endpoint: str, prompts, stagger_s: float = 0.05, **sampling) -> list[list[int]]:
+    """Send every prompt from its own thread, each starting a little after the previous."""
+    results: list = [None] * len(prompts)
+
+    def one(i: int) -> None:
+        time.sleep(i * stagger_s)
+        with TandemClient(endpoint, timeout_s=120) as client:
+            results[i] = client.generate(prompt_ids=prompts[i], **sampling)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r is not None for r in results), "a request did not finish"
+    return results
+
+
+@pytest.fixture(scope="module")
+def llama(checkpoint):
+    return checkpoint("llama")
+
+
+@pytest.fixture(scope="module")
+def cluster2(llama):
+    c = start_cluster(llama, num_stages=2, num_samplers=2)
+    yield c
+    c.stop()
+
+
+def assert_all_released(endpoint: str, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with TandemClient(endpoint) as client:
+        while True:
+            info = client.server_info()
+            used = [info.kv_blocks_used] + [s.kv_blocks_used for s in info.stages] + [s.num_sequences for s in info.samplers]
+            if not any(used) and info.num_requests_running == 0:
+                return
+            assert time.monotonic() < deadline, f"resources still held: {info}"
+            time.sleep(0.1)
+
+
+@pytest.mark.parametrize("num_stages", [2, 3])
+def test_greedy_matches_transformers_under_concurrency(llama, reference_model, num_stages):
+    c = start_cluster(llama, num_stages=num_stages, num_samplers=2)
+    try:
+        results = run_concurrently(c.endpoint, PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        for prompt, r in zip(PROMPTS, results):
+            assert list(r.token_ids) == reference(reference_model(llama), prompt)
+            assert r.finish_reason == "length" and r.usage.completion_tokens == MAX_TOKENS
+        assert_all_released(c.endpoint)
+    finally:
+        c.stop()
+
+
+def test_seeded_sampling_is_independent_of_topology(llama, cluster2):
+    sampling = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True,
+                    repetition_penalty=1.1, presence_penalty=0.2)
+    together = [r.token_ids for r in run_concurrently(cluster2.endpoint, PROMPTS, **sampling)]
+    alone_cluster = start_cluster(llama, num_stages=1, num_samplers=1)
+    try:
+        with TandemClient(alone_cluster.endpoint, timeout_s=60) as client:
+            alone = [client.generate(prompt_ids=p, **sampling).token_ids for p in PROMPTS]
+    finally:
+        alone_cluster.stop()
+    assert [list(t) for t in together] == [list(t) for t in alone]
+    other_seed = run_concurrently(cluster2.endpoint, PROMPTS[:1], **{**sampling, "seed": 99})[0].token_ids
+    assert list(other_seed) != list(together[0])
+
+
+def test_abort_and_disconnect_free_everything(cluster2):
+    with TandemClient(cluster2.endpoint, timeout_s=60) as client:
+        stream = client.generate_stream(prompt_ids=PROMPTS[2], max_tokens=200, ignore_eos=True, temperature=0.0)
+        next(iter(stream))
+        stream.close()  # client disconnect
+        rid = "to-abort"
+        aborted: list = []
+
+        def run():
+            try:
+                aborted.append(client.generate(prompt_ids=PROMPTS[0], max_tokens=200, ignore_eos=True, request_id=rid))
+            except client_errors.ClientError as e:
+                aborted.append(e)
+
+        t = threading.Thread(target=run)
+        t.start()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.abort(rid)
+                break
+            except client_errors.NotFoundError:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+        t.join(30)
+        assert aborted and getattr(aborted[0], "finish_reason", None) == "aborted"
+        for _ in range(6):
+            client.generate(prompt_ids=PROMPTS[1], max_tokens=5)
+    assert_all_released(cluster2.endpoint)
+
+
+@pytest.mark.parametrize("with_kv_store", [True, False], ids=["swap", "recompute"])
+def test_preemption_gives_identical_output(llama, reference_model, with_kv_store):
+    prompts = [list(range(10 + i, 22 + i)) for i in range(4)]
+    # 14 blocks of 4 tokens cannot hold four sequences of 12 + 24 tokens at once.
+    c = start_cluster(llama, num_stages=2, num_samplers=1, num_blocks=14, with_kv_store=with_kv_store)
+    try:
+        results = run_concurrently(c.endpoint, prompts, stagger_s=0.0, max_tokens=24, temperature=0.0, ignore_eos=True)
+        for prompt, r in zip(prompts, results):
+            assert list(r.token_ids) == reference(reference_model(llama), prompt, 24)
+        with TandemClient(c.endpoint) as client:
+            info = client.server_info()
+        assert info.num_preemptions_total > 0
+        assert_all_released(c.endpoint)
+    finally:
+        c.stop()
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(prompt_ids=[]), "empty"),
+        (dict(prompt_ids=list(range(1, 300))), "context"),
+        (dict(prompt_ids=[1, 2], max_tokens=0), "max_tokens"),
+        (dict(prompt_ids=[1, 2], max_tokens=10_000), "max_tokens"),
+        (dict(prompt_ids=[1, 2], top_p=0.0), "top_p"),
+        (dict(prompt_ids=[1, 2], top_p=1.5), "top_p"),
+        (dict(prompt_ids=[1, 2], temperature=-1.0), "temperature"),
+        (dict(prompt_ids=[1, 331]), "vocabulary"),
+        (dict(prompt_ids=[-1, 2]), "vocabulary"),
+    ],
+)
+def test_bad_requests_are_refused_and_serving_goes_on(cluster2, kwargs, match):
+    with TandemClient(cluster2.endpoint, timeout_s=30) as client:
+        with pytest.raises(client_errors.InvalidArgumentError, match=match):
+            client.generate(**kwargs)
+        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
+
+
+def test_abort_of_unknown_request_is_not_found(cluster2):
+    with TandemClient(cluster2.endpoint) as client:
+        with pytest.raises(client_errors.NotFoundError, match="no-such-request"):
+            client.abort("no-such-request")
+
+
+def test_malformed_tensors_on_internal_streams(cluster2):
+    bad = tensor_pb2.Tensor(dtype="float32", shape=[2, 72], data=b"\0" * 10)
+    with grpc.insecure_channel(cluster2.stages[1]) as ch:
+        stub = stage_worker_pb2_grpc.StageWorkerStub(ch)
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Activations(iter([stage_worker_pb2.ActivationFrame(step_id=10**9, hidden=bad)]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "bytes" in e.value.details()
+    with grpc.insecure_channel(cluster2.samplers[0]) as ch:
+        stub = cpu_sampler_pb2_grpc.CpuSamplerStub(ch)
+        frame = cpu_sampler_pb2.LogitsFrame(step_id=10**9, request_ids=["x"], sample_indices=[0],
+                                            logits=tensor_pb2.Tensor(dtype="complex64", shape=[1, 3], data=b""))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.Logits(iter([frame]), timeout=10)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "complex64" in e.value.details()
+    with TandemClient(cluster2.endpoint, timeout_s=30) as client:
+        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
+
+
+def test_text_in_text_out(cluster2):
+    with TandemClient(cluster2.endpoint, timeout_s=30) as client:
+        ids = client.tokenize("The quick brown fox")
+        assert client.detokenize(ids) == "The quick brown fox"
+        streamed = "".join(c.text for c in client.generate_stream("The quick brown fox", max_tokens=6, temperature=0.0))
+        whole = client.generate("The quick brown fox", max_tokens=6, temperature=0.0)
+        assert streamed == whole.text
+        assert whole.text == client.detokenize(list(whole.token_ids))
+
+
+def test_stop_strings_and_stop_tokens(cluster2):
+    with TandemClient(cluster2.endpoint, timeout_s=30) as client:
+        free = client.generate(prompt_ids=PROMPTS[0], max_tokens=12, temperature=0.0, ignore_eos=True)
+        stop_token = free.token_ids[4]
+        r = client.generate(prompt_ids=PROMPTS[0], max_tokens=12, temperature=0.0, stop_token_ids=[stop_token])
+        assert list(r.token_ids) == list(free.token_ids[: list(free.token_ids).index(stop_token) + 1])
+        assert r.finish_reason == "stop_token"
+        text = free.text
+        if len(text) >= 4:
+            needle = text[len(text) // 2 : len(text) // 2 + 2]
+            r = client.generate(prompt_ids=PROMPTS[0], max_tokens=12, temperature=0.0, stop=[needle], ignore_eos=True)
+            assert r.finish_reason == "stop" and r.text == text[: text.index(needle)]
+
+
+def test_queue_full_is_resource_exhausted(llama):
+    c = start_cluster(llama, num_stages=1, num_samplers=1, max_queue=1, max_num_seqs=1, num_blocks=64)
+    try:
+        errors, lock = [], threading.Lock()
+
+        def one():
+            try:
+                with TandemClient(c.endpoint, timeout_s=60) as client:
+                    client.generate(prompt_ids=PROMPTS[2], max_tokens=30, ignore_eos=True)
+            except client_errors.ResourceExhaustedError as e:
+                with lock:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=one) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors and "queue is full" in str(errors[0])
+        assert_all_released(c.endpoint)
+    finally:
+        c.stop()
