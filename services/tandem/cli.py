@@ -16,36 +16,33 @@ def bundled_model_dir() -> Path:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    import torch
+    """Start every service on loopback, stream one completion, shut down."""
+    import time
 
-    from tandem.core.pipeline import LocalPipeline
-    from tandem.core.tokenizer import Tokenizer
+    from tandem.client import TandemClient
+    from tandem.launcher import Launcher
 
-    model_dir = Path(args.model) if args.model else bundled_model_dir()
-    tokenizer = Tokenizer.from_dir(model_dir)
-    pipe = LocalPipeline(model_dir, num_stages=args.stages, device=args.device)
-    prompt_ids = tokenizer.encode(args.prompt)
-    generator = torch.Generator().manual_seed(args.seed)
-
-    def sample(logits: torch.Tensor, step: int) -> torch.Tensor:
-        if args.temperature == 0:
-            return logits.argmax(-1)
-        probs = torch.softmax(logits / args.temperature, dim=-1)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-    detok = tokenizer.detokenizer(prompt_ids)
-    ranges = ", ".join(f"[{r.start}, {r.end})" for r in pipe.layer_ranges)
-    print(f"# {model_dir.name}: {pipe.config.num_hidden_layers} layers in {len(pipe.stages)} stages {ranges}", file=sys.stderr)
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-
-    def stream(tokens: list[int | None]) -> None:
-        if tokens[0] is not None and tokens[0] not in pipe.config.eos_token_ids:
-            sys.stdout.write(detok.add(tokens[0]))
-            sys.stdout.flush()
-
-    pipe.generate([prompt_ids], args.max_tokens, sample=sample, on_tokens=stream)
-    sys.stdout.write(detok.flush() + "\n")
+    model = args.model or str(bundled_model_dir())
+    launcher = Launcher()
+    try:
+        t0 = time.monotonic()
+        endpoint = launcher.up(model, args.stages, args.samplers, port=0, device=args.device)
+        print(f"# {Path(model).name}: {args.stages} stages, {args.samplers} samplers and a KV store ready on "
+              f"{endpoint} in {time.monotonic() - t0:.1f}s (logs in {launcher.log_dir})", file=sys.stderr)
+        with TandemClient(endpoint, timeout_s=300) as client:
+            sys.stdout.write(args.prompt)
+            stream = client.generate_stream(args.prompt, max_tokens=args.max_tokens, temperature=args.temperature,
+                                            top_p=0.95, seed=args.seed)
+            for chunk in stream:
+                sys.stdout.write(chunk.text)
+                sys.stdout.flush()
+            r = stream.result
+            sys.stdout.write("\n")
+            if r is not None:
+                print(f"# {r.usage.completion_tokens} tokens, finish reason {r.finish_reason}, "
+                      f"{r.e2e_latency_s:.2f}s", file=sys.stderr)
+    finally:
+        launcher.stop()
     return 0
 
 
@@ -137,11 +134,12 @@ def _generate(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="generate in process with the bundled model, streaming text")
+    demo = sub.add_parser("demo", help="start the services with the bundled model, stream one completion, stop")
     demo.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")
     demo.add_argument("--prompt", default="def parse_args(", help="text to continue")
     demo.add_argument("--max-tokens", type=int, default=96, help="tokens to generate")
     demo.add_argument("--stages", type=int, default=2, help="pipeline stages to split the model into")
+    demo.add_argument("--samplers", type=int, default=2, help="CPU sampler replicas")
     demo.add_argument("--temperature", type=float, default=0.7, help="0 for greedy")
     demo.add_argument("--seed", type=int, default=0, help="sampling seed")
     demo.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -13,7 +13,7 @@ import grpc
 
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler, Sequence, Status, Step
-from tandem.core.errors import ResourceExhaustedError, UnavailableError
+from tandem.core.errors import ResourceExhaustedError, TandemError, UnavailableError
 from tandem.core.server import CHANNEL_OPTIONS
 from tandem.core.streams import StreamSender
 from tandem.v1 import common_pb2, cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
@@ -21,6 +21,10 @@ from tandem.v1 import stage_worker_pb2 as stage_pb
 from tandem.v1 import stage_worker_pb2_grpc as stage_grpc
 
 log = logging.getLogger(__name__)
+
+
+class SamplingError(TandemError):
+    """A sampler could not sample a sequence's logits row."""
 
 
 @dataclass
@@ -112,7 +116,7 @@ class Engine:
             request.fail(finish_reason)
             self._finish(request_id)
 
-    def _on_sampled(self, batch: cpu_sampler_pb2.SampledBatch) -> None:
+    def _on_sampled(self, address: str, batch: cpu_sampler_pb2.SampledBatch) -> None:
         pending = self.pending.get(batch.step_id)
         if pending is None:
             return
@@ -120,7 +124,14 @@ class Engine:
             pending.tokens[t.request_id] = t.token_id
             if t.HasField("logprobs"):
                 pending.logprobs[t.request_id] = t.logprobs
-        self._maybe_complete(batch.step_id)
+        if batch.error:  # rows this sampler could not sample: their requests fail now, not at the timeout
+            for rid in pending.request_ids:
+                seq = self.scheduler.seqs.get(rid)
+                if seq is not None and seq.sampler == address and rid not in pending.tokens:
+                    self.requests[rid].fail(common_pb2.FINISH_REASON_ERROR, SamplingError(f"sampler {address}: {batch.error}"))
+                    self._finish(rid)
+        if batch.step_id in self.pending:
+            self._maybe_complete(batch.step_id)
 
     def _on_step_error(self, step_id: int, stage: int, error: str) -> None:
         if (pending := self.pending.pop(step_id, None)) is None:
@@ -203,7 +214,7 @@ class Engine:
         while not self._stopping.is_set():
             try:
                 for batch in stub.Results(cpu_sampler_pb2.ResultsRequest()):
-                    self._events.put(("sampled", batch))
+                    self._events.put(("sampled", address, batch))
             except grpc.RpcError as e:
                 if not self._stopping.is_set():
                     log.warning("results stream of sampler %s ended: %s", address, e.code())
