@@ -163,10 +163,16 @@ def test_round_trip(tokenizer: Tokenizer) -> None:
         assert tokenizer.decode(ids) == text
 
 
-def test_round_trip_of_unseen_characters(kind_and_tokenizer) -> None:
-    kind, tok = kind_and_tokenizer
-    if kind == "metaspace_unigram":
-        pytest.skip("no byte fallback: unseen characters become <unk>")
+@pytest.fixture(scope="module", params=["byte_level", "metaspace_bpe"])
+def byte_fallback_tokenizer(request, tmp_path_factory) -> Tokenizer:
+    """The kinds that spell unseen characters as bytes (the unigram one maps them to <unk>)."""
+    model_dir = tmp_path_factory.mktemp(f"{request.param}-bytes")
+    TRAINERS[request.param](make_corpus()).save(str(model_dir / "tokenizer.json"))
+    return Tokenizer.from_dir(model_dir)
+
+
+def test_round_trip_of_unseen_characters(byte_fallback_tokenizer) -> None:
+    tok = byte_fallback_tokenizer
     assert tok.decode(tok.encode(RARE_TEXT)) == RARE_TEXT
 
 
@@ -193,11 +199,9 @@ def test_bad_input_is_invalid_argument(tokenizer: Tokenizer) -> None:
         tokenizer.detokenizer().add(tokenizer.vocab_size)
 
 
-def test_unseen_characters_are_split_across_tokens(kind_and_tokenizer) -> None:
+def test_unseen_characters_are_split_across_tokens(byte_fallback_tokenizer) -> None:
     """Guards the tests below: some token boundaries fall inside a character."""
-    kind, tok = kind_and_tokenizer
-    if kind == "metaspace_unigram":
-        pytest.skip("no byte fallback: unseen characters become <unk>, never split")
+    tok = byte_fallback_tokenizer
     ids = tok.encode(RARE_TEXT)
     prefixes = [tok.decode(ids[:n]) for n in range(1, len(ids) + 1)]
     assert sum(p.endswith(REPLACEMENT_CHAR) for p in prefixes) >= 5
