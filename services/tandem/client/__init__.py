@@ -38,6 +38,6 @@ __all__ = [
     "DeadlineExceededError", "FailedPreconditionError", "GenerateChunk", "GenerateOptions",
     "GenerateResult", "GenerateStream", "InternalError", "InvalidArgumentError",
     "NotFoundError", "PermissionDeniedError", "ResourceExhaustedError", "SampleLogprobs",
-    "SamplerInfo", "ServerInfo", "StageInfo", "TokenLogprob", "UnauthenticatedError",
+    "SamplerInfo", "ServerInfo", "StageInfo", "TandemClient", "TokenLogprob", "UnauthenticatedError",
     "UnavailableError", "Usage",
 ]

@@ -7,7 +7,7 @@ import secrets
 import uuid
 from pathlib import Path
 
-import grpc
+import torch
 
 from tandem import __version__
 from tandem.coordinator.config import CoordinatorConfig
@@ -30,6 +30,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, engine: Engine, tokenizer: Tokenizer, model: ModelConfig):
         self.config, self.engine, self.tokenizer, self.model = config, engine, tokenizer, model
         self.max_model_len = config.max_model_len or model.max_position_embeddings
+        self.kv_itemsize = 4  # bytes per KV element; serve() sets it from the stages' dtype
 
     def Generate(self, request: pb.GenerateRequest, context):
         req, params = self._new_request(request)
@@ -96,7 +97,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def _block_bytes(self) -> int:
         m = self.model
-        return m.num_hidden_layers * 2 * self.config.block_size * m.num_key_value_heads * m.head_dim * 4
+        return m.num_hidden_layers * 2 * self.config.block_size * m.num_key_value_heads * m.head_dim * self.kv_itemsize
 
     def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, common_pb2.SamplingParams]:
         which = request.WhichOneof("input")
@@ -172,6 +173,8 @@ def serve(config: CoordinatorConfig) -> tuple[Server, CoordinatorServicer]:
         list(config.stages), list(config.samplers), config.kv_store, config.max_queue, config.step_timeout_s,
     )
     servicer = CoordinatorServicer(config, engine, tokenizer, model)
+    stage_dtype = engine.stage_stubs[0].GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=10).dtype
+    servicer.kv_itemsize = getattr(torch, stage_dtype, torch.float32).itemsize
     if engine.kv_store is not None:
         capacity = engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=10).capacity_bytes
         num_host_blocks = capacity // servicer._block_bytes()
