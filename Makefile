@@ -9,7 +9,9 @@ PROTOS        := $(shell find protos -name '*.proto')
 GENERATED     := services/tandem/v1/.generated
 PYTEST_ARGS   ?=
 
-.PHONY: all install protos demo test clean
+IMAGE_TAG     ?= dev
+
+.PHONY: all install protos demo test images clean
 
 all: install
 
@@ -36,6 +38,12 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Needs a Docker engine (none on the development machines): a CPU image for the coordinator,
+# samplers and KV store, a CUDA image for the stage workers.
+images:
+	docker build -f docker/Dockerfile.cpu -t tandem-cpu:$(IMAGE_TAG) .
+	docker build -f docker/Dockerfile.cuda -t tandem-cuda:$(IMAGE_TAG) .
 
 clean:
 	rm -rf $(VENV) build *.egg-info services/*.egg-info

@@ -1,0 +1,290 @@
+{{/* Chart name, truncated for DNS labels. */}}
+{{- define "tandem.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-qualified name; every object name starts with it. */}}
+{{- define "tandem.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else if contains (include "tandem.name" .) .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "tandem.name" .) | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "tandem.labels" -}}
+app.kubernetes.io/name: {{ include "tandem.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{ include "tandem.metaLabels" . }}
+{{- end }}
+
+{{/* Labels on every object besides the selector labels. */}}
+{{- define "tandem.metaLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: tandem
+{{- end }}
+
+{{/* Selector labels of one role: dict "root" . "component" "cpu-sampler" ["stage" i]. */}}
+{{- define "tandem.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "tandem.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- if hasKey . "stage" }}
+tandem.dev/stage: {{ .stage | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Object names of each role. */}}
+{{- define "tandem.coordinator.name" -}}{{ include "tandem.fullname" . }}-coordinator{{- end }}
+{{- define "tandem.cpuSampler.name" -}}{{ include "tandem.fullname" . }}-cpu-sampler{{- end }}
+{{- define "tandem.kvStore.name" -}}{{ include "tandem.fullname" . }}-kv-store{{- end }}
+{{- define "tandem.stage.name" -}}{{ include "tandem.fullname" .root }}-stage-{{ .stage }}{{- end }}
+
+{{/* Cluster DNS suffix of a Service in this namespace. */}}
+{{- define "tandem.svcSuffix" -}}{{ .Release.Namespace }}.svc.{{ .Values.clusterDomain }}{{- end }}
+
+{{/* host:port of stage i (its headless Service). */}}
+{{- define "tandem.stage.address" -}}
+{{ include "tandem.stage.name" . }}.{{ include "tandem.svcSuffix" .root }}:{{ .root.Values.port }}
+{{- end }}
+
+{{/* host:port of the KV store, or "" when it is disabled. */}}
+{{- define "tandem.kvStore.address" -}}
+{{- if .Values.kvStore.enabled -}}
+{{ include "tandem.kvStore.name" . }}.{{ include "tandem.svcSuffix" . }}:{{ .Values.port }}
+{{- end -}}
+{{- end }}
+
+{{/* Sampler workload kind: a StatefulSet gives static discovery one stable DNS name per replica. */}}
+{{- define "tandem.cpuSampler.kind" -}}
+{{- if eq .Values.cpuSampler.discovery "static" }}StatefulSet{{ else }}Deployment{{ end }}
+{{- end }}
+
+{{/* Sampler addresses (YAML list) for the coordinator config. */}}
+{{- define "tandem.cpuSampler.addresses" -}}
+{{- $name := include "tandem.cpuSampler.name" . }}
+{{- $suffix := include "tandem.svcSuffix" . }}
+{{- if eq .Values.cpuSampler.discovery "static" }}
+{{- range $i := until (int .Values.cpuSampler.replicas) }}
+- {{ printf "%s-%d.%s.%s:%d" $name $i $name $suffix (int $.Values.port) }}
+{{- end }}
+{{- else }}
+- {{ printf "%s.%s:%d" $name $suffix (int .Values.port) }}
+{{- end }}
+{{- end }}
+
+{{/* Fail early on values the schema cannot express. */}}
+{{- define "tandem.validate" -}}
+{{- $n := int .Values.pipeline.numStages }}
+{{- $b := .Values.pipeline.stageBoundaries }}
+{{- if and $b (ne (len $b) (sub $n 1)) }}
+{{- fail (printf "pipeline.stageBoundaries must list numStages-1 = %d layer indices, got %d" (sub $n 1) (len $b)) }}
+{{- end }}
+{{- $prev := 0 }}
+{{- range $b }}
+{{- if le (int .) $prev }}
+{{- fail "pipeline.stageBoundaries must be strictly increasing layer indices > 0" }}
+{{- end }}
+{{- $prev = int . }}
+{{- end }}
+{{- if and .Values.cpuSampler.autoscaling.enabled (eq .Values.cpuSampler.discovery "static") }}
+{{- fail "cpuSampler.autoscaling.enabled needs cpuSampler.discovery=endpointslices (static membership cannot follow scaling)" }}
+{{- end }}
+{{- range $role := list "coordinator" "stageWorker" "kvStore" }}
+{{- if (index $.Values $role).autoscaling.enabled }}
+{{- fail (printf "%s.autoscaling.enabled: only cpuSampler can autoscale" $role) }}
+{{- end }}
+{{- end }}
+{{- if and .Values.model.pvc.enabled .Values.model.download.enabled }}
+{{- fail "model: enable exactly one of model.pvc and model.download" }}
+{{- end }}
+{{- if not (or .Values.model.pvc.enabled .Values.model.download.enabled) }}
+{{- fail "model: enable one of model.pvc and model.download" }}
+{{- end }}
+{{- end }}
+
+{{/* Path of the model directory inside the pods. */}}
+{{- define "tandem.model.dir" -}}
+{{- if .Values.model.pvc.enabled -}}
+{{ trimSuffix "/" .Values.model.mountPath }}/{{ .Values.model.pvc.subPath }}
+{{- else -}}
+{{ trimSuffix "/" .Values.model.mountPath }}/model
+{{- end -}}
+{{- end }}
+
+{{/*
+A pod template for one role. dict:
+  root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
+  service name, configMap: name, needsModel: bool, labels: selector labels (rendered),
+  serviceAccount: name or "", gpu: bool
+*/}}
+{{- define "tandem.podTemplate" -}}
+{{- $root := .root }}
+{{- $v := .values }}
+metadata:
+  labels:
+    {{- include "tandem.metaLabels" $root | nindent 4 }}
+    {{- .labels | nindent 4 }}
+  annotations:
+    checksum/config: {{ .configChecksum }}
+    {{- with $v.podAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+spec:
+  {{- if .serviceAccount }}
+  serviceAccountName: {{ .serviceAccount }}
+  automountServiceAccountToken: true
+  {{- else }}
+  automountServiceAccountToken: false
+  {{- end }}
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.podSecurityContext | nindent 4 }}
+  {{- if and .needsModel $root.Values.model.download.enabled }}
+  initContainers:
+    - name: model-download
+      image: {{ printf "%s:%s" $root.Values.model.download.image.repository $root.Values.model.download.image.tag | quote }}
+      imagePullPolicy: {{ $root.Values.model.download.image.pullPolicy }}
+      command: ["sh", "-c"]
+      args:
+        - {{ $root.Values.model.download.script | quote }}
+      env:
+        - name: MODEL_ID
+          value: {{ $root.Values.model.download.modelId | quote }}
+        - name: MODEL_REVISION
+          value: {{ $root.Values.model.download.revision | quote }}
+        - name: MODEL_DIR
+          value: {{ include "tandem.model.dir" $root | quote }}
+        - name: HOME
+          value: /tmp
+        {{- with $root.Values.model.download.tokenSecret.name }}
+        - name: HF_TOKEN
+          valueFrom:
+            secretKeyRef:
+              name: {{ . }}
+              key: {{ $root.Values.model.download.tokenSecret.key }}
+        {{- end }}
+      resources:
+        {{- toYaml $root.Values.model.download.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: model
+          mountPath: {{ $root.Values.model.mountPath }}
+        - name: tmp
+          mountPath: /tmp
+  {{- end }}
+  containers:
+    - name: {{ .component }}
+      image: {{ printf "%s:%s" $v.image.repository (default $root.Chart.AppVersion $v.image.tag) | quote }}
+      imagePullPolicy: {{ $v.image.pullPolicy }}
+      args:
+        - {{ .component }}
+        - --config
+        - /etc/tandem/config.yaml
+        {{- range $v.extraArgs }}
+        - {{ . | quote }}
+        {{- end }}
+      ports:
+        - name: grpc
+          containerPort: {{ $root.Values.port }}
+          protocol: TCP
+      env:
+        - name: POD_NAME
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.name
+        - name: POD_NAMESPACE
+          valueFrom:
+            fieldRef:
+              fieldPath: metadata.namespace
+        {{- if and (eq .component "coordinator") $root.Values.apiKey.enabled }}
+        - name: TANDEM_API_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.apiKey.secretName }}
+              key: {{ $root.Values.apiKey.key }}
+        {{- end }}
+        {{- with $v.env }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      startupProbe:
+        grpc:
+          port: {{ $root.Values.port }}
+        {{- toYaml $v.probes.startup | nindent 8 }}
+      livenessProbe:
+        grpc:
+          port: {{ $root.Values.port }}
+        {{- toYaml $v.probes.liveness | nindent 8 }}
+      readinessProbe:
+        grpc:
+          port: {{ $root.Values.port }}
+          service: {{ .grpcService }}
+        {{- toYaml $v.probes.readiness | nindent 8 }}
+      resources:
+        {{- toYaml $v.resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.securityContext | nindent 8 }}
+      volumeMounts:
+        - name: config
+          mountPath: /etc/tandem/config.yaml
+          subPath: config.yaml
+          readOnly: true
+        - name: tmp
+          mountPath: /tmp
+        {{- if .needsModel }}
+        - name: model
+          mountPath: {{ $root.Values.model.mountPath }}
+          readOnly: {{ $root.Values.model.pvc.enabled }}
+        {{- end }}
+        {{- if $root.Values.tls.enabled }}
+        - name: tls
+          mountPath: /etc/tandem/tls
+          readOnly: true
+        {{- end }}
+  volumes:
+    - name: config
+      configMap:
+        name: {{ .configMap }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $root.Values.tmpSizeLimit }}
+    {{- if .needsModel }}
+    - name: model
+      {{- if $root.Values.model.pvc.enabled }}
+      persistentVolumeClaim:
+        claimName: {{ $root.Values.model.pvc.claimName }}
+        readOnly: true
+      {{- else }}
+      emptyDir:
+        sizeLimit: {{ $root.Values.model.download.sizeLimit }}
+      {{- end }}
+    {{- end }}
+    {{- if $root.Values.tls.enabled }}
+    - name: tls
+      secret:
+        secretName: {{ $root.Values.tls.secretName }}
+        defaultMode: 0440
+    {{- end }}
+  {{- with $v.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $v.affinity }}
+  affinity:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  terminationGracePeriodSeconds: {{ $v.terminationGracePeriodSeconds }}
+{{- end }}

@@ -1,0 +1,261 @@
+"""The Helm chart in helm/tandem, rendered by a real Helm (helm-python-sdk), and the Dockerfiles.
+
+Every example values file is linted with `helm lint --strict`, rendered, and each rendered
+object is validated against the Kubernetes OpenAPI schemas in strict mode; then the objects
+are checked for the chart's promises (GPU placement, probes, non-root, least-privilege RBAC)
+and every ConfigMap is loaded with tandem's own config loader.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import helm_python as helm  # the real Helm v4 library, installed by `make` (test extras)
+import kubernetes_validate
+
+from tandem.coordinator.config import CoordinatorConfig
+from tandem.core.config import load_config
+from tandem.cpu_sampler.config import SamplerConfig
+from tandem.kv_store.config import KvStoreConfig
+from tandem.stage_worker.config import StageWorkerConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "tandem"
+EXAMPLES = sorted((ROOT / "helm" / "values-examples").glob("*.yaml"))
+KUBE_VERSION = "1.30.0"
+RELEASE, NAMESPACE = "demo", "llm"
+GPU = "nvidia.com/gpu"
+CONFIG_CLASSES = {
+    "coordinator": CoordinatorConfig,
+    "stage-worker": StageWorkerConfig,
+    "cpu-sampler": SamplerConfig,
+    "kv-store": KvStoreConfig,
+}
+WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
+
+
+def _values(path: Path) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@cache
+def _chart() -> Any:
+    return helm.Chart.load(str(CHART))
+
+
+def _render(values: dict[str, Any]) -> list[dict[str, Any]]:
+    manifests = _chart().render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    return [doc for name, text in sorted(manifests.items()) if name.endswith(".yaml")
+            for doc in yaml.safe_load_all(text) if doc]
+
+
+@cache
+def _objects(example: str) -> tuple[dict[str, Any], ...]:
+    return tuple(_render(_values(ROOT / "helm" / "values-examples" / example)))
+
+
+def _of_kind(objs: tuple[dict[str, Any], ...], *kinds: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] in kinds]
+
+
+def _component(obj: dict[str, Any]) -> str:
+    return obj["metadata"]["labels"]["app.kubernetes.io/component"]
+
+
+def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = workload["spec"]["template"]["spec"]
+    return [*spec.get("initContainers", []), *spec["containers"]]
+
+
+EXAMPLE_IDS = [p.name for p in EXAMPLES]
+
+
+def test_examples_exist() -> None:
+    assert {"defaults.yaml", "four-stages.yaml", "tls-apikey.yaml", "autoscaling.yaml"} <= set(EXAMPLE_IDS)
+
+
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_lint_strict(example: str) -> None:
+    report = helm.lint(str(CHART), _values(ROOT / "helm" / "values-examples" / example), strict=True,
+                       namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert not report["errors"] and not problems, report
+
+
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_objects_validate_against_kubernetes_schemas(example: str) -> None:
+    objs = _objects(example)
+    assert objs
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_stage_workers_get_gpus_and_nothing_else_does(example: str) -> None:
+    objs = _objects(example)
+    values = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))
+    stages = [w for w in _of_kind(objs, *WORKLOAD_KINDS) if _component(w) == "stage-worker"]
+    assert len(stages) == values["pipeline"]["numStages"]
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        pod = workload["spec"]["template"]["spec"]
+        main = pod["containers"][0]
+        gpus = [c for c in _containers(workload)
+                if GPU in c["resources"].get("requests", {}) or GPU in c["resources"].get("limits", {})]
+        if _component(workload) == "stage-worker":
+            assert main["resources"]["requests"][GPU] >= 1 and main["resources"]["limits"][GPU] >= 1
+            assert pod["nodeSelector"].get("nvidia.com/gpu.present") == "true"
+            assert any(t["key"] == GPU and t["effect"] == "NoSchedule" for t in pod["tolerations"])
+        else:
+            assert not gpus, workload["metadata"]["name"]
+            assert not any(t.get("key") == GPU for t in pod.get("tolerations", []))
+
+
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_every_container_has_probes_resources_and_runs_as_non_root(example: str) -> None:
+    for workload in _of_kind(_objects(example), *WORKLOAD_KINDS):
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        for c in _containers(workload):
+            assert c["resources"]["requests"] and c["resources"]["limits"], c["name"]
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
+        for c in pod["containers"]:
+            service = {"coordinator": "tandem.v1.Coordinator", "stage-worker": "tandem.v1.StageWorker",
+                       "cpu-sampler": "tandem.v1.CpuSampler", "kv-store": "tandem.v1.KvStore"}[_component(workload)]
+            assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": service}
+            assert c["livenessProbe"]["grpc"] == {"port": 50051}
+            assert c["startupProbe"]["grpc"] == {"port": 50051}
+            assert c["args"][:3] == [_component(workload), "--config", "/etc/tandem/config.yaml"]
+
+
+def test_coordinator_role_grants_only_endpointslice_reads() -> None:
+    objs = _objects("defaults.yaml")
+    (role,) = _of_kind(objs, "Role")
+    assert role["rules"] == [{"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                              "verbs": ["get", "list", "watch"]}]
+    assert not _of_kind(objs, "ClusterRole", "ClusterRoleBinding")
+    (binding,) = _of_kind(objs, "RoleBinding")
+    (coordinator,) = [w for w in _of_kind(objs, "Deployment") if _component(w) == "coordinator"]
+    assert binding["subjects"][0]["name"] == coordinator["spec"]["template"]["spec"]["serviceAccountName"]
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        if _component(workload) != "coordinator":
+            assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+
+
+def test_services_public_clusterip_internal_headless() -> None:
+    services = _of_kind(_objects("four-stages.yaml"), "Service")
+    public = [s for s in services if s["spec"].get("clusterIP") != "None"]
+    assert [(s["metadata"]["name"], s["spec"]["type"]) for s in public] == [("demo-tandem", "ClusterIP")]
+    assert len(services) == 1 + 4 + 1 + 1  # public, one per stage, samplers, kv-store
+
+
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_configmaps_load_with_tandem_config(example: str) -> None:
+    objs = _objects(example)
+    configs: dict[str, list[Any]] = {}
+    for cm in _of_kind(objs, "ConfigMap"):
+        cls = CONFIG_CLASSES[_component(cm)]
+        config = load_config(cls, yaml.safe_load(cm["data"]["config.yaml"]))
+        assert (config.host, config.port) == ("0.0.0.0", 50051)
+        configs.setdefault(_component(cm), []).append(config)
+    (coordinator,) = configs["coordinator"]
+    stages = sorted(configs["stage-worker"], key=lambda s: s.stage_index)
+    suffix = f".{NAMESPACE}.svc.cluster.local:50051"
+    assert coordinator.stages == tuple(f"demo-tandem-stage-{i}{suffix}" for i in range(len(stages)))
+    for i, stage in enumerate(stages):
+        assert stage.stage_index == i and stage.num_stages == len(stages)
+        assert stage.next_stage == (coordinator.stages[i + 1] if i + 1 < len(stages) else "")
+        assert stage.model == coordinator.model
+    values = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))
+    assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]
+    if values["cpuSampler"]["discovery"] == "static":
+        n = values["cpuSampler"]["replicas"]
+        assert coordinator.samplers == tuple(
+            f"demo-tandem-cpu-sampler-{i}.demo-tandem-cpu-sampler{suffix}" for i in range(n))
+
+
+def test_four_stage_partition_is_passed_through() -> None:
+    stages = [load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
+              for cm in _of_kind(_objects("four-stages.yaml"), "ConfigMap") if _component(cm) == "stage-worker"]
+    assert {s.stage_boundaries for s in stages} == {(7, 15, 24)}
+
+
+def test_tls_and_api_key_mounts_only_when_enabled() -> None:
+    def secrets(example: str) -> set[str]:
+        names = set()
+        for w in _of_kind(_objects(example), *WORKLOAD_KINDS):
+            pod = w["spec"]["template"]["spec"]
+            names |= {v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+            for c in _containers(w):
+                names |= {e["valueFrom"]["secretKeyRef"]["name"] for e in c.get("env", [])
+                          if "secretKeyRef" in e.get("valueFrom", {})}
+        return names
+
+    assert secrets("defaults.yaml") == set()
+    assert secrets("tls-apikey.yaml") == {"tandem-tls", "tandem-api-key", "hf-token"}
+
+
+def test_autoscaling_targets_the_sampler_deployment() -> None:
+    objs = _objects("autoscaling.yaml")
+    (hpa,) = _of_kind(objs, "HorizontalPodAutoscaler")
+    (sampler,) = [w for w in _of_kind(objs, *WORKLOAD_KINDS) if _component(w) == "cpu-sampler"]
+    assert sampler["kind"] == "Deployment" and "replicas" not in sampler["spec"]
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": sampler["metadata"]["name"]}
+    assert not _of_kind(_objects("defaults.yaml"), "HorizontalPodAutoscaler")
+
+
+@pytest.mark.parametrize("bad", [
+    {"pipeline": {"numStages": 4, "stageBoundaries": [7, 15]}},
+    {"pipeline": {"numStages": 3, "stageBoundaries": [9, 5]}},
+    {"cpuSampler": {"autoscaling": {"enabled": True}}},
+    {"stageWorker": {"replicas": 2}},
+    {"coordinator": {"unknownKey": 1}},
+])
+def test_bad_values_are_refused(bad: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmError):
+        _render(bad)
+
+
+def test_every_value_is_documented() -> None:
+    """Each key has a `# --` comment, or sits inside a section or value whose key has one."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    documented: list[tuple[int, bool]] = []  # (indent, is documented) of the open ancestors
+    for i, line in enumerate(lines):
+        stripped = line.strip()
+        if not stripped or stripped.startswith(("#", "- ")) or ":" not in stripped:
+            continue
+        indent = len(line) - len(line.lstrip())
+        while documented and documented[-1][0] >= indent:
+            documented.pop()
+        j = i - 1
+        while j > 0 and lines[j].strip().startswith("#") and not lines[j].strip().startswith("# --"):
+            j -= 1  # a `# --` comment may run over several lines
+        has_doc = j >= 0 and lines[j].strip().startswith("# --")
+        is_section = stripped.endswith(":") and i + 1 < len(lines) and not lines[i + 1].strip().startswith("-") \
+            and len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent
+        if not (has_doc or is_section or any(d for _, d in documented)):
+            raise AssertionError(f"values.yaml:{i + 1} {stripped!r} has no `# --` comment")
+        documented.append((indent, has_doc))
+
+
+HADOLINT = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+
+
+def test_dockerfiles_pass_hadolint() -> None:
+    files = [str(ROOT / "docker" / name) for name in ("Dockerfile.cpu", "Dockerfile.cuda")]
+    result = subprocess.run([HADOLINT, "--no-color", "--failure-threshold", "info", *files],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for f in files:
+        text = Path(f).read_text()
+        assert 'ENTRYPOINT ["tandem", "serve"]' in text and "USER 10001" in text
+        assert text.count("FROM ") >= 2 and ":latest" not in text
