@@ -1,0 +1,1 @@
+"""Bundled data files: `tiny/` is the small Llama model that `tandem up` serves by default."""
