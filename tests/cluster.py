@@ -22,11 +22,8 @@ class Cluster:
     samplers: list[str] = field(default_factory=list)
     kv_store: str = ""
     _servers: list = field(default_factory=list)
-    _closers: list = field(default_factory=list)
 
     def stop(self) -> None:
-        for close in reversed(self._closers):
-            close()
         for server in reversed(self._servers):
             server.stop(0)
 
@@ -42,24 +39,21 @@ def start_cluster(
             c._servers.append(server)
             c.kv_store = server.address
         for _ in range(num_samplers):
-            result = cpu_sampler.serve(SamplerConfig())
-            server = result[0] if isinstance(result, tuple) else result
+            server = cpu_sampler.serve(SamplerConfig())
             c._servers.append(server)
             c.samplers.append(server.address)
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
                                     num_blocks=num_blocks, block_size=block_size)
-            server, servicer = stage_worker.serve(cfg)
+            server = stage_worker.serve(cfg)
             c._servers.append(server)
-            c._closers.append(servicer.close)
             c.stages.insert(0, server.address)
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,
                                 **coordinator_options)
-        server, servicer = coordinator.serve(cfg)
+        server = coordinator.serve(cfg)
         c._servers.append(server)
-        c._closers.append(servicer.engine.stop)
         c.endpoint = server.address
     except BaseException:
         c.stop()

@@ -66,8 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
     }[service]
     config = load_config(getattr(importlib.import_module(config_cls[0]), config_cls[1]), args.config)
     module = importlib.import_module(f"tandem.{service}.servicer")
-    result = module.serve(config)
-    server = result[0] if isinstance(result, tuple) else result
+    server = module.serve(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

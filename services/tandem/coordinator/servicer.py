@@ -7,6 +7,7 @@ import secrets
 import uuid
 from pathlib import Path
 
+import grpc
 import torch
 
 from tandem import __version__
@@ -19,7 +20,7 @@ from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
 from tandem.core.server import Server, wait_ready
 from tandem.core.tokenizer import Tokenizer
-from tandem.v1 import common_pb2, cpu_sampler_pb2, kv_store_pb2, stage_worker_pb2
+from tandem.v1 import common_pb2, cpu_sampler_pb2, kv_store_pb2, kv_store_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -27,30 +28,31 @@ SERVICE_NAME = "tandem.v1.Coordinator"
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, config: CoordinatorConfig, engine: Engine, tokenizer: Tokenizer, model: ModelConfig):
+    def __init__(self, config: CoordinatorConfig, engine: Engine, tokenizer: Tokenizer, model: ModelConfig,
+                 block_bytes: int):
         self.config, self.engine, self.tokenizer, self.model = config, engine, tokenizer, model
         self.max_model_len = config.max_model_len or model.max_position_embeddings
-        self.kv_itemsize = 4  # bytes per KV element; serve() sets it from the stages' dtype
+        self.block_bytes = block_bytes  # one KV block over all layers of all stages
 
     def Generate(self, request: pb.GenerateRequest, context):
         req, params = self._new_request(request)
         context.add_callback(lambda: self.engine.abort(req.request_id))
         self.engine.submit(req, params)
-        while True:
-            out = req.outputs.get()
-            if out.finish_reason:
-                if out.error is not None:
-                    raise out.error
-                yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req))
-                return
-            merged = [out]
-            try:  # send what has accumulated as one chunk
-                while not (nxt := req.outputs.get_nowait()).finish_reason:
-                    merged.append(nxt)
-                req.outputs.queue.appendleft(nxt)
-            except queue.Empty:
-                pass
-            yield pb.GenerateResponse(request_id=req.request_id, chunk=self._chunk(req, merged))
+        end: Output | None = None
+        while end is None:
+            merged = [req.outputs.get()]
+            while not merged[-1].finish_reason:  # what has accumulated goes out as one chunk
+                try:
+                    merged.append(req.outputs.get_nowait())
+                except queue.Empty:
+                    break
+            if merged[-1].finish_reason:
+                end = merged.pop()
+            if merged:
+                yield pb.GenerateResponse(request_id=req.request_id, chunk=self._chunk(req, merged))
+        if end.error is not None:
+            raise end.error
+        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req))
 
     def Abort(self, request: pb.AbortRequest, context):
         if request.request_id not in self.engine.requests:
@@ -86,7 +88,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             info.samplers.add(address=address, num_sequences=s.num_sequences)
         if self.engine.kv_store is not None:
             kv = self.engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=5)
-            info.kv_store_blocks_used = kv.used_bytes // max(1, self._block_bytes())
+            info.kv_store_blocks_used = kv.used_bytes // self.block_bytes
         return info
 
     # --- helpers ------------------------------------------------------------------------
@@ -94,10 +96,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     @property
     def scheduler(self) -> Scheduler:
         return self.engine.scheduler
-
-    def _block_bytes(self) -> int:
-        m = self.model
-        return m.num_hidden_layers * 2 * self.config.block_size * m.num_key_value_heads * m.head_dim * self.kv_itemsize
 
     def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, common_pb2.SamplingParams]:
         which = request.WhichOneof("input")
@@ -156,32 +154,39 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         )
 
 
-def serve(config: CoordinatorConfig) -> tuple[Server, CoordinatorServicer]:
-    """Wait for the stages and samplers, start the engine and the public server."""
+def _kv_figures(config: CoordinatorConfig, model: ModelConfig) -> tuple[int, int]:
+    """(bytes of one KV block over all layers, KV blocks the KV store can hold) from the live services."""
+    with grpc.insecure_channel(config.stages[0]) as channel:
+        info = stage_worker_pb2_grpc.StageWorkerStub(channel).GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=10)
+    itemsize = getattr(torch, info.dtype, torch.float32).itemsize
+    block_bytes = model.num_hidden_layers * 2 * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
+    if not config.kv_store:
+        return block_bytes, 0
+    with grpc.insecure_channel(config.kv_store) as channel:
+        capacity = kv_store_pb2_grpc.KvStoreStub(channel).GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=10).capacity_bytes
+    return block_bytes, capacity // block_bytes
+
+
+def serve(config: CoordinatorConfig) -> Server:
+    """Wait for the stages, samplers and KV store, start the engine and the public server."""
     model = ModelConfig.from_dir(config.model)
     tokenizer = Tokenizer.from_dir(config.model)
     for address in config.stages:
         wait_ready(address, "tandem.v1.StageWorker")
     for address in config.samplers:
         wait_ready(address, "tandem.v1.CpuSampler")
-    num_host_blocks = 0
     if config.kv_store:
         wait_ready(config.kv_store, "tandem.v1.KvStore")
-    engine = Engine(
-        Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                  config.max_in_flight or len(config.stages) + 1),
-        list(config.stages), list(config.samplers), config.kv_store, config.max_queue, config.step_timeout_s,
-    )
-    servicer = CoordinatorServicer(config, engine, tokenizer, model)
-    stage_dtype = engine.stage_stubs[0].GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=10).dtype
-    servicer.kv_itemsize = getattr(torch, stage_dtype, torch.float32).itemsize
-    if engine.kv_store is not None:
-        capacity = engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=10).capacity_bytes
-        num_host_blocks = capacity // servicer._block_bytes()
-    engine.scheduler.host_blocks_free = num_host_blocks
+    block_bytes, num_host_blocks = _kv_figures(config, model)
+    scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
+                          config.max_in_flight or len(config.stages) + 1, num_host_blocks)
+    engine = Engine(scheduler, list(config.stages), list(config.samplers), config.kv_store, config.max_queue,
+                    config.step_timeout_s)
     engine.start()
     server = Server(config.host, config.port, config.max_workers)
-    server.add(pb_grpc.add_CoordinatorServicer_to_server, servicer, [SERVICE_NAME])
+    server.add(pb_grpc.add_CoordinatorServicer_to_server,
+               CoordinatorServicer(config, engine, tokenizer, model, block_bytes), [SERVICE_NAME])
+    server.on_stop(engine.stop)
     server.start()
     server.set_ready()
-    return server, servicer
+    return server

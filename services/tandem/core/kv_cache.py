@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tandem.core.errors import InvalidArgumentError, ResourceExhaustedError
+from tandem.core.errors import ResourceExhaustedError
 
 
 class BlockAllocator:
@@ -51,10 +51,3 @@ class PagedKVCache:
         """(keys, values) of one layer, each [blocks * block_size, kv_heads, head_dim]."""
         kv = self.data[local_index]
         return kv[0].flatten(0, 1), kv[1].flatten(0, 1)
-
-    def check_blocks(self, block_ids: torch.Tensor) -> None:
-        if block_ids.numel() and (int(block_ids.min()) < 0 or int(block_ids.max()) >= self.num_blocks):
-            raise InvalidArgumentError(
-                f"block ids must lie in [0, {self.num_blocks}), got range "
-                f"[{int(block_ids.min())}, {int(block_ids.max())}]"
-            )

@@ -110,6 +110,7 @@ class Server:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
         self._service_names: list[str] = []
+        self._on_stop: list[Callable[[], None]] = []
 
     def add(self, register: Callable, servicer: object, service_names: Iterable[str]) -> None:
         register(servicer, self.grpc)
@@ -128,8 +129,14 @@ class Server:
         for name in self._service_names:
             self.health.set(name, status)
 
+    def on_stop(self, callback: Callable[[], None]) -> None:
+        """Run `callback` (the service's own shutdown: threads, outgoing streams) on `stop()`."""
+        self._on_stop.append(callback)
+
     def stop(self, grace_s: float = 1.0) -> None:
         self.set_ready(False)
+        for callback in reversed(self._on_stop):
+            callback()
         self.grpc.stop(grace_s).wait()
 
 

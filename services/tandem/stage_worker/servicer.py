@@ -181,12 +181,13 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             channel.close()
 
 
-def serve(config: StageWorkerConfig) -> tuple[Server, StageWorkerServicer]:
+def serve(config: StageWorkerConfig) -> Server:
     """Load the stage, start its server and mark it ready."""
     server = Server(config.host, config.port, config.max_workers)
     servicer = StageWorkerServicer(config)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, servicer, [SERVICE_NAME])
+    server.on_stop(servicer.close)
     server.start()  # liveness answers while the weights load; readiness waits for them
     servicer.load()
     server.set_ready()
-    return server, servicer
+    return server
