@@ -44,13 +44,10 @@ class Replica:
     address: str
 
     def subscribe(self) -> Iterator[pb.SampledBatch]:
-        """Open a Results stream and wait until the server has registered it."""
-        before = len(self.servicer.subscribers)
+        """Open a Results stream and wait for its confirmation (an empty batch, step 0)."""
         results = self.stub.Results(pb.ResultsRequest(), timeout=TIMEOUT_S)
-        deadline = time.monotonic() + 5
-        while len(self.servicer.subscribers) <= before:
-            assert time.monotonic() < deadline, "Results subscription never registered"
-            time.sleep(0.01)
+        first = next(results)
+        assert first.step_id == 0 and not first.tokens
         return results
 
 

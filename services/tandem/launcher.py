@@ -16,6 +16,7 @@ from tandem.core.config import dump_config
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
+from tandem.presets import PRESETS
 from tandem.stage_worker.config import StageWorkerConfig
 
 READY_PREFIX = "tandem-service-ready "
@@ -35,6 +36,8 @@ class Launcher:
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.log_dir = Path(log_dir) if log_dir else self.workdir
+        self.stages: list[str] = []  # addresses, filled in by up()
+        self.samplers: list[str] = []
 
     def start(self, name: str, service: str, config: object, timeout_s: float = 300.0) -> str:
         """Start `tandem serve SERVICE` with `config`; return its address once it is ready."""
@@ -62,7 +65,11 @@ class Launcher:
                 break
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
-           num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu") -> str:
+           num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
+           preset: str = "full") -> str:
+        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets)."""
+        if preset not in PRESETS:
+            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
         samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", SamplerConfig(host=host)) for i in range(num_samplers))
         stages: list[str] = []
@@ -71,6 +78,7 @@ class Launcher:
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size)
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
+        self.stages, self.samplers = stages, list(samplers)
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size)
         return self.start("coordinator", "coordinator", coordinator)

@@ -79,6 +79,8 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
         self.config = config
         self.engine = SamplerEngine(config.vocab_size)
         self.subscribers = Subscribers(config.max_queued_batches)
+        self._counter_lock = threading.Lock()
+        self.sample_ns_total = self.wire_bytes_in_total = self.tensor_bytes_in_total = 0
 
     def AddSequences(self, request: pb.AddSequencesRequest, context: grpc.ServicerContext
                      ) -> pb.AddSequencesResponse:
@@ -99,6 +101,10 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
                 result = self.engine.sample_frame(frame.request_ids, frame.sample_indices, logits)
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"logits frame {num_frames} (step {frame.step_id}): {e}") from None
+            with self._counter_lock:
+                self.sample_ns_total += result.sample_ns
+                self.wire_bytes_in_total += frame.ByteSize()
+                self.tensor_bytes_in_total += logits.numel() * logits.element_size()
             self.subscribers.publish(_batch(frame.step_id, result))
             num_frames += 1
         return pb.LogitsSummary(num_frames=num_frames)
@@ -109,6 +115,7 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
         try:
             if not context.add_callback(subscriber.close):  # runs on cancel or server stop
                 return  # the RPC already ended
+            yield pb.SampledBatch(step_id=0)  # confirms the subscription: from here on, no batch is missed
             while True:
                 if subscriber.fell_behind:
                     raise ResourceExhaustedError(
@@ -126,6 +133,9 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
             num_sequences=self.engine.num_sequences,
             num_frames_total=self.engine.num_frames_total,
             num_rows_total=self.engine.num_rows_total,
+            sample_ns_total=self.sample_ns_total,
+            wire_bytes_in_total=self.wire_bytes_in_total,
+            tensor_bytes_in_total=self.tensor_bytes_in_total,
         )
 
     def _state(self, position: int, seq: pb.SamplerSequence) -> SequenceState:

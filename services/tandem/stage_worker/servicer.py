@@ -38,10 +38,14 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self._next = self._sender_to_next_stage()
         self._samplers: dict[str, StreamSender] = {}
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
+        self._ready_ns = 0
+        self.busy_ns_total = self.wait_ns_total = 0  # written by the executor thread only
+        self.wire_bytes_out_total = self.tensor_bytes_out_total = self.frames_out_total = 0
 
     def load(self) -> None:
         """Load the stage's weights and start executing plans."""
         self.executor = StageExecutor(self.config)
+        self._ready_ns = time.perf_counter_ns()
         threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
 
     def _ready(self) -> StageExecutor:
@@ -87,7 +91,10 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             index=c.stage_index, layer_start=e.layers.start, layer_end=e.layers.end,
             num_layers=e.layers.num_layers, kv_blocks_total=c.num_blocks, kv_blocks_used=e.num_blocks_used,
             block_size=c.block_size, num_sequences=len(e.blocks_of), dtype=str(e.dtype).removeprefix("torch."),
-            device=e.device.type, num_steps_total=e.num_steps,
+            device=e.device.type, num_steps_total=e.num_steps, uptime_ns=time.perf_counter_ns() - self._ready_ns,
+            busy_ns_total=self.busy_ns_total, wait_ns_total=self.wait_ns_total,
+            wire_bytes_out_total=self.wire_bytes_out_total, tensor_bytes_out_total=self.tensor_bytes_out_total,
+            frames_out_total=self.frames_out_total,
         )
 
     # --- execution ----------------------------------------------------------------------
@@ -95,12 +102,15 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
     def _execute_loop(self) -> None:
         while (plan := self._plans.get()) is not None:
             done = pb.StepDone(step_id=plan.step_id)
+            start = time.perf_counter_ns()
             try:
                 self._execute(plan, done)
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
                 done.error = str(e) or type(e).__name__
+            self.busy_ns_total += time.perf_counter_ns() - start - done.wait_ns
+            self.wait_ns_total += done.wait_ns
             self._done.put(done)
 
     def _execute(self, plan: pb.StepPlan, done: pb.StepDone) -> None:
@@ -122,9 +132,15 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         out = ex.run(plan, slices, hidden)
         done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
         if out.hidden is not None:
-            self._next.send(pb.ActivationFrame(step_id=plan.step_id, hidden=codec.encode(out.hidden)))
+            self._count_out(self._next, pb.ActivationFrame(step_id=plan.step_id, hidden=codec.encode(out.hidden)), out.hidden)
         else:
             self._send_logits(plan, out.logits)
+
+    def _count_out(self, sender: StreamSender, frame, tensor: torch.Tensor) -> None:
+        self.wire_bytes_out_total += frame.ByteSize()
+        self.tensor_bytes_out_total += tensor.numel() * tensor.element_size()
+        self.frames_out_total += 1
+        sender.send(frame)
 
     def _wait_activations(self, step_id: int) -> torch.Tensor | None:
         with self._arrived:
@@ -137,14 +153,14 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         for i, s in enumerate(plan.sequences):
             rows[s.sampler].append(i)
         for address, idx in rows.items():
-            seqs = [plan.sequences[i] for i in idx]
+            seqs, rows_logits = [plan.sequences[i] for i in idx], logits[idx]
             frame = cpu_sampler_pb2.LogitsFrame(
                 step_id=plan.step_id,
                 request_ids=[s.request_id for s in seqs],
                 sample_indices=[s.sample_index for s in seqs],
-                logits=codec.encode(logits[idx]),
+                logits=codec.encode(rows_logits),
             )
-            self._sampler_sender(address).send(frame)
+            self._count_out(self._sampler_sender(address), frame, rows_logits)
 
     def _sampler_sender(self, address: str) -> StreamSender:
         if address not in self._samplers:
