@@ -39,7 +39,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self._samplers: dict[str, StreamSender] = {}
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
         self._ready_ns = 0
-        self.busy_ns_total = self.wait_ns_total = 0  # written by the executor thread only
+        self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = 0  # written by the executor thread only
         self.wire_bytes_out_total = self.tensor_bytes_out_total = self.frames_out_total = 0
 
     def load(self) -> None:
@@ -94,7 +94,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             device=e.device.type, num_steps_total=e.num_steps, uptime_ns=time.perf_counter_ns() - self._ready_ns,
             busy_ns_total=self.busy_ns_total, wait_ns_total=self.wait_ns_total,
             wire_bytes_out_total=self.wire_bytes_out_total, tensor_bytes_out_total=self.tensor_bytes_out_total,
-            frames_out_total=self.frames_out_total,
+            frames_out_total=self.frames_out_total, compute_ns_total=self.compute_ns_total,
         )
 
     # --- execution ----------------------------------------------------------------------
@@ -111,6 +111,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
                 done.error = str(e) or type(e).__name__
             self.busy_ns_total += time.perf_counter_ns() - start - done.wait_ns
             self.wait_ns_total += done.wait_ns
+            self.compute_ns_total += done.forward_ns
             self._done.put(done)
 
     def _execute(self, plan: pb.StepPlan, done: pb.StepDone) -> None:
