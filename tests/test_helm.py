@@ -146,8 +146,17 @@ def test_coordinator_role_grants_only_endpointslice_reads() -> None:
     (coordinator,) = [w for w in _of_kind(objs, "Deployment") if _component(w) == "coordinator"]
     assert binding["subjects"][0]["name"] == coordinator["spec"]["template"]["spec"]["serviceAccountName"]
     for workload in _of_kind(objs, *WORKLOAD_KINDS):
-        if _component(workload) != "coordinator":
-            assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+        token = workload["spec"]["template"]["spec"]["automountServiceAccountToken"]
+        assert token is (_component(workload) == "coordinator")
+
+
+def test_static_discovery_grants_no_api_access() -> None:
+    objs = _objects("four-stages.yaml")
+    assert not _of_kind(objs, "Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")
+    (samplers,) = [w for w in _of_kind(objs, *WORKLOAD_KINDS) if _component(w) == "cpu-sampler"]
+    assert samplers["kind"] == "StatefulSet"
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
 
 
 def test_services_public_clusterip_internal_headless() -> None:
@@ -178,8 +187,15 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
     assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]
     if values["cpuSampler"]["discovery"] == "static":
         n = values["cpuSampler"]["replicas"]
+        assert coordinator.sampler_discovery == "static"
         assert coordinator.samplers == tuple(
             f"demo-tandem-cpu-sampler-{i}.demo-tandem-cpu-sampler{suffix}" for i in range(n))
+    else:  # the coordinator watches the EndpointSlices of the sampler Service, on its named gRPC port
+        assert (coordinator.sampler_discovery, coordinator.samplers) == ("endpointslices", ())
+        assert coordinator.sampler_namespace == NAMESPACE and not coordinator.kubernetes_api
+        (service,) = [o for o in _of_kind(_objects(example), "Service") if o["metadata"]["name"] == coordinator.sampler_service]
+        assert _component(service) == "cpu-sampler"
+        assert coordinator.sampler_port_name in [p["name"] for p in service["spec"]["ports"]]
 
 
 def test_four_stage_partition_is_passed_through() -> None:
@@ -216,7 +232,8 @@ def test_autoscaling_targets_the_sampler_deployment() -> None:
 @pytest.mark.parametrize("bad", [
     {"pipeline": {"numStages": 4, "stageBoundaries": [7, 15]}},
     {"pipeline": {"numStages": 3, "stageBoundaries": [9, 5]}},
-    {"cpuSampler": {"autoscaling": {"enabled": True}}},
+    {"cpuSampler": {"discovery": "static", "autoscaling": {"enabled": True}}},
+    {"cpuSampler": {"discovery": "dns"}},
     {"stageWorker": {"replicas": 2}},
     {"coordinator": {"unknownKey": 1}},
 ])

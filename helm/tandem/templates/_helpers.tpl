@@ -65,16 +65,13 @@ tandem.dev/stage: {{ .stage | quote }}
 {{- if eq .Values.cpuSampler.discovery "static" }}StatefulSet{{ else }}Deployment{{ end }}
 {{- end }}
 
-{{/* Sampler addresses (YAML list) for the coordinator config. */}}
+{{/* Sampler addresses (YAML list) for the coordinator config with static discovery: one stable
+StatefulSet DNS name per replica. */}}
 {{- define "tandem.cpuSampler.addresses" -}}
 {{- $name := include "tandem.cpuSampler.name" . }}
 {{- $suffix := include "tandem.svcSuffix" . }}
-{{- if eq .Values.cpuSampler.discovery "static" }}
 {{- range $i := until (int .Values.cpuSampler.replicas) }}
 - {{ printf "%s-%d.%s.%s:%d" $name $i $name $suffix (int $.Values.port) }}
-{{- end }}
-{{- else }}
-- {{ printf "%s.%s:%d" $name $suffix (int .Values.port) }}
 {{- end }}
 {{- end }}
 
@@ -138,10 +135,9 @@ metadata:
 spec:
   {{- if .serviceAccount }}
   serviceAccountName: {{ .serviceAccount }}
-  automountServiceAccountToken: true
-  {{- else }}
-  automountServiceAccountToken: false
   {{- end }}
+  {{- /* Only a pod that reads the Kubernetes API gets a token. */}}
+  automountServiceAccountToken: {{ if .apiAccess }}true{{ else }}false{{ end }}
   {{- with $root.Values.imagePullSecrets }}
   imagePullSecrets:
     {{- toYaml . | nindent 4 }}

@@ -12,7 +12,14 @@ from tandem.core.errors import ConfigError
 class CoordinatorConfig:
     model: str = doc("Hugging Face model directory (config.json, tokenizer.json)", "")
     stages: tuple[str, ...] = doc("host:port of each stage worker, stage 0 first", ())
-    samplers: tuple[str, ...] = doc("host:port of each CPU sampler replica (static membership)", ())
+    samplers: tuple[str, ...] = doc("host:port of each CPU sampler replica (sampler_discovery: static)", ())
+    sampler_discovery: str = doc(
+        "how sampler replicas are found: static (the samplers list) or endpointslices (follow the "
+        "EndpointSlices of sampler_service through the Kubernetes API)", "static")
+    sampler_service: str = doc("Kubernetes Service of the sampler pool (sampler_discovery: endpointslices)", "")
+    sampler_namespace: str = doc("namespace of sampler_service; empty: the coordinator pod's own", "")
+    sampler_port_name: str = doc("name of the sampler Service's gRPC port; empty: its first port", "grpc")
+    kubernetes_api: str = doc("URL of the Kubernetes API; empty: the in-cluster API with the pod's service account", "")
     kv_store: str = doc("host:port of the KV store; empty: preempted sequences are recomputed", "")
     host: str = doc("address to listen on", "127.0.0.1")
     port: int = doc("port to listen on; 0 picks a free one", 0)
@@ -31,8 +38,12 @@ class CoordinatorConfig:
             raise ConfigError("config field 'model' must name a model directory")
         if not self.stages:
             raise ConfigError("config field 'stages' must list at least one stage worker")
-        if not self.samplers:
-            raise ConfigError("config field 'samplers' must list at least one sampler")
+        if self.sampler_discovery not in ("static", "endpointslices"):
+            raise ConfigError(f"config field 'sampler_discovery'={self.sampler_discovery!r} must be static or endpointslices")
+        if self.sampler_discovery == "static" and not self.samplers:
+            raise ConfigError("config field 'samplers' must list at least one sampler (sampler_discovery: static)")
+        if self.sampler_discovery == "endpointslices" and not self.sampler_service:
+            raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")

@@ -1,5 +1,11 @@
 """The coordinator's I/O loop: turns scheduler steps into plans on the stages' streams and
-sampled tokens from the samplers' streams into commits. One thread owns all state."""
+sampled tokens from the samplers' streams into commits. One thread owns all state.
+
+Sampler replicas come and go (discovery, crashes). A replica takes sequences once its Results
+stream is confirmed; when it is removed or its stream breaks, its sequences move to the
+others with their committed tokens, and rows it had not answered run again. Sampling is a
+pure function of (row, seed, index, history), so the moved rows give the same tokens.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import logging
 import queue
 import threading
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import grpc
 
+from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler, Sequence, Status, Step
 from tandem.core.errors import ResourceExhaustedError, TandemError, UnavailableError
@@ -35,8 +43,27 @@ class _PendingStep:
     logprobs: dict[str, common_pb2.SampleLogprobs] = field(default_factory=dict)
 
 
+@dataclass(eq=False)
+class _Replica:
+    """A sampler replica: its stub, its Results stream and whether it takes sequences."""
+
+    address: str
+    channel: grpc.Channel
+    stub: cpu_sampler_pb2_grpc.CpuSamplerStub
+    up: bool = False  # its Results stream is confirmed; it holds sequences only while up
+    load: int = 0  # sequences it holds
+    closed: threading.Event = field(default_factory=threading.Event)
+    call: object = None  # the Results call, cancelled on close
+
+    def close(self) -> None:
+        self.closed.set()
+        if self.call is not None:
+            self.call.cancel()
+        self.channel.close()
+
+
 class Engine:
-    def __init__(self, scheduler: Scheduler, stages: list[str], samplers: list[str], kv_store: str,
+    def __init__(self, scheduler: Scheduler, stages: list[str], discovery: SamplerDiscovery, kv_store: str,
                  max_queue: int, step_timeout_s: float):
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
         self.requests: dict[str, Request] = {}
@@ -47,15 +74,15 @@ class Engine:
         self.stage_stubs = [stage_grpc.StageWorkerStub(self._channel(a)) for a in stages]
         self.stage_addresses = list(stages)
         self._plan_senders = [self._open_steps(i, stub) for i, stub in enumerate(self.stage_stubs)]
-        self.sampler_stubs = {a: cpu_sampler_pb2_grpc.CpuSamplerStub(self._channel(a)) for a in samplers}
-        self.sampler_load = {a: 0 for a in samplers}
-        for address, stub in self.sampler_stubs.items():
-            threading.Thread(target=self._read_results, args=(address, stub), daemon=True).start()
+        self.replicas: dict[str, _Replica] = {}
+        self._specs: dict[str, cpu_sampler_pb2.SamplerSequence] = {}  # what AddSequences sends, by request
+        self.discovery = discovery
         self.kv_store = kv_store_pb2_grpc.KvStoreStub(self._channel(kv_store)) if kv_store else None
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self.discovery.start(lambda addresses: self._events.put(("membership", addresses)))
 
     # --- called from servicer threads ---------------------------------------------------
 
@@ -69,9 +96,12 @@ class Engine:
 
     def stop(self) -> None:
         self._stopping.set()
+        self.discovery.stop()
         self._thread.join(timeout=5)
         for sender in self._plan_senders:
             sender.close()
+        for replica in self.replicas.values():
+            replica.close()
         for channel in self._channels:
             channel.close()
 
@@ -95,20 +125,90 @@ class Engine:
                 self._send(step)
 
     def _on_add(self, request: Request, params: common_pb2.SamplingParams) -> None:
-        sampler = min(self.sampler_load, key=self.sampler_load.get)
-        seq = Sequence(request.request_id, list(request.prompt_ids), request.max_tokens, sampler=sampler)
-        added = cpu_sampler_pb2.SamplerSequence(
+        seq = Sequence(request.request_id, list(request.prompt_ids), request.max_tokens)
+        self._specs[request.request_id] = cpu_sampler_pb2.SamplerSequence(
             request_id=request.request_id, params=params, seed=request.seed, prompt_ids=request.prompt_ids,
             min_tokens_blocked_ids=sorted(request.eos_token_ids | set(request.options.stop_token_ids)),
         )
-        try:
-            self.sampler_stubs[sampler].AddSequences(cpu_sampler_pb2.AddSequencesRequest(sequences=[added]), timeout=10)
-        except grpc.RpcError as e:
-            request.fail(common_pb2.FINISH_REASON_ERROR, UnavailableError(f"sampler {sampler}: {e.details()}"))
-            return
-        self.sampler_load[sampler] += 1
         self.requests[request.request_id] = request
-        self.scheduler.add(seq)
+        self.scheduler.add(seq)  # it waits, unscheduled, until a replica holds it
+        self._assign([seq])
+
+    # --- sampler replicas ---------------------------------------------------------------
+
+    def _on_membership(self, addresses: frozenset[str]) -> None:
+        for address in addresses - self.replicas.keys():
+            channel = self._channel(address, keep=False)
+            replica = _Replica(address, channel, cpu_sampler_pb2_grpc.CpuSamplerStub(channel))
+            self.replicas[address] = replica
+            threading.Thread(target=self._read_results, args=(replica,), name=f"results<-{address}", daemon=True).start()
+        for address in self.replicas.keys() - addresses:
+            replica = self.replicas.pop(address)
+            replica.close()
+            self._evacuate(replica, "removed from the sampler pool")
+
+    def _on_sampler_up(self, replica: _Replica) -> None:
+        if self.replicas.get(replica.address) is replica and not replica.up:
+            log.info("sampler %s is up", replica.address)
+            replica.up = True
+            self._assign([s for s in self.scheduler.seqs.values() if not s.sampler])
+
+    def _on_sampler_down(self, replica: _Replica, reason: str) -> None:
+        if self.replicas.get(replica.address) is replica:
+            self._evacuate(replica, reason)
+
+    def _evacuate(self, replica: _Replica, reason: str) -> None:
+        """`replica` holds no sequences from now on: its rows not yet answered run again and its
+        sequences go to the other replicas with the tokens committed so far."""
+        if not replica.up:
+            return
+        replica.up, replica.load = False, 0
+        moved = [s for s in self.scheduler.seqs.values() if s.sampler == replica.address]
+        log.warning("sampler %s is down (%s); moving its %d sequences", replica.address, reason, len(moved))
+        for step_id, pending in list(self.pending.items()):
+            lost = [r for r in pending.request_ids if r not in pending.tokens and r in self.scheduler.seqs
+                    and self.scheduler.seqs[r].sampler == replica.address]
+            if lost:
+                pending.request_ids = [r for r in pending.request_ids if r not in lost]
+                self.scheduler.retry(step_id, lost)
+                self._maybe_complete(step_id)
+        for seq in moved:
+            seq.sampler = ""
+        self._assign([s for s in moved if s.request_id in self.scheduler.seqs])
+
+    def _assign(self, seqs: list[Sequence]) -> None:
+        """Give each sequence to the least loaded replica that is up; with none up they wait."""
+        up = [r for r in self.replicas.values() if r.up]
+        if not seqs or not up:
+            return
+        groups: dict[_Replica, list[Sequence]] = defaultdict(list)
+        for seq in seqs:
+            replica = min(up, key=lambda r: r.load)
+            replica.load += 1
+            groups[replica].append(seq)
+        for replica, group in groups.items():
+            request = cpu_sampler_pb2.AddSequencesRequest(sequences=[self._spec(s) for s in group])
+            try:
+                replica.stub.AddSequences(request, timeout=10)
+            except grpc.RpcError as e:
+                replica.load -= len(group)
+                self._evacuate(replica, f"AddSequences failed: {e.code().name}")
+                self._assign(group)
+                continue
+            for seq in group:
+                seq.sampler = replica.address
+
+    def _spec(self, seq: Sequence) -> cpu_sampler_pb2.SamplerSequence:
+        """The sequence as a replica must hold it: its committed outputs, plus a token already
+        sampled in a step that has not completed yet (a sequence is in at most one step)."""
+        output_ids = list(seq.output_ids)
+        for pending in self.pending.values():
+            if seq.request_id in pending.tokens and seq.request_id in pending.request_ids:
+                output_ids.append(pending.tokens[seq.request_id])
+        spec = cpu_sampler_pb2.SamplerSequence()
+        spec.CopyFrom(self._specs[seq.request_id])
+        spec.output_ids[:] = output_ids
+        return spec
 
     def _on_abort(self, request_id: str, finish_reason: int) -> None:
         request = self.requests.get(request_id)
@@ -121,6 +221,8 @@ class Engine:
         if pending is None:
             return
         for t in batch.tokens:
+            if t.request_id not in pending.request_ids or t.request_id in pending.tokens:
+                continue  # a row that was moved to another replica, or answered already
             pending.tokens[t.request_id] = t.token_id
             if t.HasField("logprobs"):
                 pending.logprobs[t.request_id] = t.logprobs
@@ -160,10 +262,12 @@ class Engine:
             return
         was_swapped = seq.status == Status.SWAPPED
         self.scheduler.finish(request_id)
-        self.sampler_load[seq.sampler] -= 1
+        self._specs.pop(request_id, None)
+        replica = self.replicas.get(seq.sampler)
         try:
-            release = cpu_sampler_pb2.ReleaseSequencesRequest(request_ids=[request_id])
-            self.sampler_stubs[seq.sampler].ReleaseSequences(release, timeout=10)
+            if replica is not None and replica.up:
+                replica.load -= 1
+                replica.stub.ReleaseSequences(cpu_sampler_pb2.ReleaseSequencesRequest(request_ids=[request_id]), timeout=10)
             if was_swapped and self.kv_store is not None:
                 self.kv_store.FreeBlocks(kv_store_pb2.FreeBlocksRequest(request_ids=[request_id]), timeout=10)
         except grpc.RpcError as e:  # the replica is gone; its state went with it
@@ -210,17 +314,25 @@ class Engine:
 
         return StreamSender(call, f"plans->stage{index}")
 
-    def _read_results(self, address: str, stub: cpu_sampler_pb2_grpc.CpuSamplerStub) -> None:
-        while not self._stopping.is_set():
+    def _read_results(self, replica: _Replica) -> None:
+        """Follow a replica's Results stream; resubscribe while it stays in the pool."""
+        while not replica.closed.is_set() and not self._stopping.is_set():
             try:
-                for batch in stub.Results(cpu_sampler_pb2.ResultsRequest()):
-                    self._events.put(("sampled", address, batch))
+                replica.call = replica.stub.Results(cpu_sampler_pb2.ResultsRequest())
+                for batch in replica.call:
+                    if batch.step_id == 0:  # the subscription is confirmed
+                        self._events.put(("sampler_up", replica))
+                    else:
+                        self._events.put(("sampled", replica.address, batch))
+                reason = "its Results stream ended"
             except grpc.RpcError as e:
-                if not self._stopping.is_set():
-                    log.warning("results stream of sampler %s ended: %s", address, e.code())
-                    time.sleep(0.2)
+                reason = f"its Results stream failed: {e.code().name}"
+            if not replica.closed.is_set():
+                self._events.put(("sampler_down", replica, reason))
+                replica.closed.wait(0.5)
 
-    def _channel(self, address: str) -> grpc.Channel:
+    def _channel(self, address: str, keep: bool = True) -> grpc.Channel:
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self._channels.append(channel)
+        if keep:
+            self._channels.append(channel)
         return channel

@@ -31,7 +31,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     max_tokens: int
-    sampler: str = ""
+    sampler: str = ""  # the replica that samples it; empty: none yet, and it is not scheduled
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
@@ -114,7 +114,7 @@ class Scheduler:
             return None
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
-        ready = [s for s in self.seqs.values() if s.status == Status.READY]
+        ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler]
         share = -(-(len(ready) + sum(len(v) for v in self.in_flight.values())) // self.max_in_flight)
         for seq in ready[: min(share, self.max_num_seqs)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
@@ -122,7 +122,7 @@ class Scheduler:
                 self._take(seq, step)
         while self.swapped and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.swapped[0]]
-            if not self.blocks.can_allocate(self._swapped_blocks[seq.request_id] + 1):
+            if not seq.sampler or not self.blocks.can_allocate(self._swapped_blocks[seq.request_id] + 1):
                 break
             self.swapped.popleft()
             seq.block_table = self.blocks.allocate(self._swapped_blocks[seq.request_id])
@@ -134,7 +134,7 @@ class Scheduler:
         while self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
             num_new = len(seq.token_ids) - seq.num_computed_tokens
-            if num_new > budget and step.sequences:
+            if (num_new > budget and step.sequences) or not seq.sampler:
                 break
             if not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
                 break
@@ -163,6 +163,20 @@ class Scheduler:
                 seq.output_ids.append(tokens[rid])
                 committed.append(seq)
         return committed
+
+    def retry(self, step_id: int, request_ids: list[str]) -> None:
+        """These sequences' rows of an in-flight step were lost (their sampler went away): they
+        leave the step and run the same tokens again in a later one. Rewriting the same KV
+        positions with the same values is harmless, so nothing on the stages is undone."""
+        in_flight = self.in_flight.get(step_id, [])
+        for rid in request_ids:
+            in_flight.remove(rid)
+            seq = self.seqs[rid]
+            if seq.num_computed_tokens == 0:  # a prefill: it queues again, first in line
+                seq.status = Status.WAITING
+                self.waiting.appendleft(rid)
+            else:
+                seq.status = Status.READY
 
     def fail_step(self, step_id: int) -> list[str]:
         """A step was lost; its sequences are returned for the caller to finish."""

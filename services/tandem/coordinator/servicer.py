@@ -11,6 +11,7 @@ import grpc
 import torch
 
 from tandem import __version__
+from tandem.coordinator import discovery
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine
 from tandem.coordinator.requests import Output, Request
@@ -83,9 +84,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             info.stages.add(index=i, address=self.engine.stage_addresses[i], layer_start=s.layer_start,
                             layer_end=s.layer_end, kv_blocks_used=s.kv_blocks_used)
             info.dtype, info.device = s.dtype, s.device
-        for address, stub in self.engine.sampler_stubs.items():
-            s = stub.GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(), timeout=5)
-            info.samplers.add(address=address, num_sequences=s.num_sequences)
+        for replica in [r for r in list(self.engine.replicas.values()) if r.up]:
+            try:
+                s = replica.stub.GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(), timeout=5)
+            except grpc.RpcError:  # it went away since; the engine is moving its sequences
+                continue
+            info.samplers.add(address=replica.address, num_sequences=s.num_sequences)
         if self.engine.kv_store is not None:
             kv = self.engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=5)
             info.kv_store_blocks_used = kv.used_bytes // self.block_bytes
@@ -173,15 +177,16 @@ def serve(config: CoordinatorConfig) -> Server:
     tokenizer = Tokenizer.from_dir(config.model)
     for address in config.stages:
         wait_ready(address, "tandem.v1.StageWorker")
-    for address in config.samplers:
-        wait_ready(address, "tandem.v1.CpuSampler")
+    if config.sampler_discovery == "static":
+        for address in config.samplers:
+            wait_ready(address, "tandem.v1.CpuSampler")
     if config.kv_store:
         wait_ready(config.kv_store, "tandem.v1.KvStore")
     block_bytes, num_host_blocks = _kv_figures(config, model)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks)
-    engine = Engine(scheduler, list(config.stages), list(config.samplers), config.kv_store, config.max_queue,
-                    config.step_timeout_s)
+    engine = Engine(scheduler, list(config.stages), discovery.from_config(config), config.kv_store,
+                    config.max_queue, config.step_timeout_s)
     engine.start()
     server = Server(config.host, config.port, config.max_workers)
     server.add(pb_grpc.add_CoordinatorServicer_to_server,

@@ -1,0 +1,75 @@
+"""The coordinator's pure scheduler: token safety, sampler-less sequences, lost rows, preemption."""
+
+from __future__ import annotations
+
+from tandem.coordinator.scheduler import Scheduler, Sequence, Status
+
+
+def scheduler(**options) -> Scheduler:
+    args = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=3)
+    return Scheduler(**{**args, **options})
+
+
+def seq(rid: str, prompt_len: int = 5, sampler: str = "s0") -> Sequence:
+    return Sequence(rid, list(range(1, prompt_len + 1)), max_tokens=100, sampler=sampler)
+
+
+def test_a_sequence_is_in_one_step_at_a_time_and_decodes_after_its_commit():
+    s = scheduler()
+    s.add(seq("a"))
+    first = s.schedule()
+    assert [x.input_ids for x in first.sequences] == [[1, 2, 3, 4, 5]]
+    assert s.schedule() is None  # a's token is not committed yet: it cannot run again
+    s.complete(first.step_id, {"a": 42})
+    second = s.schedule()
+    assert [(x.input_ids, x.num_computed_tokens, x.sample_index) for x in second.sequences] == [([42], 5, 1)]
+
+
+def test_a_sequence_without_a_sampler_waits():
+    s = scheduler()
+    s.add(seq("a", sampler=""))
+    assert s.schedule() is None
+    s.seqs["a"].sampler = "s1"
+    assert [x.sampler for x in s.schedule().sequences] == ["s1"]
+
+
+def test_retried_rows_run_the_same_tokens_again():
+    s = scheduler(max_in_flight=1)
+    s.add(seq("a"))
+    s.add(seq("b"))
+    prefill = s.schedule()
+    s.complete(prefill.step_id, {"a": 7, "b": 8})
+    decode = s.schedule()
+    assert sorted(x.request_id for x in decode.sequences) == ["a", "b"]
+    s.retry(decode.step_id, ["b"])  # b's sampler went away before answering
+    s.max_in_flight = 2
+    again = s.schedule()
+    assert [(x.request_id, x.input_ids, x.sample_index, x.block_table) for x in again.sequences] == [
+        ("b", [8], 1, [x for x in decode.sequences if x.request_id == "b"][0].block_table)]
+    assert s.complete(decode.step_id, {"a": 9})[0].output_ids == [7, 9]
+    assert s.complete(again.step_id, {"b": 10})[0].output_ids == [8, 10]
+
+
+def test_a_retried_prefill_queues_again_first_and_keeps_its_blocks():
+    s = scheduler()
+    s.add(seq("a", prompt_len=6))
+    step = s.schedule()
+    blocks = list(s.seqs["a"].block_table)
+    s.add(seq("b"))
+    s.retry(step.step_id, ["a"])
+    assert s.seqs["a"].status == Status.WAITING
+    again = s.schedule()
+    assert [x.request_id for x in again.sequences] == ["a", "b"]
+    assert again.sequences[0].input_ids == [1, 2, 3, 4, 5, 6] and again.sequences[0].block_table == blocks
+    assert s.blocks.num_free == 64 - 2 - 2
+
+
+def test_preemption_swaps_when_the_host_has_room_else_recomputes():
+    s = scheduler(num_blocks=4, num_host_blocks=2)
+    s.add(seq("a", prompt_len=8))  # 2 blocks
+    s.add(seq("b", prompt_len=8))  # 2 blocks
+    step = s.schedule()
+    s.complete(step.step_id, {"a": 1, "b": 2})
+    grown = s.schedule()  # a needs a third block: b (the newest idle) is swapped out
+    assert grown.swap_out == [("b", [2, 3])] and s.seqs["b"].status == Status.SWAPPED
+    assert s.num_preemptions == 1
