@@ -130,6 +130,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    """Measure throughput and latency; see tandem.bench."""
+    from tandem.bench.command import run
+
+    return run(args, str(bundled_model_dir()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tandem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     gen.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
     gen.set_defaults(func=_generate)
+
+    import tandem.bench
+    from tandem.bench.command import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure throughput and latency on a synthetic or recorded workload",
+                           description=tandem.bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_bench)
     return parser
 
 

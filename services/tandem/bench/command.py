@@ -1,0 +1,301 @@
+"""The `tandem bench` command: its options, and the order in which runs happen.
+
+Each run is measured first and printed after (report.py), so that the JSON, the text and the
+plot all show the same numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+from tandem.bench.workload import (
+    Workload,
+    build_workload,
+    check_fits,
+    parse_length,
+    read_dataset,
+    synthetic_entries,
+)
+
+TRANSFORMERS = "transformers"
+DEFAULT_NUM_REQUESTS = 32
+
+
+def _length(text: str):
+    try:
+        return parse_length(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def convert(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return convert
+
+
+def _addresses(text: str) -> list[str]:
+    return [a.strip() for a in text.split(",") if a.strip()]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `tandem bench` (see tandem.bench for what it measures)."""
+    where = p.add_argument_group("what to measure")
+    where.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")
+    where.add_argument("--preset", default="full", help="technique preset of the deployment started (default: full)")
+    where.add_argument("--compare", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
+                       help="comma-separated runs on the same workload, each in turn: preset names and/or "
+                            f"'{TRANSFORMERS}' (Hugging Face generate), e.g. baseline,full,{TRANSFORMERS}")
+    where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
+    where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
+    where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
+    where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
+    where.add_argument("--log-dir", help="where the started services write their logs, one folder per preset "
+                                         "(default: a temporary folder)")
+    where.add_argument("--endpoint", help="HOST:PORT of a running deployment to measure instead of starting one")
+    where.add_argument("--stage-addresses", type=_addresses, default=[],
+                       help="with --endpoint: comma-separated stage addresses, stage 0 first, for stage figures")
+    where.add_argument("--sampler-addresses", type=_addresses, default=[],
+                       help="with --endpoint: comma-separated sampler addresses, for sampler figures")
+    where.add_argument("--hf-batch-size", type=_positive(int), default=16,
+                       help=f"requests per static batch of the '{TRANSFORMERS}' run (default: 16)")
+
+    load = p.add_argument_group("workload")
+    load.add_argument("--num-requests", type=_positive(int),
+                      help=f"requests measured (default: {DEFAULT_NUM_REQUESTS}, or every line of --dataset)")
+    load.add_argument("--prompt-len", type=_length, default=parse_length("uniform:32,128"),
+                      help="prompt length distribution: N, fixed:N, uniform:LO,HI or lognormal:MEAN,SIGMA[,MAX] "
+                           "(default: uniform:32,128)")
+    load.add_argument("--output-len", type=_length, default=parse_length("uniform:32,128"),
+                      help="output length distribution, as --prompt-len (default: uniform:32,128)")
+    load.add_argument("--dataset", help="JSONL trace, one {\"prompt_len\": N, \"output_len\": M[, \"prompt\": "
+                                        "TEXT]} per line, instead of --prompt-len/--output-len")
+    load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts, arrivals and sampling")
+    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
+    load.add_argument("--request-rate", type=_positive(float), default=math.inf,
+                      help="Poisson arrivals per second (default: inf, every request at once)")
+    load.add_argument("--max-concurrency", type=_positive(int), help="most requests in flight (default: no limit; a coordinator refuses requests "
+                           "beyond its queue, 256 waiting by default)")
+    load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per run (default: 2)")
+    load.add_argument("--timeout", type=_positive(float), help="seconds a request may take (default: no limit)")
+
+    out = p.add_argument_group("output")
+    out.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
+    out.add_argument("--plot", metavar="PATH.png", help="draw throughput and latency side by side to this PNG")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a run measures and how to describe it."""
+
+    name: str
+    kind: str  # "tandem" (a started deployment), "endpoint" or "transformers"
+    description: str
+
+
+def plan_targets(args: argparse.Namespace, presets: Sequence[str]) -> list[Target]:
+    """The runs the options ask for, in order; ValueError if they contradict each other."""
+    if args.endpoint:
+        if args.compare:
+            raise ValueError("--compare starts its own deployments; it cannot be combined with --endpoint")
+        return [Target("endpoint", "endpoint", f"the deployment at {args.endpoint}")]
+    if args.stage_addresses or args.sampler_addresses:
+        raise ValueError("--stage-addresses and --sampler-addresses go with --endpoint")
+    names = args.compare or [args.preset]
+    if len(set(names)) != len(names):
+        raise ValueError(f"--compare lists a run twice: {','.join(names)}")
+    targets = []
+    samplers = f"{args.samplers} sampler{'s' if args.samplers > 1 else ''}"
+    for name in names:
+        if name == TRANSFORMERS:
+            targets.append(Target(name, TRANSFORMERS, f"transformers generate, static batches of up to "
+                                                      f"{args.hf_batch_size}, {args.device}"))
+        elif name in presets:
+            targets.append(Target(name, "tandem", f"tandem preset {name}: {args.stages} stages, {samplers}, "
+                                                  f"{args.device}"))
+        else:
+            raise ValueError(f"unknown run {name!r}: choose presets ({', '.join(presets)}) or {TRANSFORMERS}")
+    return targets
+
+
+def check_extras(targets: Sequence[Target], args: argparse.Namespace) -> None:
+    """ValueError if a package of the `bench` extra that the options need is not installed."""
+    needed = [pkg for pkg, wanted in (("transformers", any(t.kind == TRANSFORMERS for t in targets)),
+                                      ("matplotlib", bool(args.plot))) if wanted]
+    missing = [pkg for pkg in needed if importlib.util.find_spec(pkg) is None]
+    if missing:
+        raise ValueError(f"{' and '.join(missing)} not installed; pip install 'tandem[bench]'")
+
+
+def machine_info() -> dict:
+    """Where the numbers were taken; the bound uses num_cores."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+
+    def version(package: str) -> str | None:
+        try:
+            return metadata.version(package)
+        except metadata.PackageNotFoundError:
+            return None
+
+    return {"num_cores": cores, "cpu_count": os.cpu_count(), "cpu_model": model, "platform": platform.platform(),
+            "python": platform.python_version(), "torch": version("torch"),
+            "transformers": version("transformers"), "tandem": version("tandem")}
+
+
+def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[[str], list[int]]) -> Workload:
+    if args.dataset:
+        entries = read_dataset(args.dataset)[:args.num_requests]
+        description = {"dataset": str(args.dataset)}
+    else:
+        entries = synthetic_entries(args.num_requests or DEFAULT_NUM_REQUESTS, args.prompt_len, args.output_len,
+                                    args.seed)
+        description = {"prompt_len": args.prompt_len.spec(), "output_len": args.output_len.spec()}
+    description.update(temperature=args.temperature, max_concurrency=args.max_concurrency)
+    return build_workload(entries, vocab_size, args.seed, num_warmup=max(0, args.warmup),
+                          request_rate=args.request_rate, tokenize=tokenize, description=description)
+
+
+def _log(message: str) -> None:
+    print(f"# {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def deployment(args: argparse.Namespace, model: str, preset: str):
+    """A deployment of `preset` started for one run and stopped, every process of it, after."""
+    from tandem.launcher import Launcher
+
+    log_dir = None
+    if args.log_dir:  # one folder per preset: services of the same name would overwrite each other's logs
+        log_dir = Path(args.log_dir) / preset
+        log_dir.mkdir(parents=True, exist_ok=True)
+    launcher = Launcher(log_dir=log_dir)
+    try:
+        endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
+                               device=args.device, preset=preset)
+        _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
+        yield endpoint, launcher.stages, launcher.samplers
+    finally:
+        launcher.stop()
+
+
+def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload):
+    from tandem.bench.metrics import ServiceProbe
+    from tandem.bench.runner import SendOptions, measure_endpoint
+
+    options = SendOptions(args.temperature, args.seed, args.max_concurrency, args.timeout)
+    if target.kind == TRANSFORMERS:
+        from tandem.bench.hf import measure_transformers
+
+        if args.request_rate != math.inf or args.max_concurrency:
+            _log(f"{TRANSFORMERS}: runs offline; --request-rate and --max-concurrency do not apply to it")
+        return measure_transformers(model, workload.requests, workload.warmup, temperature=args.temperature,
+                                    seed=args.seed, device=args.device, batch_size=args.hf_batch_size)
+    if target.kind == "endpoint":  # service figures only for the services whose addresses were given
+        addresses = (args.stage_addresses, args.sampler_addresses)
+        with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
+            return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, target.name)
+    with deployment(args, model, target.name) as (endpoint, stages, samplers), ServiceProbe(stages, samplers) as probe:
+        return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name)
+
+
+def model_facts(args: argparse.Namespace, model: str | None) -> tuple[int, int, Callable[[str], list[int]]]:
+    """Vocabulary size, longest prompt + output, and a tokenizer for trace prompts."""
+    if model is None:  # --endpoint without --model: ask the deployment
+        from tandem.client import TandemClient
+
+        with TandemClient(args.endpoint, timeout_s=30) as client:
+            info = client.server_info()
+
+        def tokenize(text: str) -> list[int]:
+            with TandemClient(args.endpoint, timeout_s=30) as c:
+                return c.tokenize(text, add_special_tokens=False)
+        return info.vocab_size, info.max_model_len, tokenize
+    from tandem.core.model_config import ModelConfig
+    from tandem.core.tokenizer import Tokenizer
+
+    config = ModelConfig.from_dir(model)
+    tokenizer = functools.cache(lambda: Tokenizer.from_dir(model))  # only traces with prompt text need it
+    return config.vocab_size, config.max_position_embeddings, \
+        lambda text: tokenizer().encode(text, add_special_tokens=False)
+
+
+def run(args: argparse.Namespace, bundled_model: str) -> int:
+    """Measure every run the options ask for, print the report, write --json and --plot."""
+    import grpc
+
+    from tandem.bench import report
+    from tandem.client import ClientError
+    from tandem.presets import PRESETS
+
+    try:  # everything that can be wrong with the options, found before anything starts
+        targets = plan_targets(args, list(PRESETS))
+        check_extras(targets, args)
+        model = args.model or (None if args.endpoint else bundled_model)
+        vocab_size, max_len, tokenize = model_facts(args, model)
+        workload = make_workload(args, vocab_size, tokenize)
+        check_fits(workload, max_len)
+    except (ValueError, OSError, ClientError) as e:  # DatasetError is a ValueError; messages name the cause
+        print(f"tandem bench: {e}", file=sys.stderr)
+        return 2
+    machine = machine_info()
+    w = workload.description
+    _log(f"workload: {w['num_requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output "
+         f"tokens, {w['num_warmup']} warm-up; {machine['num_cores']} cores")
+
+    runs = []
+    for target in targets:
+        _log(f"{target.name}: {target.description}")
+        try:
+            m = measure(target, args, model, workload)
+        except (RuntimeError, ClientError, grpc.RpcError) as e:  # a service failed to start or to answer
+            print(f"tandem bench: {target.name}: {e}", file=sys.stderr)
+            return 1
+        figures = report.run_figures(target.name, m, machine["num_cores"], kind=target.kind,
+                                     description=target.description)
+        runs.append(figures)
+        print(report.format_run(figures), flush=True)
+        print()
+    ratios = report.compare(runs)
+    print(report.format_comparison(runs, ratios))
+
+    if args.json:
+        document = {"runs": runs, "ratios": ratios, "workload": workload.description, "machine": machine,
+                    "command": "tandem " + shlex.join(sys.argv[1:]),
+                    "options": {k: (v.spec() if hasattr(v, "spec") else v) for k, v in vars(args).items()
+                                if k != "func" and not (isinstance(v, float) and math.isinf(v))}}
+        Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
+        _log(f"figures written to {args.json}")
+    if args.plot:
+        from tandem.bench.plot import plot_runs
+
+        plot_runs(runs, args.plot)
+        _log(f"plot written to {args.plot}")
+    failed = sum(r["num_failed"] for r in runs)
+    if failed:
+        print(f"tandem bench: {failed} requests failed", file=sys.stderr)
+    return 1 if failed else 0

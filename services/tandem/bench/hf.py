@@ -1,0 +1,111 @@
+"""The same workload through Hugging Face transformers' `generate`, in this process.
+
+This is what serving the checkpoint without Tandem looks like: static batches. Requests are
+sorted by output length (longest first) and cut into batches of `batch_size`, so that a batch
+holds requests of similar length. Each batch is left-padded with an attention mask and
+generated with max_new_tokens equal to its longest request; a request counts only the tokens
+it asked for, so the steps its shorter neighbours wait out are the real cost of static batching.
+
+The run is offline: every request arrives at the start, so a request in a later batch has the
+earlier batches in its time to first token, as it would queued behind them on a server.
+Arrival times and `max_concurrency` do not apply. Token times come from a streamer that
+timestamps every decoding step.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Sequence
+
+from tandem.bench.runner import Measurement, RequestRecord
+from tandem.bench.workload import Request
+
+
+def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+    """Requests sorted by output then prompt length, longest first, in batches of `batch_size`."""
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    ordered = sorted(requests, key=lambda r: (r.output_len, r.prompt_len), reverse=True)
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+class StepClock:
+    """A transformers streamer that records when each decoding step's tokens came out.
+
+    transformers calls `put` once with the prompt, then once per step with that step's tokens;
+    times[k] is therefore when output token k (1-based) of every row was ready.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def load_model(model_dir: str, device: str):
+    """The checkpoint in the dtype Tandem's stages would use on `device` (float32 on CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from tandem.core.model import resolve_dtype
+    from tandem.core.model_config import ModelConfig
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    dtype = resolve_dtype("auto", ModelConfig.from_dir(model_dir), torch.device(device))
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def measure_transformers(model_dir: str, requests: Sequence[Request], warmup: Sequence[Request], *,
+                         temperature: float = 0.0, seed: int = 0, device: str = "cpu", batch_size: int = 16,
+                         label: str = "transformers") -> Measurement:
+    import torch
+    from tqdm import tqdm
+
+    model = load_model(model_dir, device)
+    pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    torch.manual_seed(seed)
+    if warmup:
+        _generate(model, list(warmup), pad_id, temperature, device)
+    records = {r.index: RequestRecord(r.index, r.prompt_len, r.output_len) for r in requests}
+    bar = tqdm(total=len(requests), desc=label, unit="req", file=sys.stderr, dynamic_ncols=True, leave=False)
+    start = time.perf_counter()
+    for batch in plan_batches(requests, batch_size):
+        generated, times = _generate(model, batch, pad_id, temperature, device)
+        for row, request in enumerate(batch):
+            record = records[request.index]
+            record.output_tokens = min(request.output_len, generated)
+            record.first_token_s = times[1] - start
+            record.done_s = times[record.output_tokens] - start
+        bar.update(len(batch))
+    wall_s = time.perf_counter() - start
+    bar.close()
+    return Measurement([records[r.index] for r in requests], wall_s)
+
+
+def _generate(model, batch: Sequence[Request], pad_id: int, temperature: float, device: str
+              ) -> tuple[int, list[float]]:
+    """Generate one left-padded batch; return the number of new tokens and the step times."""
+    import torch
+
+    width = max(r.prompt_len for r in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, r in enumerate(batch):
+        ids[row, width - r.prompt_len:] = torch.tensor(r.prompt_ids)
+        mask[row, width - r.prompt_len:] = 1
+    greedy = {"do_sample": False}
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0} if temperature > 0 \
+        else greedy
+    clock = StepClock()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                             max_new_tokens=max(r.output_len for r in batch), eos_token_id=None,
+                             pad_token_id=pad_id, streamer=clock, **sampling)
+    return out.shape[1] - width, clock.times

@@ -1,0 +1,108 @@
+"""Sending a workload to a Tandem endpoint and timing every request from the client's side.
+
+Requests go out at their arrival times (all at once for an offline run), at most
+`max_concurrency` at a time; each one is streamed so that the first token's arrival is seen.
+Time to first token counts from the moment a request is sent, so waiting for a
+`max_concurrency` slot is not part of it (as in vLLM's serving benchmark).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tandem.bench.metrics import Counters, ServiceProbe
+from tandem.bench.workload import Request
+
+
+@dataclass
+class RequestRecord:
+    """What one request did; times in seconds from the start of the measured run."""
+
+    index: int
+    prompt_len: int
+    output_len: int  # asked for
+    sent_s: float = 0.0
+    first_token_s: float | None = None
+    done_s: float | None = None
+    output_tokens: int = 0  # received
+    error: str | None = None
+
+
+@dataclass
+class Measurement:
+    """A measured run: per-request records, its wall time and, when known, the services' counters."""
+
+    records: list[RequestRecord]
+    wall_s: float
+    counters: Counters | None = None  # deltas over the run
+    stage_addresses: tuple[str, ...] = ()
+    sampler_addresses: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SendOptions:
+    temperature: float = 0.0
+    seed: int = 0
+    max_concurrency: int | None = None
+    timeout_s: float | None = None
+
+
+def measure_endpoint(endpoint: str, requests: Sequence[Request], warmup: Sequence[Request], options: SendOptions,
+                     probe: ServiceProbe | None = None, label: str = "") -> Measurement:
+    """Run the warm-up, read the counters, run the measured requests, read the counters again."""
+    if warmup:
+        asyncio.run(send_all(endpoint, warmup, options, progress=False))
+    before = probe.read() if probe else None
+    records, wall_s = asyncio.run(send_all(endpoint, requests, options, progress=True, label=label))
+    after = probe.read() if probe else None
+    return Measurement(records, wall_s, after.minus(before) if probe else None,
+                       tuple(probe.stage_addresses) if probe else (), tuple(probe.sampler_addresses) if probe else ())
+
+
+async def send_all(endpoint: str, requests: Sequence[Request], options: SendOptions, progress: bool = False,
+                   label: str = "") -> tuple[list[RequestRecord], float]:
+    """Send every request at its arrival time; return the records and the run's wall time."""
+    from tqdm import tqdm
+
+    from tandem.client import AsyncTandemClient
+
+    slots = asyncio.Semaphore(options.max_concurrency or len(requests) or 1)
+    bar = tqdm(total=len(requests), desc=label or "requests", unit="req", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True, leave=False)
+    async with AsyncTandemClient(endpoint, timeout_s=options.timeout_s) as client:
+        start = time.perf_counter()
+        tasks = [asyncio.create_task(_send_one(client, r, options, slots, start)) for r in requests]
+        for task in asyncio.as_completed(tasks):
+            await task
+            bar.update(1)
+        wall_s = time.perf_counter() - start
+    bar.close()
+    return [t.result() for t in tasks], wall_s
+
+
+async def _send_one(client, request: Request, options: SendOptions, slots: asyncio.Semaphore,
+                    start: float) -> RequestRecord:
+    from tandem.client import ClientError
+
+    record = RequestRecord(request.index, request.prompt_len, request.output_len)
+    await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+    async with slots:
+        record.sent_s = time.perf_counter() - start
+        stream = client.generate_stream(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
+                                        ignore_eos=True, temperature=options.temperature,
+                                        seed=options.seed + max(request.index, 0))
+        try:
+            async for chunk in stream:
+                if chunk.token_ids and record.first_token_s is None:
+                    record.first_token_s = time.perf_counter() - start
+                record.output_tokens += len(chunk.token_ids)
+        except ClientError as e:
+            record.error = str(e)
+        finally:
+            stream.close()
+        record.done_s = time.perf_counter() - start
+    return record
