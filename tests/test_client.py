@@ -243,6 +243,33 @@ def test_unary_calls_and_api_key(fake) -> None:
     assert servicer.metadata[0]["authorization"] == "Bearer sekret"
 
 
+def test_a_server_with_an_api_key_refuses_calls_without_it() -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tandem.client.errors import UnauthenticatedError
+    from tandem.core.server import Server
+
+    server = Server("127.0.0.1", 0, max_workers=4, api_key="sekret")
+    server.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, FakeCoordinator(), ["tandem.v1.Coordinator"])
+    server.start()
+    server.set_ready()
+    try:
+        with TandemClient(server.address, timeout_s=WAIT_S, api_key="sekret") as client:
+            assert client.tokenize("hi") == [1, ord("h"), ord("i")]
+            assert len([c.token_ids for c in client.generate_stream("x", max_tokens=2)]) == 2
+        for key in (None, "wrong"):
+            with TandemClient(server.address, timeout_s=WAIT_S, api_key=key) as client:
+                with pytest.raises(UnauthenticatedError, match="API key"):
+                    client.tokenize("hi")
+                with pytest.raises(UnauthenticatedError, match="API key"):
+                    list(client.generate_stream("x", max_tokens=2))
+        with grpc.insecure_channel(server.address) as channel:  # probes carry no key
+            check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
+            assert check.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        server.stop(0)
+
+
 def test_arguments_are_checked_before_sending(fake) -> None:
     servicer, endpoint = fake
     with TandemClient(endpoint) as client:

@@ -32,6 +32,9 @@ class CoordinatorConfig:
     max_model_len: int = doc("longest prompt plus output in tokens; 0 means the model's max positions", 0)
     step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
     max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
+    api_key_env: str = doc(
+        "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
+        "the variable unset or empty: no key is asked for", "TANDEM_API_KEY")
 
     def validate(self) -> None:
         if not self.model:

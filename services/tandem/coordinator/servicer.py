@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import secrets
 import uuid
@@ -188,7 +189,7 @@ def serve(config: CoordinatorConfig) -> Server:
     engine = Engine(scheduler, list(config.stages), discovery.from_config(config), config.kv_store,
                     config.max_queue, config.step_timeout_s)
     engine.start()
-    server = Server(config.host, config.port, config.max_workers)
+    server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
                CoordinatorServicer(config, engine, tokenizer, model, block_bytes), [SERVICE_NAME])
     server.on_stop(engine.stop)

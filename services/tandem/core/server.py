@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import Callable, Iterable
 from concurrent import futures
@@ -94,16 +95,41 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+class ApiKeyInterceptor(grpc.ServerInterceptor):
+    """Every call but health checks and reflection must carry `authorization: Bearer KEY`."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+    def __init__(self, api_key: str):
+        self._expected = f"Bearer {api_key}".encode()
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None or handler_call_details.method.startswith(self.OPEN_PREFIXES):
+            return handler
+        sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(sent.encode(), self._expected):
+            return handler
+
+        def deny(request, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or wrong API key: send the metadata 'authorization: Bearer <key>'")
+
+        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+        return handler._replace(**{kind: deny})
+
+
 class Server:
     """A gRPC server with health (liveness "" and readiness per service) and reflection.
 
-    Services start NOT_SERVING; call `set_ready()` once the model or state is ready.
+    Services start NOT_SERVING; call `set_ready()` once the model or state is ready. With an
+    `api_key`, calls other than health and reflection must present it as a bearer token.
     """
 
-    def __init__(self, host: str, port: int, max_workers: int = 32):
+    def __init__(self, host: str, port: int, max_workers: int = 32, api_key: str = ""):
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[ErrorInterceptor()],
+            interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), ErrorInterceptor()],
             options=CHANNEL_OPTIONS,
         )
         self.health = health.HealthServicer()
