@@ -14,9 +14,12 @@ import random
 import pytest
 import torch
 
-from tandem.core.errors import InvalidArgumentError
+from tandem.core.config import load_config
+from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.fast_sampling import FastSampler, PenaltyHistory
 from tandem.core.sampling import SamplingOptions, SequenceState, sample, truncated_probs
+from tandem.cpu_sampler.config import SamplerConfig
+from tandem.cpu_sampler.engine import SamplerEngine
 from tandem.v1 import common_pb2
 
 LIMIT = 1000
@@ -273,3 +276,31 @@ def test_bad_thread_and_chunk_counts_are_rejected():
         FastSampler(num_threads=0)
     with pytest.raises(InvalidArgumentError, match="chunk_rows=0"):
         FastSampler(chunk_rows=0)
+
+
+def test_engine_gives_the_same_frames_with_either_sampler():
+    vocab = 600
+    rng = random.Random(11)
+    rows = [random_row(rng, vocab) for _ in range(8)]
+    engines = [SamplerEngine(vocab, fast_sampler=False), SamplerEngine(vocab, fast_sampler=True, num_threads=2)]
+    assert [e.fast_sampler for e in engines] == [False, True]
+    for engine in engines:
+        engine.add([make_state(vocab, f"r{i}", **row) for i, row in enumerate(rows)])
+    ids = [f"r{i}" for i in range(8)] + ["gone"]
+    for step in range(4):
+        logits = random_logits(rng, 9, vocab)
+        logits[3, 7] = math.nan  # skipped, and named in the error
+        indices = [step] * 9
+        a, b = (engine.sample_frame(ids, indices, logits) for engine in engines)
+        assert (a.rows, a.error) == (b.rows, b.error)
+        assert "row 3" in a.error and "'gone'" in a.error
+    for engine in engines:
+        engine.close()
+
+
+def test_config_switch_defaults_and_validation():
+    config = SamplerConfig()
+    assert config.fast_sampler is True and config.num_threads == 1
+    assert SamplerEngine.from_config(load_config(SamplerConfig, {"fast_sampler": False})).fast_sampler is False
+    with pytest.raises(ConfigError, match="num_threads"):
+        load_config(SamplerConfig, {"num_threads": 0})
