@@ -64,7 +64,7 @@ from tandem.core.sampling import (
 from tandem.v1 import common_pb2
 
 BLOCK = 64  # tokens per block whose maximum bounds them in the cheap first candidate rounds
-BLOCK_ROUNDS = (4, 16)  # blocks gathered per row, round by round
+BLOCK_ROUNDS = (16,)  # blocks gathered per row, round by round (one round proves as many rows as 4 then 16)
 HISTOGRAM_SLACK = (1e-4, 1e-2)  # then every token above a threshold of mass top_p + margin + slack
 MASS_MARGIN = 1e-6  # a candidate set this far above top_p provably holds the whole kept set
 CHUNK_ROWS = 64  # rows sampled together; bounds the reused buffers to CHUNK_ROWS x vocab
@@ -360,7 +360,8 @@ class FastSampler:
         for size in self.block_rounds:
             if block_max is None:
                 block_max = _block_max(probs, self.block)  # [n, blocks]
-            if not pending or size >= block_max.shape[1]:
+            size = min(size, block_max.shape[1] - 1)  # one block must be left out to bound the rest
+            if not pending or size < 1:
                 break
             ids, values = _block_candidates(probs, block_max, pending, size, self.block)
             pending = self._prove(kept, pending, ids, values, top_p_t, "block")
