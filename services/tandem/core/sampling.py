@@ -193,8 +193,12 @@ class SequenceState:
         self._checked_vocab_size = vocab_size
 
 
-def check_row(logits: torch.Tensor, state: SequenceState, sample_index: int) -> None:
-    """Raise InvalidArgumentError if this row [vocab] cannot be sampled for `state`."""
+def check_row(logits: torch.Tensor, state: SequenceState, sample_index: int,
+              top: float | None = None) -> None:
+    """Raise InvalidArgumentError if this row [vocab] cannot be sampled for `state`.
+
+    `top` is the row's max when the caller already has it (one amax over a whole frame is
+    far cheaper than a max per row); it must be NaN when the row holds a NaN."""
     if sample_index < 0:
         raise InvalidArgumentError(f"request {state.request_id!r}: sample index {sample_index} is negative")
     if sample_index > state.num_outputs:
@@ -204,7 +208,7 @@ def check_row(logits: torch.Tensor, state: SequenceState, sample_index: int) -> 
     if logits.dim() != 1 or logits.numel() == 0:
         raise InvalidArgumentError(f"a logits row must be [vocab] with vocab > 0, got {list(logits.shape)}")
     state.check_vocab(logits.shape[-1])
-    top = float(logits.max())  # NaN if any is NaN
+    top = float(logits.max()) if top is None else top  # NaN if any is NaN
     if math.isnan(top) or top == math.inf:
         raise InvalidArgumentError(f"request {state.request_id!r}: logits hold NaN or +inf")
     masked = top == -math.inf

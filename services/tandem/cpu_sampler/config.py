@@ -27,6 +27,12 @@ class SamplerConfig:
     max_queued_batches: int = doc(
         "Sampled batches queued per Results subscriber; one that falls further behind is "
         "dropped with RESOURCE_EXHAUSTED.", 4096)
+    fast_sampler: bool = doc(
+        "Sample with FastSampler (the same tokens and logprobs as the reference sampler, bit "
+        "for bit, many times faster); false uses the straightforward reference sampler.", True)
+    num_threads: int = doc(
+        "Threads FastSampler spreads a frame's rows over (torch ops release the GIL); 1 samples "
+        "on the calling thread. Results do not depend on it.", 1)
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range field."""
@@ -37,6 +43,7 @@ class SamplerConfig:
             ("max_tokens_limit", 1 <= self.max_tokens_limit < MAX_TOKEN_ID_BOUND,
              "must be in [1, 2^31)"),
             ("max_queued_batches", self.max_queued_batches >= 1, "must be >= 1"),
+            ("num_threads", 1 <= self.num_threads <= 256, "must be in [1, 256]"),
         ]
         for name, ok, rule in checks:
             if not ok:

@@ -15,7 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from tandem.core.errors import InvalidArgumentError
+from tandem.core.fast_sampling import FastSampler
 from tandem.core.sampling import SequenceState, check_row, sample
+from tandem.cpu_sampler.config import SamplerConfig
 from tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -46,15 +48,32 @@ class SamplerEngine:
     """Holds SequenceStates by request id and samples frames of logits rows for them.
 
     `vocab_size` 0 means unknown: the first frame's width sets it, and the token ids of
-    sequences added before then are checked against it at their first row.
+    sequences added before then are checked against it at their first row. `fast_sampler`
+    picks FastSampler (same tokens and logprobs, much faster) over the reference `sample`;
+    `num_threads` is the FastSampler's thread count.
     """
 
-    def __init__(self, vocab_size: int = 0):
+    def __init__(self, vocab_size: int = 0, fast_sampler: bool = True, num_threads: int = 1):
         self._lock = threading.Lock()
         self._sequences: dict[str, SequenceState] = {}
         self._vocab_size = vocab_size
+        self._fast = FastSampler(num_threads) if fast_sampler else None
         self.num_frames_total = 0
         self.num_rows_total = 0
+
+    @classmethod
+    def from_config(cls, config: SamplerConfig) -> SamplerEngine:
+        return cls(config.vocab_size, fast_sampler=config.fast_sampler, num_threads=config.num_threads)
+
+    @property
+    def fast_sampler(self) -> bool:
+        """Whether frames go through FastSampler rather than the reference sampler."""
+        return self._fast is not None
+
+    def close(self) -> None:
+        """Stop the sampler's worker threads, if it has any."""
+        if self._fast:
+            self._fast.close()
 
     @property
     def vocab_size(self) -> int:
@@ -100,6 +119,7 @@ class SamplerEngine:
                 f"and {len(sample_indices)} sample indices")
         with self._lock:
             self._check_width(width)
+            tops = logits.amax(dim=1).tolist()  # each row's max (NaN if it holds one), in one pass
             rows, states, indices, problems = [], [], [], []
             for row, (request_id, index) in enumerate(zip(request_ids, sample_indices)):
                 state = self._sequences.get(request_id)
@@ -108,7 +128,7 @@ class SamplerEngine:
                     problems.append(f"row {row}: unknown request {request_id!r}")
                     continue
                 try:
-                    check_row(logits[row], state, index)
+                    check_row(logits[row], state, index, tops[row])
                 except InvalidArgumentError as e:
                     log.warning("skipping row %d: %s", row, e)
                     problems.append(f"row {row}: {e}")
@@ -117,7 +137,10 @@ class SamplerEngine:
                 states.append(state)
                 indices.append(index)
             picked = logits[rows] if len(rows) < num_rows else logits  # [sampled rows, vocab]
-            results = sample(picked, states, indices)
+            if self._fast:
+                results = self._fast.sample(picked, states, indices, checked=True)
+            else:
+                results = sample(picked, states, indices)
             self.num_frames_total += 1
             self.num_rows_total += len(rows)
         sampled = [
