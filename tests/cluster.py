@@ -11,6 +11,7 @@ from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store import servicer as kv_store
 from tandem.kv_store.config import KvStoreConfig
+from tandem.presets import PRESETS
 from tandem.stage_worker import servicer as stage_worker
 from tandem.stage_worker.config import StageWorkerConfig
 
@@ -30,8 +31,12 @@ class Cluster:
 
 def start_cluster(
     model: Path, num_stages: int = 2, num_samplers: int = 2, num_blocks: int = 128, block_size: int = 4,
-    with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, **coordinator_options,
+    with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, preset: str = "full", **coordinator_options,
 ) -> Cluster:
+    """`preset` as `tandem up --preset`: with `baseline` the last stage samples (num_samplers is ignored)."""
+    techniques = PRESETS[preset]
+    if not techniques.cpu_sampling:
+        num_samplers = 0
     c = Cluster()
     try:
         if with_kv_store:
@@ -39,16 +44,19 @@ def start_cluster(
             c._servers.append(server)
             c.kv_store = server.address
         for _ in range(num_samplers):
-            server = cpu_sampler.serve(SamplerConfig())
+            server = cpu_sampler.serve(SamplerConfig(fast_sampler=techniques.fast_sampler))
             c._servers.append(server)
             c.samplers.append(server.address)
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
-                                    num_blocks=num_blocks, block_size=block_size)
+                                    num_blocks=num_blocks, block_size=block_size,
+                                    sample_on_stage=index == num_stages - 1 and not techniques.cpu_sampling,
+                                    fast_sampler=techniques.fast_sampler, overlap_input_prep=techniques.token_safe_prep)
             server = stage_worker.serve(cfg)
             c._servers.append(server)
             c.stages.insert(0, server.address)
+        c.samplers = c.samplers or [c.stages[-1]]
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,
                                 **coordinator_options)

@@ -67,9 +67,10 @@ def assert_all_released(endpoint: str, timeout_s: float = 10.0) -> None:
             time.sleep(0.1)
 
 
+@pytest.mark.parametrize("preset", ["full", "baseline"])
 @pytest.mark.parametrize("num_stages", [2, 3])
-def test_greedy_matches_transformers_under_concurrency(llama, reference_model, num_stages):
-    c = start_cluster(llama, num_stages=num_stages, num_samplers=2)
+def test_greedy_matches_transformers_under_concurrency(llama, reference_model, num_stages, preset):
+    c = start_cluster(llama, num_stages=num_stages, num_samplers=2, preset=preset)
     try:
         results = run_concurrently(c.endpoint, PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
         for prompt, r in zip(PROMPTS, results):
@@ -84,7 +85,8 @@ def test_seeded_sampling_is_independent_of_topology(llama, cluster2):
     sampling = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True,
                     repetition_penalty=1.1, presence_penalty=0.2)
     together = [r.token_ids for r in run_concurrently(cluster2.endpoint, PROMPTS, **sampling)]
-    alone_cluster = start_cluster(llama, num_stages=1, num_samplers=1)
+    # one stage that samples in series with the straightforward sampler, and no overlap: the baseline
+    alone_cluster = start_cluster(llama, num_stages=1, preset="baseline")
     try:
         with TandemClient(alone_cluster.endpoint, timeout_s=60) as client:
             alone = [client.generate(prompt_ids=p, **sampling).token_ids for p in PROMPTS]

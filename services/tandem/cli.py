@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib.resources import files
 from pathlib import Path
+
+from tandem.presets import PRESETS
 
 BUNDLED_MODEL = "tiny"
 
@@ -89,7 +92,7 @@ def _up(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         address = launcher.up(model, args.stages, args.samplers, args.port, num_blocks=args.num_blocks,
-                              kv_store=not args.no_kv_store, device=args.device)
+                              kv_store=not args.no_kv_store, device=args.device, preset=args.preset)
         print(f"tandem ready on {address}", flush=True)
         while not stop.wait(0.5):
             if (dead := launcher.first_exited()) is not None:
@@ -113,7 +116,7 @@ def _generate(args: argparse.Namespace) -> int:
     sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                     seed=args.seed, ignore_eos=args.ignore_eos)
     try:
-        with TandemClient(args.endpoint, timeout_s=args.timeout) as client:
+        with TandemClient(args.endpoint, timeout_s=args.timeout, api_key=args.api_key or None) as client:
             if args.json:
                 r = client.generate(args.prompt, prompt_ids=prompt_ids, **sampling)
                 print(json.dumps({"request_id": r.request_id, "token_ids": list(r.token_ids), "text": r.text,
@@ -164,6 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-blocks", type=int, default=512, help="KV blocks per stage")
     up.add_argument("--device", default="cpu", help="device of the stage workers")
     up.add_argument("--no-kv-store", action="store_true", help="no host KV tier: preemption recomputes")
+    up.add_argument("--preset", default="full", choices=sorted(PRESETS),
+                    help="techniques switched on: full (all) or baseline (a vLLM-style pipeline)")
     up.add_argument("--log-dir", help="where each service writes its log (default: a temporary directory)")
     up.set_defaults(func=_up)
 
@@ -177,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=None, help="sampling seed")
     gen.add_argument("--ignore-eos", action="store_true", help="keep going past EOS")
     gen.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    gen.add_argument("--api-key", default=os.environ.get("TANDEM_API_KEY", ""),
+                     help="API key sent as a bearer token (default: $TANDEM_API_KEY)")
     gen.add_argument("--timeout", type=float, default=None, help="seconds before giving up")
     gen.set_defaults(func=_generate)
 

@@ -70,14 +70,23 @@ class Launcher:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets)."""
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+        techniques = PRESETS[preset]
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
-        samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", SamplerConfig(host=host)) for i in range(num_samplers))
+        samplers: tuple[str, ...] = ()
+        if techniques.cpu_sampling:
+            sampler = SamplerConfig(host=host, fast_sampler=techniques.fast_sampler)
+            samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
+            is_last = index == num_stages - 1
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
-                                    num_blocks=num_blocks, block_size=block_size)
+                                    num_blocks=num_blocks, block_size=block_size,
+                                    sample_on_stage=is_last and not techniques.cpu_sampling,
+                                    fast_sampler=techniques.fast_sampler,
+                                    overlap_input_prep=techniques.token_safe_prep)
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
+        samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
         self.stages, self.samplers = stages, list(samplers)
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size)

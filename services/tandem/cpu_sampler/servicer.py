@@ -98,16 +98,22 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
         for frame in request_iterator:
             try:
                 logits = codec.decode(frame.logits, expected_dtype="float32")  # [rows, vocab]
-                result = self.engine.sample_frame(frame.request_ids, frame.sample_indices, logits)
+                self.sample(frame.step_id, frame.request_ids, frame.sample_indices, logits)
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"logits frame {num_frames} (step {frame.step_id}): {e}") from None
             with self._counter_lock:
-                self.sample_ns_total += result.sample_ns
                 self.wire_bytes_in_total += frame.ByteSize()
                 self.tensor_bytes_in_total += logits.numel() * logits.element_size()
-            self.subscribers.publish(_batch(frame.step_id, result))
             num_frames += 1
         return pb.LogitsSummary(num_frames=num_frames)
+
+    def sample(self, step_id: int, request_ids, sample_indices, logits) -> None:
+        """Sample one frame's rows and publish the tokens to every Results subscriber. The
+        Logits stream calls this; so does a last stage that samples in-process (baseline)."""
+        result = self.engine.sample_frame(request_ids, sample_indices, logits)
+        with self._counter_lock:
+            self.sample_ns_total += result.sample_ns
+        self.subscribers.publish(_batch(step_id, result))
 
     def Results(self, request: pb.ResultsRequest, context: grpc.ServicerContext
                 ) -> Iterator[pb.SampledBatch]:

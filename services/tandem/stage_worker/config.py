@@ -23,6 +23,14 @@ class StageWorkerConfig:
     num_blocks: int = doc("KV cache blocks on this stage", 512)
     block_size: int = doc("tokens per KV block", 16)
     max_workers: int = doc("gRPC server threads", 16)
+    overlap_input_prep: bool = doc(
+        "build the next step's input tensors while this one computes, in two alternating buffers "
+        "(token-safe: a buffer is reused only after the step that read it finished); off: in series", True)
+    sample_on_stage: bool = doc(
+        "last stage only: also serve the CpuSampler API and sample every row here, in series with "
+        "the forward pass, as a vLLM-style pipeline does (the baseline preset); the coordinator "
+        "then lists this stage as its one sampler", False)
+    fast_sampler: bool = doc("with sample_on_stage: use the fast sampler instead of the straightforward one", False)
 
     def validate(self) -> None:
         if not self.model:
@@ -32,5 +40,7 @@ class StageWorkerConfig:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1
+        if self.sample_on_stage and not is_last:
+            raise ConfigError("config field 'sample_on_stage' may only be set on the last stage")
         if is_last == bool(self.next_stage):
             raise ConfigError("config field 'next_stage' must be set on every stage but the last, and only there")

@@ -21,6 +21,15 @@ GetBlocks = Callable[[str], torch.Tensor]
 
 
 @dataclass(frozen=True)
+class StepInputs:
+    """A plan turned into tensors, ready for the forward pass."""
+
+    slices: list[SequenceSlice]
+    meta: AttentionMetadata
+    input_ids: torch.Tensor | None  # [T] token ids on stage 0 (a view of a slot buffer), else None
+
+
+@dataclass(frozen=True)
 class StepOutput:
     hidden: torch.Tensor | None  # [T, hidden] for the next stage, or None on the last stage
     logits: torch.Tensor | None  # [B, vocab] float32 on the last stage
@@ -85,21 +94,38 @@ class StageExecutor:
             ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
             self.cache.data[:, :, ids] = blocks.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5)
 
-    def run(self, plan: pb.StepPlan, slices: list[SequenceSlice], hidden: torch.Tensor | None) -> StepOutput:
-        """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
-        num_tokens = sum(s.num_new_tokens for s in slices)
+    def prepare(self, plan: pb.StepPlan, buffers: dict[str, torch.Tensor]) -> StepInputs | None:
+        """Check a plan and build its input tensors; token ids go into `buffers` (one slot's,
+        reused across steps: see stage_worker.inputs). None for a plan without sequences."""
+        if not plan.sequences:
+            return None
+        slices = self.check_plan(plan)
+        meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
+        input_ids = None
         if self.layers.is_first:
-            inputs = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64, device=self.device)
+            ids = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64)
+            buffer = buffers.get("input_ids")
+            if buffer is None or buffer.numel() < ids.numel():
+                buffer = buffers["input_ids"] = torch.empty(max(ids.numel(), 256), dtype=torch.int64, device=self.device)
+            input_ids = buffer[: ids.numel()]
+            input_ids.copy_(ids)
+        return StepInputs(slices, meta, input_ids)
+
+    def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
+        """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
+        num_tokens = sum(s.num_new_tokens for s in inputs.slices)
+        if self.layers.is_first:
+            x = inputs.input_ids
         else:
             expected = (num_tokens, self.model_config.hidden_size)
             if hidden is None or tuple(hidden.shape) != expected:
                 got = None if hidden is None else list(hidden.shape)
                 raise InvalidArgumentError(f"step {plan.step_id}: activations {got}, plan needs {list(expected)}")
-            inputs = hidden.to(self.device, self.dtype)
-        meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
+            x = hidden.to(self.device, self.dtype)
+        meta = inputs.meta
         for s in plan.sequences:
             self.blocks_of[s.request_id] = list(s.block_table)
-        out = self.model(inputs, meta, self.cache)
+        out = self.model(x, meta, self.cache)
         self.num_steps += 1
         if self.layers.is_last:
             return StepOutput(hidden=None, logits=self.model.compute_logits(out, meta).cpu())

@@ -15,8 +15,11 @@ from tandem.core import codec
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
 from tandem.core.server import CHANNEL_OPTIONS, Server
 from tandem.core.streams import StreamSender
+from tandem.cpu_sampler import servicer as cpu_sampler
+from tandem.cpu_sampler.config import SamplerConfig
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
+from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
@@ -29,7 +32,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
     def __init__(self, config: StageWorkerConfig):
         self.config = config
         self.executor: StageExecutor | None = None  # set by load()
-        self._plans: queue.Queue[pb.StepPlan | None] = queue.Queue()
+        self._inputs: InputPreparer | None = None  # set by load()
         self._done: queue.Queue[pb.StepDone] = queue.Queue()
         self._activations: dict[int, torch.Tensor] = {}
         self._arrived = threading.Condition()
@@ -39,12 +42,15 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self._samplers: dict[str, StreamSender] = {}
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
         self._ready_ns = 0
+        self.local_sampler = None  # a CpuSamplerServicer when config.sample_on_stage
         self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = 0  # written by the executor thread only
         self.wire_bytes_out_total = self.tensor_bytes_out_total = self.frames_out_total = 0
 
     def load(self) -> None:
         """Load the stage's weights and start executing plans."""
         self.executor = StageExecutor(self.config)
+        self._inputs = InputPreparer(lambda plan, slot: self.executor.prepare(plan, slot.buffers),
+                                     overlap=self.config.overlap_input_prep)
         self._ready_ns = time.perf_counter_ns()
         threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
 
@@ -62,7 +68,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
         def read():
             for plan in request_iterator:
-                self._plans.put(plan)
+                self._inputs.submit(plan)
 
         threading.Thread(target=read, name="stage-plans", daemon=True).start()
         while context.is_active() and not self._stopping:
@@ -100,22 +106,25 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
     # --- execution ----------------------------------------------------------------------
 
     def _execute_loop(self) -> None:
-        while (plan := self._plans.get()) is not None:
+        while (prepared := self._inputs.next()) is not None:
+            plan = prepared.plan
             done = pb.StepDone(step_id=plan.step_id)
             start = time.perf_counter_ns()
             try:
-                self._execute(plan, done)
+                self._execute(prepared, done)
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
                 done.error = str(e) or type(e).__name__
+            finally:
+                self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
             self.busy_ns_total += time.perf_counter_ns() - start - done.wait_ns
             self.wait_ns_total += done.wait_ns
             self.compute_ns_total += done.forward_ns
             self._done.put(done)
 
-    def _execute(self, plan: pb.StepPlan, done: pb.StepDone) -> None:
-        ex = self.executor
+    def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
+        ex, plan = self.executor, prepared.plan
         ex.forget(plan.finished_request_ids)
         t0 = time.perf_counter_ns()
         if plan.swap_out or plan.swap_in:
@@ -124,13 +133,14 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             ex.swap_out(plan, self._put_blocks)
             ex.swap_in(plan, self._get_blocks)
         done.swap_ns = time.perf_counter_ns() - t0
-        if not plan.sequences:
+        if prepared.error is not None:
+            raise prepared.error
+        if prepared.inputs is None:  # no sequences: only housekeeping
             return
-        slices = ex.check_plan(plan)
         t1 = time.perf_counter_ns()
         hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id)
         t2 = time.perf_counter_ns()
-        out = ex.run(plan, slices, hidden)
+        out = ex.run(plan, prepared.inputs, hidden)
         done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
         if out.hidden is not None:
             self._count_out(self._next, pb.ActivationFrame(step_id=plan.step_id, hidden=codec.encode(out.hidden)), out.hidden)
@@ -153,6 +163,10 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         rows: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(plan.sequences):
             rows[s.sampler].append(i)
+        if self.local_sampler is not None:  # sample here, in series (baseline)
+            self.local_sampler.sample(plan.step_id, [s.request_id for s in plan.sequences],
+                                      [s.sample_index for s in plan.sequences], logits.float().cpu())
+            return
         for address, idx in rows.items():
             seqs, rows_logits = [plan.sequences[i] for i in idx], logits[idx]
             frame = cpu_sampler_pb2.LogitsFrame(
@@ -190,7 +204,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
     def close(self) -> None:
         self._stopping = True
-        self._plans.put(None)
+        if self._inputs is not None:
+            self._inputs.close()
         for sender in [self._next, *self._samplers.values()]:
             if sender is not None:
                 sender.close()
@@ -203,6 +218,10 @@ def serve(config: StageWorkerConfig) -> Server:
     server = Server(config.host, config.port, config.max_workers)
     servicer = StageWorkerServicer(config)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, servicer, [SERVICE_NAME])
+    if config.sample_on_stage:
+        servicer.local_sampler = cpu_sampler.CpuSamplerServicer(SamplerConfig(fast_sampler=config.fast_sampler))
+        server.add(cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, servicer.local_sampler,
+                   [cpu_sampler.SERVICE_NAME])
     server.on_stop(servicer.close)
     server.start()  # liveness answers while the weights load; readiness waits for them
     servicer.load()
