@@ -152,6 +152,7 @@ def test_distributions_equal_the_reference_bit_for_bit(sampler):
             rest[kept] = 0.0
             assert not rest.any(), f"row {i}: a token outside the kept set has probability"
         assert sorted([*whole, *order]) == list(range(len(rows)))
+    fast.close()
 
 
 def test_every_candidate_path_is_exercised_and_exact():
@@ -178,7 +179,9 @@ def test_ties_across_the_top_p_boundary_keep_the_lowest_ids(top_p):
     logits[3] = torch.arange(vocab) % 4  # four tied levels
     rows = [dict(seed=s, temperature=1.0, top_p=top_p, logprobs=20) for s in range(4)]
     for sampler in SAMPLERS.values():
-        compare(FastSampler(**sampler), logits, *twins(vocab, rows), steps=1)
+        fast = FastSampler(**sampler)
+        compare(fast, logits, *twins(vocab, rows), steps=1)
+        fast.close()
 
 
 def test_greedy_ties_and_logprob_ties_match():
