@@ -100,14 +100,15 @@ def random_logits(rng: random.Random, rows: int, vocab: int) -> torch.Tensor:
     return logits
 
 
-SMALL_ROUNDS = dict(block=8, block_rounds=(2, 4), chunk_rows=5)
-SAMPLERS = {
-    "default": dict(),
+SMALL_ROUNDS = dict(block=8, block_rounds=(2, 4), chunk_rows=5, reference_below=0)
+SAMPLERS = {  # FastSampler arguments; reference_below=0: even small frames take the fast path
+    "default": dict(reference_below=0),
     "small-blocks": SMALL_ROUNDS,
-    "histogram-only": dict(block_rounds=(), chunk_rows=3),
-    "reference-fallback": dict(block_rounds=(), histogram_slack=()),
+    "histogram-only": dict(block_rounds=(), chunk_rows=3, reference_below=0),
+    "reference-fallback": dict(block_rounds=(), histogram_slack=(), reference_below=0),
     "two-threads": dict(SMALL_ROUNDS, num_threads=2, chunk_rows=2),
 }
+FAST = dict(reference_below=0)
 
 
 @pytest.mark.parametrize("vocab", [5, 64, 1001, 4099])
@@ -115,7 +116,7 @@ SAMPLERS = {
 def test_random_frames_match_reference(vocab, sampler):
     rng = random.Random(f"{vocab}-{sampler}")
     fast = FastSampler(**SAMPLERS[sampler])
-    for frame in range(3):
+    for _ in range(3):
         rows = [random_row(rng, vocab) for _ in range(rng.randrange(1, 12))]
         reference_states, fast_states = twins(vocab, rows)
         compare(fast, random_logits(rng, len(rows), vocab), reference_states, fast_states, steps=4,
@@ -151,6 +152,7 @@ def test_distributions_equal_the_reference_bit_for_bit(sampler):
             rest[kept] = 0.0
             assert not rest.any(), f"row {i}: a token outside the kept set has probability"
         assert sorted([*whole, *order]) == list(range(len(rows)))
+    fast.close()
 
 
 def test_every_candidate_path_is_exercised_and_exact():
@@ -162,7 +164,7 @@ def test_every_candidate_path_is_exercised_and_exact():
     rows = ([dict(seed=i, temperature=0.9, top_p=0.9) for i in range(3)]
             + [dict(seed=i, temperature=0.9, top_p=0.8, repetition_penalty=1.3) for i in range(3)]
             + [dict(seed=i, temperature=0.9, top_p=0.9999999) for i in range(3)])
-    fast = FastSampler()
+    fast = FastSampler(**FAST)
     compare(fast, logits, *twins(vocab, rows))
     assert fast.top_p_rows == {"block": 3, "histogram": 3, "reference": 3}
 
@@ -177,7 +179,9 @@ def test_ties_across_the_top_p_boundary_keep_the_lowest_ids(top_p):
     logits[3] = torch.arange(vocab) % 4  # four tied levels
     rows = [dict(seed=s, temperature=1.0, top_p=top_p, logprobs=20) for s in range(4)]
     for sampler in SAMPLERS.values():
-        compare(FastSampler(**sampler), logits, *twins(vocab, rows), steps=1)
+        fast = FastSampler(**sampler)
+        compare(fast, logits, *twins(vocab, rows), steps=1)
+        fast.close()
 
 
 def test_greedy_ties_and_logprob_ties_match():
@@ -188,7 +192,7 @@ def test_greedy_ties_and_logprob_ties_match():
     logits[2, :] = 0.0
     rows = [dict(seed=1, temperature=0.0, logprobs=20), dict(seed=2, temperature=0.0, logprobs=7),
             dict(seed=3, temperature=0.5, logprobs=20, top_k=3)]
-    compare(FastSampler(), logits, *twins(vocab, rows))
+    compare(FastSampler(**FAST), logits, *twins(vocab, rows))
 
 
 def test_tiny_and_full_top_p_with_top_k_and_min_p():
@@ -196,7 +200,7 @@ def test_tiny_and_full_top_p_with_top_k_and_min_p():
     logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(2)) * 3
     rows = [dict(seed=1, top_p=1e-6), dict(seed=2, top_p=1.0), dict(seed=3, top_p=0.9, top_k=50),
             dict(seed=4, top_p=0.9, min_p=0.1), dict(seed=5, top_k=1), dict(seed=6, top_p=0.6, top_k=5, min_p=0.5)]
-    compare(FastSampler(), logits, *twins(vocab, rows), steps=5, scale=3.0)
+    compare(FastSampler(**FAST), logits, *twins(vocab, rows), steps=5, scale=3.0)
 
 
 def test_penalties_bias_and_min_tokens_over_many_steps():
@@ -208,7 +212,7 @@ def test_penalties_bias_and_min_tokens_over_many_steps():
                  presence_penalty=rng.choice([-2.0, 2.0]), min_tokens=10, blocked=[0, 1, 2],
                  logit_bias={0: 40.0, 50: -3.5}, logprobs=3)
             for i in range(6)]
-    compare(FastSampler(), torch.randn(6, vocab), *twins(vocab, rows), steps=25)
+    compare(FastSampler(**FAST), torch.randn(6, vocab), *twins(vocab, rows), steps=25)
 
 
 def test_overflowing_logits_are_clamped_the_same_way():
@@ -218,7 +222,7 @@ def test_overflowing_logits_are_clamped_the_same_way():
     logits[:, 11] = 2e38
     rows = [dict(seed=1, temperature=0.3, top_p=0.9), dict(seed=2, temperature=0.5, logprobs=2),
             dict(seed=3, temperature=0.0, repetition_penalty=0.5, prompt=[10, 11])]
-    compare(FastSampler(), logits, *twins(vocab, rows))
+    compare(FastSampler(**FAST), logits, *twins(vocab, rows))
 
 
 def test_replay_and_repeated_sequences_follow_the_reference():
@@ -226,7 +230,7 @@ def test_replay_and_repeated_sequences_follow_the_reference():
     logits = torch.randn(3, vocab, generator=torch.Generator().manual_seed(8)) * 2
     reference_states, fast_states = twins(vocab, [dict(seed=s, top_p=0.8, frequency_penalty=0.5, logprobs=2)
                                                   for s in range(3)])
-    fast = FastSampler()
+    fast = FastSampler(**FAST)
     compare(fast, logits, reference_states, fast_states, steps=3)
     # A replay of index 1 for r0 next to a new output for r1.
     frame = logits[[0, 1]]
@@ -250,7 +254,7 @@ def test_bad_rows_raise_as_the_reference_does_and_change_nothing():
         (torch.randn(3, vocab), [0, 0]),  # more rows than states
         (torch.randn(2, vocab, dtype=torch.float64), [0, 0]),
     ]
-    fast = FastSampler()
+    fast = FastSampler(**FAST)
     for logits, indices in cases:
         with pytest.raises(InvalidArgumentError) as expected:
             sample(logits, reference_states, indices)
@@ -278,8 +282,16 @@ def test_bad_thread_and_chunk_counts_are_rejected():
         FastSampler(chunk_rows=0)
 
 
+def test_small_frames_go_to_the_reference_and_large_ones_do_not():
+    rows = [dict(seed=s, top_p=0.5) for s in range(4)]
+    for vocab, fast_path in ((4000, False), (4096, True)):  # 4 rows: 16,000 and 16,384 logits
+        fast = FastSampler()
+        compare(fast, torch.randn(4, vocab) * 3, *twins(vocab, rows), steps=2)
+        assert (sum(fast.top_p_rows.values()) > 0) == fast_path
+
+
 def test_engine_gives_the_same_frames_with_either_sampler():
-    vocab = 600
+    vocab = 2048  # 9 rows: large enough a frame for the fast path
     rng = random.Random(11)
     rows = [random_row(rng, vocab) for _ in range(8)]
     engines = [SamplerEngine(vocab, fast_sampler=False), SamplerEngine(vocab, fast_sampler=True, num_threads=2)]

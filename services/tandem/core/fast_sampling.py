@@ -68,6 +68,7 @@ BLOCK_ROUNDS = (16,)  # blocks gathered per row, round by round (one round prove
 HISTOGRAM_SLACK = (1e-4, 1e-2)  # then every token above a threshold of mass top_p + margin + slack
 MASS_MARGIN = 1e-6  # a candidate set this far above top_p provably holds the whole kept set
 CHUNK_ROWS = 64  # rows sampled together; bounds the reused buffers to CHUNK_ROWS x vocab
+REFERENCE_BELOW = 16384  # frames of fewer logits go to the reference, faster there (see FastSampler)
 
 Result = tuple[int, common_pb2.SampleLogprobs | None]
 
@@ -163,13 +164,18 @@ class FastSampler:
     Keeps a PenaltyHistory per sequence, weakly keyed: a released state takes its history
     with it. Frames are sampled in chunks of at most `chunk_rows` rows, spread over
     `num_threads` threads (torch ops release the GIL); a row's result does not depend on the
-    chunk it lands in. The round parameters exist so tests can drive every path on small
-    vocabularies; the defaults suit real ones.
+    chunk it lands in.
+
+    The fast path costs about a millisecond of small tensor ops per frame whatever its size,
+    so frames of fewer than `reference_below` logits (rows x vocab: one row of a 2k-token
+    vocabulary, say) go to the reference, which is faster there and gives the same results
+    by definition. That and the round parameters exist so tests can drive every path on
+    small vocabularies; the defaults suit real ones.
     """
 
     def __init__(self, num_threads: int = 1, *, chunk_rows: int = CHUNK_ROWS, block: int = BLOCK,
                  block_rounds: Sequence[int] = BLOCK_ROUNDS,
-                 histogram_slack: Sequence[float] = HISTOGRAM_SLACK):
+                 histogram_slack: Sequence[float] = HISTOGRAM_SLACK, reference_below: int = REFERENCE_BELOW):
         if num_threads < 1:
             raise InvalidArgumentError(f"num_threads={num_threads} must be >= 1")
         if chunk_rows < 1:
@@ -179,6 +185,7 @@ class FastSampler:
         self.block = block
         self.block_rounds = tuple(block_rounds)
         self.histogram_slack = tuple(histogram_slack)
+        self.reference_below = reference_below
         self._histories: weakref.WeakKeyDictionary[SequenceState, PenaltyHistory] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # one frame at a time: histories and buffers are shared
         self._workspace = _Workspace()  # the calling thread's buffers
@@ -212,6 +219,8 @@ class FastSampler:
             check_rows(logits, states, sample_indices)
         if len({id(state) for state in states}) < len(states):
             return sample(logits, states, sample_indices)  # rows of one sequence depend on their order
+        if logits.numel() < self.reference_below:
+            return sample(logits, states, sample_indices)  # a small frame: the reference is faster
         results: list[Result | None] = [None] * len(states)
         new_rows = []
         for row, (state, index) in enumerate(zip(states, sample_indices)):
