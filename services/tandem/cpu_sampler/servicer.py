@@ -77,7 +77,7 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
 
     def __init__(self, config: SamplerConfig):
         self.config = config
-        self.engine = SamplerEngine(config.vocab_size)
+        self.engine = SamplerEngine.from_config(config)
         self.subscribers = Subscribers(config.max_queued_batches)
         self._counter_lock = threading.Lock()
         self.sample_ns_total = self.wire_bytes_in_total = self.tensor_bytes_in_total = 0
