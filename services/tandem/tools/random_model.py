@@ -1,8 +1,8 @@
 """Write a random-weight Llama checkpoint of any size, for benchmarks that sweep model size.
 
 Weights are random (seeded), so the text is noise, but the compute per token is that of a real
-model of these dimensions. The tokenizer is the bundled tiny model's; ids past its 4096 entries
-decode to nothing, which the benchmark (token ids in, token ids out) does not mind.
+model of these dimensions. The tokenizer is a word-level one with exactly one word per id
+(`<|endoftext|>` is id 0), so that every id the model can produce decodes.
 
     python -m tandem.tools.random_model OUT --hidden 1024 --layers 8 --vocab 32000
 """
@@ -25,13 +25,23 @@ def write(out: Path, hidden: int, layers: int, heads: int, kv_heads: int, interm
     torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
                          num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-                         max_position_embeddings=max_positions, bos_token_id=1, eos_token_id=2,
+                         max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=0,
                          tie_word_embeddings=False, initializer_range=0.02)
     out.mkdir(parents=True, exist_ok=True)
     LlamaForCausalLM(config).eval().save_pretrained(out, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(bundled_model_dir() / name, out / name)
+    shutil.copy(bundled_model_dir() / "tokenizer_config.json", out / "tokenizer_config.json")
+    write_tokenizer(out, vocab)
     return out
+
+
+def write_tokenizer(out: Path, vocab: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    words = {"<|endoftext|>": 0, **{f"w{i}": i for i in range(1, vocab)}}
+    tokenizer = Tokenizer(models.WordLevel(words, unk_token="<|endoftext|>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer.save(str(out / "tokenizer.json"))
 
 
 def main(argv: list[str] | None = None) -> None:
