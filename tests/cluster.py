@@ -44,15 +44,14 @@ def start_cluster(
             c._servers.append(server)
             c.kv_store = server.address
         for _ in range(num_samplers):
-            server = cpu_sampler.serve(SamplerConfig(fast_sampler=techniques.fast_sampler))
+            server = cpu_sampler.serve(SamplerConfig(**techniques.sampler_options()))
             c._servers.append(server)
             c.samplers.append(server.address)
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
                                     num_blocks=num_blocks, block_size=block_size,
-                                    sample_on_stage=index == num_stages - 1 and not techniques.cpu_sampling,
-                                    fast_sampler=techniques.fast_sampler, overlap_input_prep=techniques.token_safe_prep)
+                                    **techniques.stage_options(is_last=index == num_stages - 1))
             server = stage_worker.serve(cfg)
             c._servers.append(server)
             c.stages.insert(0, server.address)

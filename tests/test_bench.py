@@ -8,10 +8,10 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
+from processes import alive, children_of
 from tandem.bench import stats
 from tandem.bench.command import Target, plan_targets
 from tandem.bench.hf import plan_batches
@@ -235,25 +235,6 @@ def test_run_figures_from_counters():
 # --- end to end ------------------------------------------------------------------------------
 
 
-def child_pids(pid: int) -> set[int]:
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.add(int(stat.parent.name))
-    return out
-
-
-def running(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 @pytest.mark.slow
 def test_bench_compares_full_with_transformers(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
@@ -265,13 +246,13 @@ def test_bench_compares_full_with_transformers(tmp_path):
     seen: set[int] = set()
     deadline = time.monotonic() + 600
     while proc.poll() is None:  # note every service the command starts, to check they are all stopped
-        seen |= child_pids(proc.pid)
+        seen |= set(children_of(proc.pid))
         assert time.monotonic() < deadline, "tandem bench did not finish"
         time.sleep(0.1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stderr
     assert len(seen) >= 5  # KV store, sampler, two stages, coordinator
-    assert not [pid for pid in seen if running(pid)], "services left running"
+    assert not [pid for pid in seen if alive(pid)], "services left running"
 
     report = json.loads(out_json.read_text())
     runs = {r["name"]: r for r in report["runs"]}

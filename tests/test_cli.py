@@ -13,34 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from processes import children_of, wait_gone
+
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
-
-
-def children_of(pid: int) -> list[int]:
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
-def wait_gone(pids: list[int], timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while any(alive(p) for p in pids):
-        assert time.monotonic() < deadline, f"processes left behind: {[p for p in pids if alive(p)]}"
-        time.sleep(0.1)
 
 
 def start_up(model: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:

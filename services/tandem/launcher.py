@@ -74,17 +74,14 @@ class Launcher:
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
-            sampler = SamplerConfig(host=host, fast_sampler=techniques.fast_sampler)
+            sampler = SamplerConfig(host=host, **techniques.sampler_options())
             samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
-            is_last = index == num_stages - 1
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size,
-                                    sample_on_stage=is_last and not techniques.cpu_sampling,
-                                    fast_sampler=techniques.fast_sampler,
-                                    overlap_input_prep=techniques.token_safe_prep)
+                                    **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
         self.stages, self.samplers = stages, list(samplers)

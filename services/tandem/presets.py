@@ -23,6 +23,15 @@ class Techniques:
     """Stage workers build step n+1's inputs while step n computes, in two alternating buffers
     (off: input preparation in series with compute)."""
 
+    def sampler_options(self) -> dict[str, bool]:
+        """The SamplerConfig fields of a sampler replica."""
+        return {"fast_sampler": self.fast_sampler}
+
+    def stage_options(self, is_last: bool) -> dict[str, bool]:
+        """The StageWorkerConfig fields of a stage; without CPU sampling the last one samples."""
+        return {"sample_on_stage": is_last and not self.cpu_sampling, "fast_sampler": self.fast_sampler,
+                "overlap_input_prep": self.token_safe_prep}
+
 
 PRESETS: dict[str, Techniques] = {
     "full": Techniques(cpu_sampling=True, fast_sampler=True, token_safe_prep=True),

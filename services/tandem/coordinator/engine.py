@@ -37,7 +37,7 @@ class SamplingError(TandemError):
 
 @dataclass
 class _PendingStep:
-    request_ids: list[str]
+    request_ids: set[str]  # rows still expected: membership is checked for every sampled token
     sent_time: float = field(default_factory=time.monotonic)
     tokens: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, common_pb2.SampleLogprobs] = field(default_factory=dict)
@@ -169,7 +169,7 @@ class Engine:
             lost = [r for r in pending.request_ids if r not in pending.tokens and r in self.scheduler.seqs
                     and self.scheduler.seqs[r].sampler == replica.address]
             if lost:
-                pending.request_ids = [r for r in pending.request_ids if r not in lost]
+                pending.request_ids.difference_update(lost)
                 self.scheduler.retry(step_id, lost)
                 self._maybe_complete(step_id)
         for seq in moved:
@@ -300,7 +300,7 @@ class Engine:
             request = self.requests[s.request_id]
             request.scheduled_time = request.scheduled_time or now
         if step.sequences:
-            self.pending[step.step_id] = _PendingStep([s.request_id for s in step.sequences])
+            self.pending[step.step_id] = _PendingStep({s.request_id for s in step.sequences})
         for sender in self._plan_senders:
             sender.send(plan)
 

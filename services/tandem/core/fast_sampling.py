@@ -61,94 +61,24 @@ from tandem.core.sampling import (
     sample_key,
     truncated_probs,
 )
+from tandem.core.penalty_history import PenaltyHistory
+from tandem.core.top_p_candidates import (
+    MASS_MARGIN,
+    MassHistogram,
+    Workspace,
+    block_candidates,
+    block_max,
+    cut,
+)
 from tandem.v1 import common_pb2
 
 BLOCK = 64  # tokens per block whose maximum bounds them in the cheap first candidate rounds
 BLOCK_ROUNDS = (16,)  # blocks gathered per row, round by round (one round proves as many rows as 4 then 16)
 HISTOGRAM_SLACK = (1e-4, 1e-2)  # then every token above a threshold of mass top_p + margin + slack
-MASS_MARGIN = 1e-6  # a candidate set this far above top_p provably holds the whole kept set
 CHUNK_ROWS = 64  # rows sampled together; bounds the reused buffers to CHUNK_ROWS x vocab
 REFERENCE_BELOW = 16384  # frames of fewer logits go to the reference, faster there (see FastSampler)
 
 Result = tuple[int, common_pb2.SampleLogprobs | None]
-
-
-class _Growable:
-    """A numpy array that grows by doubling, so appending one value is O(1)."""
-
-    def __init__(self, dtype: type, initial: np.ndarray | None = None):
-        n = 0 if initial is None else len(initial)
-        self.data = np.empty(max(16, 2 * n), dtype=dtype)
-        if n:
-            self.data[:n] = initial
-        self.size = n
-
-    def append(self, value: float) -> None:
-        if self.size == len(self.data):
-            self.data = np.concatenate([self.data, np.empty_like(self.data)])
-        self.data[self.size] = value
-        self.size += 1
-
-    def view(self) -> np.ndarray:
-        return self.data[: self.size]
-
-
-class PenaltyHistory:
-    """The ids a sequence's penalties touch, kept up to date one token at a time.
-
-    The reference rebuilds the seen set (`unique` over prompt and outputs) and the count
-    tensors for every row; here `sync` folds in only the outputs recorded since the last
-    frame, whoever recorded them (this sampler, or the reference on a fallback frame).
-    """
-
-    def __init__(self, state: SequenceState):
-        prompt = state.prompt_ids.numpy()  # sorted, unique
-        self.seen_ids = _Growable(np.int64, prompt)  # prompt and output ids, each once
-        self._seen = set(prompt.tolist())
-        self.output_ids = _Growable(np.int64)  # distinct output ids, in first-seen order
-        self.output_counts = _Growable(np.float32)  # their occurrences (exact in float32)
-        self._slot: dict[int, int] = {}
-        self.synced = 0  # outputs folded in so far
-
-    def sync(self, output_ids: list[int]) -> None:
-        for token in output_ids[self.synced:]:
-            slot = self._slot.get(token)
-            if slot is not None:
-                self.output_counts.data[slot] += 1
-                continue
-            self._slot[token] = self.output_ids.size
-            self.output_ids.append(token)
-            self.output_counts.append(1)
-            if token not in self._seen:
-                self._seen.add(token)
-                self.seen_ids.append(token)
-        self.synced = len(output_ids)
-
-
-class _Workspace:
-    """Buffers reused from frame to frame, one set per thread.
-
-    A fresh [rows, vocab] tensor is megabytes that the allocator maps from the OS anew each
-    time; faulting its pages in costs more than the softmax computed in it.
-    """
-
-    def __init__(self) -> None:
-        self._buffers: dict[str, torch.Tensor] = {}
-
-    def get(self, name: str, rows: int, cols: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """An uninitialized contiguous [rows, cols] tensor, valid until `name` is asked again."""
-        buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < rows * cols or buffer.dtype != dtype:
-            grown = 0 if buffer is None or buffer.dtype != dtype else 2 * buffer.numel()  # amortized
-            buffer = self._buffers[name] = torch.empty(max(rows * cols, grown), dtype=dtype)
-        return buffer[: rows * cols].view(rows, cols)
-
-    def rows(self, name: str, t: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """t itself when `rows` are all its rows in order, else those rows copied into `name`."""
-        if len(rows) == t.shape[0]:
-            return t
-        out = self.get(name, len(rows), t.shape[1], t.dtype)
-        return torch.index_select(t, 0, torch.tensor(rows), out=out)
 
 
 def check_rows(logits: torch.Tensor, states: Sequence[SequenceState], sample_indices: Sequence[int]) -> None:
@@ -188,7 +118,7 @@ class FastSampler:
         self.reference_below = reference_below
         self._histories: weakref.WeakKeyDictionary[SequenceState, PenaltyHistory] = weakref.WeakKeyDictionary()
         self._lock = threading.Lock()  # one frame at a time: histories and buffers are shared
-        self._workspace = _Workspace()  # the calling thread's buffers
+        self._workspace = Workspace()  # the calling thread's buffers
         self._local = threading.local()  # each worker thread's buffers
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="fast-sampler") if num_threads > 1 else None
         # Top-p rows by the round that proved their cut ("block", "histogram"), or "reference"
@@ -251,13 +181,13 @@ class FastSampler:
         history.sync(state.output_ids)
         return history
 
-    def _worker_workspace(self) -> _Workspace:
+    def _worker_workspace(self) -> Workspace:
         workspace = getattr(self._local, "workspace", None)
         if workspace is None:
-            workspace = self._local.workspace = _Workspace()
+            workspace = self._local.workspace = Workspace()
         return workspace
 
-    def _sample_new(self, ws: _Workspace, logits: torch.Tensor, rows: list[int], states: Sequence[SequenceState],
+    def _sample_new(self, ws: Workspace, logits: torch.Tensor, rows: list[int], states: Sequence[SequenceState],
                     histories: dict[int, PenaltyHistory | None]) -> list[Result]:
         """Sample the rows (each the next output of a distinct sequence); record the tokens."""
         frame = [states[row] for row in rows]
@@ -291,7 +221,7 @@ class FastSampler:
             results[i] = (tokens[i], _logprobs(logprobs[j], tokens[i], opts[i].logprobs))
         return results
 
-    def _draw(self, ws: _Workspace, scaled: torch.Tensor, frame: list[SequenceState]) -> list[int]:
+    def _draw(self, ws: Workspace, scaled: torch.Tensor, frame: list[SequenceState]) -> list[int]:
         """Top-k, top-p, min-p and the inverse-CDF draw for the rows of scaled [n, vocab],
         which it overwrites."""
         vocab = scaled.shape[1]
@@ -312,7 +242,7 @@ class FastSampler:
                 tokens[i] = int(ids[j, pick]) if pick < ids.shape[1] else vocab - 1  # as the clamp
         return tokens
 
-    def distributions(self, scaled: torch.Tensor, opts: list[SamplingOptions], ws: _Workspace | None = None
+    def distributions(self, scaled: torch.Tensor, opts: list[SamplingOptions], ws: Workspace | None = None
                       ) -> tuple[dict[int, torch.Tensor], tuple[list[int], torch.Tensor, torch.Tensor] | None]:
         """The reference's `truncated_probs` for each row of scaled [n, vocab] (overwritten).
 
@@ -322,7 +252,7 @@ class FastSampler:
         probabilities (padding: 0). Every other token of those rows has probability 0.
         `ws`: the buffers to use (a fresh set when None).
         """
-        ws = ws or _Workspace()
+        ws = ws or Workspace()
         n, vocab = scaled.shape
         _top_k(scaled, opts)
         probs = torch.softmax(scaled, dim=1, out=ws.get("probs", n, vocab))  # [n, vocab]
@@ -358,28 +288,28 @@ class FastSampler:
                 whole[i] = _min_p(row, opts[i])
         return whole, compact
 
-    def _nucleus(self, ws: _Workspace, probs: torch.Tensor, top_p: list[float]) -> list[torch.Tensor | None]:
+    def _nucleus(self, ws: Workspace, probs: torch.Tensor, top_p: list[float]) -> list[torch.Tensor | None]:
         """For each row of probs [n, vocab], the ids (ascending) the reference's top-p keeps,
         or None where no candidate round could prove the cut."""
         n = probs.shape[0]
         kept: list[torch.Tensor | None] = [None] * n
         pending = list(range(n))
         top_p_t = torch.tensor(top_p)  # float32: the reference compares in float32
-        block_max = None
+        maxima = None
         for size in self.block_rounds:
-            if block_max is None:
-                block_max = _block_max(probs, self.block)  # [n, blocks]
-            size = min(size, block_max.shape[1] - 1)  # one block must be left out to bound the rest
+            if maxima is None:
+                maxima = block_max(probs, self.block)  # [n, blocks]
+            size = min(size, maxima.shape[1] - 1)  # one block must be left out to bound the rest
             if not pending or size < 1:
                 break
-            ids, values = _block_candidates(probs, block_max, pending, size, self.block)
+            ids, values = block_candidates(probs, maxima, pending, size, self.block)
             pending = self._prove(kept, pending, ids, values, top_p_t, "block")
         histogram = None
         for slack in self.histogram_slack:
             if not pending:
                 break
             if histogram is None:
-                histogram = _MassHistogram(ws, probs, pending)
+                histogram = MassHistogram(ws, probs, pending)
             ids, values = histogram.candidates(pending, [top_p[i] + MASS_MARGIN + slack for i in pending])
             pending = self._prove(kept, pending, ids, values, top_p_t, "histogram")
         with self._stats_lock:
@@ -390,100 +320,17 @@ class FastSampler:
                values: torch.Tensor, top_p: torch.Tensor, path: str) -> list[int]:
         """Record the cuts that the candidates of the pending rows prove; return the rest."""
         still = []
-        for i, cut in zip(pending, _cut(ids, values, top_p[pending])):
-            if cut is None:
+        for i, proven in zip(pending, cut(ids, values, top_p[pending])):
+            if proven is None:
                 still.append(i)
             else:
-                kept[i] = cut
+                kept[i] = proven
         with self._stats_lock:
             self.top_p_rows[path] += len(pending) - len(still)
         return still
 
 
-class _MassHistogram:
-    """The mass of some rows at or above a fine ladder of thresholds, in one pass.
-
-    A float32 >= 0 orders as its bits do; its top bits (exponent and 3 mantissa bits) name a
-    bucket 2^(1/8) wide, and summing probabilities per bucket gives the mass above every
-    bucket boundary. Float32 sums, so only a guide: the cut is proven on the exact candidates.
-    """
-
-    SHIFT = 20  # bits below the bucket number
-
-    def __init__(self, ws: _Workspace, probs: torch.Tensor, rows: list[int]):
-        self.probs = ws.rows("histogram_probs", probs, rows)  # [rows, vocab]
-        self.index = {row: j for j, row in enumerate(rows)}
-        shifted = torch.bitwise_right_shift(self.probs.view(torch.int32), self.SHIFT,
-                                            out=ws.get("histogram_shifted", *self.probs.shape, torch.int32))
-        buckets = ws.get("histogram_buckets", *self.probs.shape, torch.int64).copy_(shifted)
-        mass = torch.zeros(len(rows), 2 ** (31 - self.SHIFT)).scatter_add_(1, buckets, self.probs)
-        self.mass_from = mass.flip(1).cumsum(dim=1).flip(1)  # [rows, buckets]: mass at or above each
-
-    def candidates(self, rows: list[int], masses: list[float]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row, every token at or above the highest boundary with at least that mass
-        (none where the row's whole mass falls short); -1 pads."""
-        at = [self.index[row] for row in rows]
-        mass = self.mass_from[at]
-        reach = (mass >= torch.tensor(masses, dtype=torch.float64).unsqueeze(1)).sum(dim=1)  # buckets
-        tau = ((reach - 1).clamp(min=0) << self.SHIFT).int().view(torch.float32)
-        tau = torch.where(reach > 0, tau, math.inf).unsqueeze(1)  # [rows, 1]
-        probs = self.probs if len(at) == self.probs.shape[0] else self.probs[at]
-        return _pack(probs >= tau, probs)
-
-
-def _block_candidates(probs: torch.Tensor, block_max: torch.Tensor, rows: list[int], size: int, block: int
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Candidates from the `size` blocks with the largest maxima: every token there above the
-    next block's maximum, which bounds every token outside those blocks."""
-    vocab = probs.shape[1]
-    top = torch.topk(block_max[rows] if len(rows) < len(block_max) else block_max, size + 1, dim=1)
-    tau = top.values[:, size:]  # [rows, 1]
-    blocks = top.indices[:, :size].sort(dim=1).values  # ascending, so the ids come out ascending
-    ids = (blocks.unsqueeze(2) * block + torch.arange(block)).flatten(1)  # [rows, size*block]
-    inside = ids < vocab
-    ids.clamp_(max=vocab - 1)
-    values = probs.view(-1)[torch.tensor(rows).unsqueeze(1) * vocab + ids]  # [rows, size*block]
-    return _pack(inside & (values > tau), values, ids)
-
-
-def _pack(valid: torch.Tensor, values: torch.Tensor, ids: torch.Tensor | None = None
-          ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The valid entries of each row of values [rows, m] (and of ids, by default the column
-    numbers), in order and left-aligned: ids and values [rows, width], padded with -1."""
-    rows, m = valid.shape
-    flat = torch.from_numpy(np.flatnonzero(valid.numpy()))  # numpy's is ~3x torch's nonzero
-    row = flat // m
-    counts = torch.bincount(row, minlength=rows)
-    width = max(int(counts.max()), 1)
-    position = torch.arange(len(flat)) - (counts.cumsum(0) - counts)[row]
-    packed_ids = torch.full((rows, width), -1, dtype=torch.long)
-    packed_values = torch.full((rows, width), -1.0)
-    packed_ids[row, position] = flat % m if ids is None else ids.view(-1)[flat]
-    packed_values[row, position] = values.reshape(-1)[flat]
-    return packed_ids, packed_values
-
-
-def _cut(ids: torch.Tensor, values: torch.Tensor, top_p: torch.Tensor) -> list[torch.Tensor | None]:
-    """The reference's top-p cut on candidate sets: ids (ascending) and probabilities
-    [rows, m], -1 where a row has fewer candidates. Per row the kept ids, ascending, or None
-    when the set's mass does not prove that every token outside it is dropped."""
-    # A stable descending sort of id-ascending candidates: the reference's order (ties: lower
-    # id first), and -1 padding sorts last.
-    values, order = values.sort(dim=1, descending=True, stable=True)
-    valid = values >= 0
-    probs = values.clamp(min=0.0)
-    cumulative = probs.cumsum(dim=1)  # the reference's ops on the same prefix: the same masses
-    drop = (cumulative - probs) >= top_p.unsqueeze(1)
-    drop[:, 0] = False
-    keep = torch.empty_like(valid).scatter_(1, order, valid & ~drop)  # back in id order
-    count = valid.sum(dim=1)
-    last = cumulative.gather(1, (count - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
-    proven = ((count > 0) & (last.double() >= top_p.double() + MASS_MARGIN)).tolist()
-    kept = torch.split(ids[keep], keep.sum(dim=1).tolist())
-    return [k if ok else None for k, ok in zip(kept, proven)]
-
-
-def _softmax_of_kept(ws: _Workspace, scaled: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
+def _softmax_of_kept(ws: Workspace, scaled: torch.Tensor, kept: dict[int, torch.Tensor]) -> torch.Tensor:
     """The reference's softmax of `scaled.masked_fill(drop, -inf)` for the kept rows: on the
     full row, so that its sum is formed exactly as the reference's. [len(kept), vocab]."""
     vocab = scaled.shape[1]
@@ -555,18 +402,6 @@ def _top_k(scaled: torch.Tensor, opts: list[SamplingOptions]) -> None:
     sub.masked_fill_(sub < kth, -math.inf)
     if sub is not scaled:
         scaled[rows] = sub
-
-
-def _block_max(probs: torch.Tensor, block: int) -> torch.Tensor:
-    """The maximum of each run of `block` tokens (the last run may be shorter): [n, blocks]."""
-    n, vocab = probs.shape
-    whole = vocab // block
-    parts = []
-    if whole:
-        parts.append(probs.as_strided((n, whole, block), (probs.stride(0), block, 1)).amax(dim=2))
-    if vocab % block:
-        parts.append(probs[:, whole * block:].amax(dim=1, keepdim=True))
-    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 def _uniform(state: SequenceState) -> float:

@@ -27,7 +27,6 @@ class Slot:
     index: int
     buffers: dict[str, Any] = field(default_factory=dict)  # reused from step to step by `prepare`
     free: threading.Event = field(default_factory=threading.Event)
-    step_id: int | None = None
 
     def __post_init__(self) -> None:
         self.free.set()
@@ -79,7 +78,6 @@ class InputPreparer:
 
     def release(self, prepared: Prepared) -> None:
         """The step that read `prepared.slot` has finished: the slot may be written again."""
-        prepared.slot.step_id = None
         prepared.slot.free.set()
 
     def _run(self) -> None:
@@ -92,7 +90,6 @@ class InputPreparer:
         self._next_slot = (self._next_slot + 1) % len(self.slots)
         slot.free.wait()  # the step that last read this slot must have finished
         slot.free.clear()
-        slot.step_id = getattr(plan, "step_id", None)
         prepared = Prepared(plan, slot)
         try:
             prepared.inputs = self._prepare(plan, slot)

@@ -160,13 +160,13 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             return self._activations.pop(step_id, None)
 
     def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
+        if self.local_sampler is not None:  # sample here, in series (baseline)
+            self.local_sampler.sample(plan.step_id, [s.request_id for s in plan.sequences],
+                                      [s.sample_index for s in plan.sequences], logits)
+            return
         rows: dict[str, list[int]] = defaultdict(list)
         for i, s in enumerate(plan.sequences):
             rows[s.sampler].append(i)
-        if self.local_sampler is not None:  # sample here, in series (baseline)
-            self.local_sampler.sample(plan.step_id, [s.request_id for s in plan.sequences],
-                                      [s.sample_index for s in plan.sequences], logits.float().cpu())
-            return
         for address, idx in rows.items():
             seqs, rows_logits = [plan.sequences[i] for i in idx], logits[idx]
             frame = cpu_sampler_pb2.LogitsFrame(
