@@ -3,11 +3,13 @@
 Each technique has its own switch, so a benchmark can measure what each is worth. `full`
 turns every technique on. `baseline` turns them all off and gives a vLLM-style pipeline with
 the same stages and the same number of micro-batches in flight, so that the ratio between the
-two measures the techniques, not pipelining itself.
+two measures the techniques, not pipelining itself. `full-SWITCH` is `full` with one switch
+off and `baseline+SWITCH` is `baseline` with one switch on: what one technique is worth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 
@@ -22,6 +24,14 @@ class Techniques:
     token_safe_prep: bool
     """Stage workers build step n+1's inputs while step n computes, in two alternating buffers
     (off: input preparation in series with compute)."""
+    structured_streams: bool
+    """Structure-aware transmission: a stream sends its tensor layout once, then each frame is a
+    step tag and raw bytes whose shape the receiver takes from the step plan; samplers get their
+    rows' plan from the coordinator ahead of the logits (off: every frame carries its dtype,
+    shape and per-row metadata)."""
+    shared_memory_logits: bool
+    """A sampler on the same host as the last stage reads logits from a shared-memory ring and
+    only a slot handle crosses gRPC (off, or on another host: logits bytes go over the stream)."""
 
     def sampler_options(self) -> dict[str, bool]:
         """The SamplerConfig fields of a sampler replica."""
@@ -30,10 +40,34 @@ class Techniques:
     def stage_options(self, is_last: bool) -> dict[str, bool]:
         """The StageWorkerConfig fields of a stage; without CPU sampling the last one samples."""
         return {"sample_on_stage": is_last and not self.cpu_sampling, "fast_sampler": self.fast_sampler,
-                "overlap_input_prep": self.token_safe_prep}
+                "overlap_input_prep": self.token_safe_prep, "structured_streams": self.structured_streams,
+                "shared_memory_logits": self.shared_memory_logits}
 
+    def coordinator_options(self) -> dict[str, bool]:
+        """The CoordinatorConfig fields: samplers get row plans only with structured streams."""
+        return {"sample_plans": self.cpu_sampling and self.structured_streams}
+
+
+SWITCHES = tuple(f.name for f in dataclasses.fields(Techniques))
 
 PRESETS: dict[str, Techniques] = {
-    "full": Techniques(cpu_sampling=True, fast_sampler=True, token_safe_prep=True),
-    "baseline": Techniques(cpu_sampling=False, fast_sampler=False, token_safe_prep=False),
+    "full": Techniques(**dict.fromkeys(SWITCHES, True)),
+    "baseline": Techniques(**dict.fromkeys(SWITCHES, False)),
 }
+
+
+def resolve(name: str) -> Techniques:
+    """A preset by name: `full`, `baseline`, `full-SWITCH` or `baseline+SWITCH`.
+
+    Raises ValueError naming the unknown preset or switch and listing the valid ones.
+    """
+    if name in PRESETS:
+        return PRESETS[name]
+    for base, sep, value in (("full", "-", False), ("baseline", "+", True)):
+        if name.startswith(base + sep):
+            switch = name[len(base) + 1:]
+            if switch not in SWITCHES:
+                raise ValueError(f"preset {name!r}: unknown switch {switch!r}; switches: {', '.join(SWITCHES)}")
+            return dataclasses.replace(PRESETS[base], **{switch: value})
+    raise ValueError(f"unknown preset {name!r}; use full, baseline, full-SWITCH or baseline+SWITCH "
+                     f"(switches: {', '.join(SWITCHES)})")
