@@ -11,7 +11,7 @@ from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store import servicer as kv_store
 from tandem.kv_store.config import KvStoreConfig
-from tandem.presets import PRESETS
+from tandem.presets import resolve
 from tandem.stage_worker import servicer as stage_worker
 from tandem.stage_worker.config import StageWorkerConfig
 
@@ -34,7 +34,7 @@ def start_cluster(
     with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, preset: str = "full", **coordinator_options,
 ) -> Cluster:
     """`preset` as `tandem up --preset`: with `baseline` the last stage samples (num_samplers is ignored)."""
-    techniques = PRESETS[preset]
+    techniques = resolve(preset)
     if not techniques.cpu_sampling:
         num_samplers = 0
     c = Cluster()
@@ -58,7 +58,7 @@ def start_cluster(
         c.samplers = c.samplers or [c.stages[-1]]
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,
-                                **coordinator_options)
+                                **{**techniques.coordinator_options(), **coordinator_options})
         server = coordinator.serve(cfg)
         c._servers.append(server)
         c.endpoint = server.address

@@ -8,7 +8,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
-from tandem.presets import PRESETS
+from tandem.presets import SWITCHES, resolve
 
 BUNDLED_MODEL = "tiny"
 
@@ -16,6 +16,14 @@ BUNDLED_MODEL = "tiny"
 def bundled_model_dir() -> Path:
     """The tiny Llama-architecture model shipped with the package, trained on Python source."""
     return Path(str(files("tandem.assets") / BUNDLED_MODEL))
+
+
+def _preset(name: str) -> str:
+    try:
+        resolve(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -167,8 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-blocks", type=int, default=512, help="KV blocks per stage")
     up.add_argument("--device", default="cpu", help="device of the stage workers")
     up.add_argument("--no-kv-store", action="store_true", help="no host KV tier: preemption recomputes")
-    up.add_argument("--preset", default="full", choices=sorted(PRESETS),
-                    help="techniques switched on: full (all) or baseline (a vLLM-style pipeline)")
+    up.add_argument("--preset", default="full", type=_preset,
+                    help="techniques switched on: full (all), baseline (a vLLM-style pipeline), full-SWITCH "
+                         "(all but one) or baseline+SWITCH (only one); switches: " + ", ".join(SWITCHES))
     up.add_argument("--log-dir", help="where each service writes its log (default: a temporary directory)")
     up.set_defaults(func=_up)
 

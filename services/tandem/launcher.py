@@ -16,7 +16,7 @@ from tandem.core.config import dump_config
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
-from tandem.presets import PRESETS
+from tandem.presets import resolve
 from tandem.stage_worker.config import StageWorkerConfig
 
 READY_PREFIX = "tandem-service-ready "
@@ -66,11 +66,10 @@ class Launcher:
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
-           preset: str = "full") -> str:
-        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets)."""
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-        techniques = PRESETS[preset]
+           preset: str = "full", stage_threads: int = 0) -> str:
+        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
+        `stage_threads` each stage's torch threads (0: torch's default)."""
+        techniques = resolve(preset)
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
@@ -80,13 +79,14 @@ class Launcher:
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
-                                    num_blocks=num_blocks, block_size=block_size,
+                                    num_blocks=num_blocks, block_size=block_size, num_threads=stage_threads,
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
         self.stages, self.samplers = stages, list(samplers)
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
-                                        host=host, port=port, num_blocks=num_blocks, block_size=block_size)
+                                        host=host, port=port, num_blocks=num_blocks, block_size=block_size,
+                                        **techniques.coordinator_options())
         return self.start("coordinator", "coordinator", coordinator)
 
     def first_exited(self) -> tuple[str, int] | None:

@@ -30,6 +30,10 @@ class CoordinatorConfig:
     max_in_flight: int = doc("micro-batches in flight; 0 means number of stages + 1", 0)
     max_queue: int = doc("most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED", 256)
     max_model_len: int = doc("longest prompt plus output in tokens; 0 means the model's max positions", 0)
+    sample_plans: bool = doc(
+        "structure-aware transmission: send each sampler the row plan of every step ahead of its logits, "
+        "so the last stage's logits frames carry only a step tag and raw bytes (the stages' "
+        "structured_streams must be on too)", True)
     step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
     max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
     api_key_env: str = doc(

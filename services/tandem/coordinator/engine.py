@@ -54,18 +54,27 @@ class _Replica:
     load: int = 0  # sequences it holds
     closed: threading.Event = field(default_factory=threading.Event)
     call: object = None  # the Results call, cancelled on close
+    plans: StreamSender | None = None  # its Plans stream, opened with the first plan
+
+    def send_plan(self, plan: cpu_sampler_pb2.SamplePlan) -> None:
+        if self.plans is None:
+            self.plans = StreamSender(self.stub.Plans, f"plans->{self.address}")
+        self.plans.send(plan)
 
     def close(self) -> None:
         self.closed.set()
         if self.call is not None:
             self.call.cancel()
+        if self.plans is not None:
+            self.plans.close()
         self.channel.close()
 
 
 class Engine:
     def __init__(self, scheduler: Scheduler, stages: list[str], discovery: SamplerDiscovery, kv_store: str,
-                 max_queue: int, step_timeout_s: float):
+                 max_queue: int, step_timeout_s: float, sample_plans: bool = True):
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
+        self.sample_plans = sample_plans
         self.requests: dict[str, Request] = {}
         self.pending: dict[int, _PendingStep] = {}
         self._events: queue.Queue = queue.Queue()
@@ -301,8 +310,24 @@ class Engine:
             request.scheduled_time = request.scheduled_time or now
         if step.sequences:
             self.pending[step.step_id] = _PendingStep({s.request_id for s in step.sequences})
+        if self.sample_plans:  # ahead of the stages' plans, so it is there before the logits
+            self._send_sample_plans(step)
         for sender in self._plan_senders:
             sender.send(plan)
+
+    def _send_sample_plans(self, step: Step) -> None:
+        """Each replica's rows of the step, in plan order: the order of its logits frame's rows."""
+        rows: dict[str, cpu_sampler_pb2.SamplePlan] = {}
+        for s in step.sequences:
+            plan = rows.get(s.sampler)
+            if plan is None:
+                plan = rows[s.sampler] = cpu_sampler_pb2.SamplePlan(step_id=step.step_id)
+            plan.request_ids.append(s.request_id)
+            plan.sample_indices.append(s.sample_index)
+        for address, plan in rows.items():
+            replica = self.replicas.get(address)
+            if replica is not None:
+                replica.send_plan(plan)
 
     # --- streams ------------------------------------------------------------------------
 

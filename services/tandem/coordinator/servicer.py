@@ -187,7 +187,7 @@ def serve(config: CoordinatorConfig) -> Server:
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks)
     engine = Engine(scheduler, list(config.stages), discovery.from_config(config), config.kv_store,
-                    config.max_queue, config.step_timeout_s)
+                    config.max_queue, config.step_timeout_s, config.sample_plans)
     engine.start()
     server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
     server.add(pb_grpc.add_CoordinatorServicer_to_server,

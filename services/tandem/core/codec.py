@@ -72,10 +72,7 @@ def encode(tensor: torch.Tensor) -> tensor_pb2.Tensor:
         raise CodecError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(DTYPES)}")
     if tensor.layout != torch.strided:
         raise CodecError(f"cannot encode a {tensor.layout} tensor; only dense tensors")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
-    # One copy, from tensor memory straight into the bytes object.
-    data = ctypes.string_at(flat.data_ptr(), flat.numel()) if flat.numel() else b""
-    return tensor_pb2.Tensor(dtype=name, shape=list(tensor.shape), data=data)
+    return tensor_pb2.Tensor(dtype=name, shape=list(tensor.shape), data=raw(tensor))
 
 
 def decode(
@@ -106,25 +103,63 @@ def decode(
     if expected_shape is not None and shape != tuple(expected_shape):
         raise CodecError(f"shape is {list(shape)}, expected {list(expected_shape)}")
 
-    itemsize = dtype.itemsize
-    if numel * itemsize > limits.max_bytes:
-        raise CodecError(
-            f"shape {list(shape)} of {message.dtype} needs {numel * itemsize} bytes, "
-            f"over the limit of {limits.max_bytes}"
-        )
-    data = message.data  # upb hands out a fresh bytes object; the tensor keeps it alive
-    if len(data) != numel * itemsize:
-        raise CodecError(
-            f"payload has {len(data)} bytes, but shape {list(shape)} of {message.dtype} "
-            f"needs {numel} * {itemsize} = {numel * itemsize} bytes"
-        )
+    return _over_bytes(message.data, dtype, shape, numel, limits, what=f"shape {list(shape)} of {message.dtype}")
+
+
+def layout(tensor: torch.Tensor) -> tensor_pb2.TensorLayout:
+    """The layout a structure-aware stream announces once: dtype and the dims after the rows."""
+    name = _NAMES.get(tensor.dtype)
+    if name is None:
+        raise CodecError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(DTYPES)}")
+    return tensor_pb2.TensorLayout(dtype=name, row_shape=list(tensor.shape[1:]))
+
+
+def raw(tensor: torch.Tensor) -> bytes:
+    """The tensor's elements as raw little-endian bytes, for a frame of a structure-aware stream."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)  # [nbytes]
+    # One copy, from tensor memory straight into the bytes object.
+    return ctypes.string_at(flat.data_ptr(), flat.numel()) if flat.numel() else b""
+
+
+def check_layout(message: tensor_pb2.TensorLayout, expected_dtype: torch.dtype,
+                 expected_row_shape: Sequence[int]) -> tensor_pb2.TensorLayout:
+    """Check a stream's announced layout against what the receiver computes with."""
+    expected_name = _NAMES.get(expected_dtype, str(expected_dtype))
+    if message.dtype != expected_name:
+        shown = message.dtype[:32]  # untrusted
+        raise CodecError(f"stream layout dtype is {shown!r}, expected {expected_name}")
+    if tuple(message.row_shape) != tuple(expected_row_shape):
+        raise CodecError(f"stream layout row shape is {list(message.row_shape)[:8]}, expected {list(expected_row_shape)}")
+    return message
+
+
+def decode_rows(data: bytes | memoryview, layout: tensor_pb2.TensorLayout, rows: int,
+                limits: CodecLimits = DEFAULT_LIMITS) -> torch.Tensor:
+    """A [rows, *layout.row_shape] tensor over the raw bytes of a structure-aware frame, the row
+    count taken from the receiver's step plan. Read-only, like `decode`'s tensors."""
+    dtype = DTYPES.get(layout.dtype)
+    if dtype is None:
+        raise CodecError(f"unknown dtype {layout.dtype[:32]!r}; allowed: {', '.join(DTYPES)}")
+    shape = (rows, *layout.row_shape)
+    numel = _checked_numel(shape, limits)
+    return _over_bytes(data, dtype, shape, numel, limits, what=f"the plan's {rows} rows of {list(layout.row_shape)} {layout.dtype}")
+
+
+def _over_bytes(data, dtype: torch.dtype, shape: tuple[int, ...], numel: int, limits: CodecLimits,
+                what: str) -> torch.Tensor:
+    """A tensor of `shape` over `data`, after checking the byte count against it."""
+    nbytes = numel * dtype.itemsize
+    if nbytes > limits.max_bytes:
+        raise CodecError(f"{what} needs {nbytes} bytes, over the limit of {limits.max_bytes}")
+    if len(data) != nbytes:
+        raise CodecError(f"payload has {len(data)} bytes, but {what} needs {numel} * {dtype.itemsize} = {nbytes} bytes")
     if numel == 0:  # torch.frombuffer rejects an empty buffer
         return torch.empty(shape, dtype=dtype)
     buffer = data if len(data) >= _MIN_ZERO_COPY_BYTES else bytearray(data)
-    raw = torch.frombuffer(buffer, dtype=torch.uint8)  # [nbytes], shares memory with buffer
-    if dtype == torch.bool and bool((raw > 1).any()):
+    raw_bytes = torch.frombuffer(buffer, dtype=torch.uint8)  # [nbytes], shares memory with buffer
+    if dtype == torch.bool and bool((raw_bytes > 1).any()):
         raise CodecError("bool payload holds bytes other than 0 and 1")
-    return raw.view(dtype).view(shape)  # [*shape]
+    return raw_bytes.view(dtype).view(shape)  # [*shape]
 
 
 def _checked_numel(shape: tuple[int, ...], limits: CodecLimits) -> int:

@@ -38,3 +38,7 @@ class UnavailableError(TandemError):
 
 class DeadlineExceededError(TandemError):
     """A request ran past its deadline (gRPC DEADLINE_EXCEEDED)."""
+
+
+class FailedPreconditionError(TandemError):
+    """The system is not in the state the call needs (gRPC FAILED_PRECONDITION)."""

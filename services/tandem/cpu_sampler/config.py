@@ -30,6 +30,12 @@ class SamplerConfig:
     fast_sampler: bool = doc(
         "Sample with FastSampler (the same tokens and logprobs as the reference sampler, bit "
         "for bit, many times faster); false uses the straightforward reference sampler.", True)
+    max_planned_steps: int = doc(
+        "Row plans (structure-aware transmission) kept for steps whose logits have not arrived; the "
+        "oldest are dropped beyond this.", 1024)
+    plan_wait_s: float = doc(
+        "How long a logits frame without row metadata waits for its step's plan; after that its "
+        "rows are reported unsampled.", 30.0)
     num_threads: int = doc(
         "Threads FastSampler spreads a frame's rows over (torch ops release the GIL); 1 samples "
         "on the calling thread. Results do not depend on it.", 1)
@@ -43,6 +49,8 @@ class SamplerConfig:
             ("max_tokens_limit", 1 <= self.max_tokens_limit < MAX_TOKEN_ID_BOUND,
              "must be in [1, 2^31)"),
             ("max_queued_batches", self.max_queued_batches >= 1, "must be >= 1"),
+            ("max_planned_steps", self.max_planned_steps >= 1, "must be >= 1"),
+            ("plan_wait_s", self.plan_wait_s > 0, "must be > 0"),
             ("num_threads", 1 <= self.num_threads <= 256, "must be in [1, 256]"),
         ]
         for name, ok, rule in checks:

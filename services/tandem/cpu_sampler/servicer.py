@@ -5,13 +5,16 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from tandem.core import codec
-from tandem.core.errors import InvalidArgumentError, ResourceExhaustedError
+from tandem.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from tandem.core.sampling import SamplingOptions, SequenceState
+from tandem.core.shm_ring import RingReader
 from tandem.core.server import Server
 from tandem.cpu_sampler.config import MAX_TOKEN_ID_BOUND, SamplerConfig
 from tandem.cpu_sampler.engine import FrameResult, SamplerEngine
@@ -80,7 +83,11 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
         self.engine = SamplerEngine.from_config(config)
         self.subscribers = Subscribers(config.max_queued_batches)
         self._counter_lock = threading.Lock()
-        self.sample_ns_total = self.wire_bytes_in_total = self.tensor_bytes_in_total = 0
+        self.sample_ns_total = self.sample_cpu_ns_total = 0
+        self.wire_bytes_in_total = self.tensor_bytes_in_total = self.shm_bytes_in_total = 0
+        self.plans = PlanBook(config.max_planned_steps)
+        self._rings_lock = threading.Lock()
+        self._rings: dict[str, RingReader] = {}  # attached, not yet claimed by a Logits stream
 
     def AddSequences(self, request: pb.AddSequencesRequest, context: grpc.ServicerContext
                      ) -> pb.AddSequencesResponse:
@@ -92,27 +99,99 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
         self.engine.release(request.request_ids)
         return pb.ReleaseSequencesResponse()
 
+    def Plans(self, request_iterator: Iterator[pb.SamplePlan], context: grpc.ServicerContext) -> pb.PlansSummary:
+        num_plans = 0
+        for plan in request_iterator:
+            if len(plan.request_ids) != len(plan.sample_indices):
+                raise InvalidArgumentError(f"plan of step {plan.step_id} has {len(plan.request_ids)} request ids "
+                                           f"and {len(plan.sample_indices)} sample indices")
+            self.plans.put(plan)
+            num_plans += 1
+        return pb.PlansSummary(num_plans=num_plans)
+
+    def AttachLogitsRing(self, request: pb.AttachLogitsRingRequest, context: grpc.ServicerContext
+                         ) -> pb.AttachLogitsRingResponse:
+        try:
+            ring = RingReader(request.path, request.nonce, request.slots, request.slot_bytes)
+        except FileNotFoundError as e:
+            raise FailedPreconditionError(f"cannot map the logits ring: {e}") from None
+        with self._rings_lock:
+            self._rings[request.ring_id] = ring
+        return pb.AttachLogitsRingResponse()
+
     def Logits(self, request_iterator: Iterator[pb.LogitsFrame], context: grpc.ServicerContext
                ) -> pb.LogitsSummary:
-        num_frames = 0
+        """Frames carry a whole Tensor with their rows' request ids, or (structure-aware) the
+        stream's header frame holds the layout and later frames only raw bytes or a ring slot,
+        their rows being those of the step's SamplePlan."""
+        num_frames, layout, ring = 0, None, None
         for frame in request_iterator:
             try:
-                logits = codec.decode(frame.logits, expected_dtype="float32")  # [rows, vocab]
-                self.sample(frame.step_id, frame.request_ids, frame.sample_indices, logits)
+                if frame.HasField("layout"):  # the header
+                    layout, ring = self._header(frame)
+                    continue
+                self._sample_frame(frame, layout, ring)
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"logits frame {num_frames} (step {frame.step_id}): {e}") from None
-            with self._counter_lock:
-                self.wire_bytes_in_total += frame.ByteSize()
-                self.tensor_bytes_in_total += logits.numel() * logits.element_size()
             num_frames += 1
         return pb.LogitsSummary(num_frames=num_frames)
+
+    def _header(self, frame: pb.LogitsFrame) -> tuple[codec.tensor_pb2.TensorLayout, RingReader | None]:
+        if frame.layout.dtype != "float32" or len(frame.layout.row_shape) != 1:
+            raise InvalidArgumentError(f"logits layout must be float32 [vocab], got {frame.layout.dtype[:32]!r} "
+                                       f"{list(frame.layout.row_shape)[:8]}")
+        if not frame.ring_id:
+            return frame.layout, None
+        with self._rings_lock:
+            ring = self._rings.pop(frame.ring_id, None)
+        if ring is None:
+            raise InvalidArgumentError(f"unknown ring id {frame.ring_id[:64]!r}: attach it first")
+        return frame.layout, ring
+
+    def _sample_frame(self, frame: pb.LogitsFrame, layout, ring: RingReader | None) -> None:
+        request_ids, sample_indices = frame.request_ids, frame.sample_indices
+        if not request_ids and not frame.HasField("logits"):  # the rows are in the step's plan
+            plan = self.plans.take(frame.step_id, self.config.plan_wait_s)
+            if plan is None:
+                self.subscribers.publish(pb.SampledBatch(
+                    step_id=frame.step_id, error=f"no plan for step {frame.step_id} within {self.config.plan_wait_s}s"))
+                return
+            request_ids, sample_indices = plan.request_ids, plan.sample_indices
+        shm_bytes = 0
+        if frame.HasField("logits"):
+            logits = codec.decode(frame.logits, expected_dtype="float32")  # [rows, vocab]
+        elif layout is None:
+            raise InvalidArgumentError("raw logits before the stream's layout frame")
+        elif frame.HasField("ring_slot"):
+            if ring is None:
+                raise InvalidArgumentError("a ring slot on a stream without a ring")
+            vocab = layout.row_shape[0]
+            expected = len(request_ids) * vocab * 4
+            if frame.ring_slot.nbytes != expected:
+                raise InvalidArgumentError(f"ring slot holds {frame.ring_slot.nbytes} bytes, but {len(request_ids)} "
+                                           f"rows of {vocab} float32 logits need {expected}")
+            logits = ring.view(frame.ring_slot.index, expected, torch.float32).view(len(request_ids), vocab)
+            shm_bytes = expected
+        else:
+            logits = codec.decode_rows(frame.data, layout, len(request_ids))
+        try:
+            self.sample(frame.step_id, request_ids, sample_indices, logits)
+        finally:
+            if shm_bytes:
+                ring.free(frame.ring_slot.index)
+        with self._counter_lock:
+            self.wire_bytes_in_total += frame.ByteSize()
+            self.tensor_bytes_in_total += logits.numel() * logits.element_size()
+            self.shm_bytes_in_total += shm_bytes
 
     def sample(self, step_id: int, request_ids, sample_indices, logits) -> None:
         """Sample one frame's rows and publish the tokens to every Results subscriber. The
         Logits stream calls this; so does a last stage that samples in-process (baseline)."""
+        cpu = time.process_time_ns()
         result = self.engine.sample_frame(request_ids, sample_indices, logits)
         with self._counter_lock:
             self.sample_ns_total += result.sample_ns
+            self.sample_cpu_ns_total += time.process_time_ns() - cpu
         self.subscribers.publish(_batch(step_id, result))
 
     def Results(self, request: pb.ResultsRequest, context: grpc.ServicerContext
@@ -142,6 +221,8 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
             sample_ns_total=self.sample_ns_total,
             wire_bytes_in_total=self.wire_bytes_in_total,
             tensor_bytes_in_total=self.tensor_bytes_in_total,
+            sample_cpu_ns_total=self.sample_cpu_ns_total,
+            shm_bytes_in_total=self.shm_bytes_in_total,
         )
 
     def _state(self, position: int, seq: pb.SamplerSequence) -> SequenceState:
@@ -154,6 +235,36 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
                                  seq.output_ids, seq.min_tokens_blocked_ids)
         except InvalidArgumentError as e:
             raise InvalidArgumentError(f"sequences[{position}] (request {seq.request_id!r}): {e}") from None
+
+
+class PlanBook:
+    """Row plans by step, from the coordinator's Plans stream, taken by the Logits stream.
+
+    A frame may arrive before its plan (the streams are independent): `take` waits for it. Plans
+    whose frame never comes (a failed step) are dropped oldest first beyond `capacity`.
+    """
+
+    def __init__(self, capacity: int):
+        self._capacity = capacity
+        self._plans: dict[int, pb.SamplePlan] = {}
+        self._arrived = threading.Condition()
+
+    def put(self, plan: pb.SamplePlan) -> None:
+        with self._arrived:
+            self._plans[plan.step_id] = plan
+            while len(self._plans) > self._capacity:
+                del self._plans[next(iter(self._plans))]
+            self._arrived.notify_all()
+
+    def take(self, step_id: int, timeout_s: float) -> pb.SamplePlan | None:
+        deadline = time.monotonic() + timeout_s
+        with self._arrived:
+            while step_id not in self._plans:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._arrived.wait(left)
+            return self._plans.pop(step_id)
 
 
 def _batch(step_id: int, result: FrameResult) -> pb.SampledBatch:

@@ -31,12 +31,31 @@ class StageWorkerConfig:
         "the forward pass, as a vLLM-style pipeline does (the baseline preset); the coordinator "
         "then lists this stage as its one sampler", False)
     fast_sampler: bool = doc("with sample_on_stage: use the fast sampler instead of the straightforward one", False)
+    structured_streams: bool = doc(
+        "structure-aware transmission: outgoing streams send the tensor layout once, then each frame is a "
+        "step tag and raw bytes (the receiver shapes them from its plan); off: every frame carries dtype, "
+        "shape and per-row metadata", True)
+    shared_memory_logits: bool = doc(
+        "last stage: hand logits to a sampler on the same host through a shared-memory ring in /dev/shm "
+        "(only a slot handle crosses gRPC); samplers elsewhere get them over the stream", True)
+    logits_ring_slots: int = doc("slots of each sampler's shared-memory ring (frames in flight to it)", 4)
+    logits_ring_mib: int = doc(
+        "MiB of each sampler's ring, split evenly into its slots; a frame larger than a slot goes over the stream", 64)
+    logits_ring_wait_s: float = doc(
+        "how long a frame waits for the sampler to free a slot before it goes over the stream instead", 5.0)
+    num_threads: int = doc(
+        "torch intra-op threads of this stage; 0: torch's default (one per core). Set it to the cores "
+        "the stage may use when processes share a node", 0)
 
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("config field 'model' must name a model directory")
         if not 0 <= self.stage_index < self.num_stages:
             raise ConfigError(f"config field 'stage_index'={self.stage_index} must be in [0, num_stages={self.num_stages})")
+        if self.logits_ring_slots < 1 or self.logits_ring_mib < 1:
+            raise ConfigError("config fields 'logits_ring_slots' and 'logits_ring_mib' must be >= 1")
+        if self.num_threads < 0:
+            raise ConfigError(f"config field 'num_threads'={self.num_threads} must be >= 0")
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1

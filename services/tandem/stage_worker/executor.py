@@ -27,6 +27,11 @@ class StepInputs:
     slices: list[SequenceSlice]
     meta: AttentionMetadata
     input_ids: torch.Tensor | None  # [T] token ids on stage 0 (a view of a slot buffer), else None
+    hidden: torch.Tensor | None = None  # [T, hidden] device buffer the activations are copied into (GPU stages)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.slices)
 
 
 @dataclass(frozen=True)
@@ -101,19 +106,19 @@ class StageExecutor:
             return None
         slices = self.check_plan(plan)
         meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
-        input_ids = None
+        input_ids = hidden = None
         if self.layers.is_first:
             ids = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64)
-            buffer = buffers.get("input_ids")
-            if buffer is None or buffer.numel() < ids.numel():
-                buffer = buffers["input_ids"] = torch.empty(max(ids.numel(), 256), dtype=torch.int64, device=self.device)
-            input_ids = buffer[: ids.numel()]
+            input_ids = _slot_buffer(buffers, "input_ids", (ids.numel(),), torch.int64, self.device)
             input_ids.copy_(ids)
-        return StepInputs(slices, meta, input_ids)
+        elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
+            num_tokens = sum(s.num_new_tokens for s in slices)
+            hidden = _slot_buffer(buffers, "hidden", (num_tokens, self.model_config.hidden_size), self.dtype, self.device)
+        return StepInputs(slices, meta, input_ids, hidden)
 
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
         """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
-        num_tokens = sum(s.num_new_tokens for s in inputs.slices)
+        num_tokens = inputs.num_tokens
         if self.layers.is_first:
             x = inputs.input_ids
         else:
@@ -121,7 +126,7 @@ class StageExecutor:
             if hidden is None or tuple(hidden.shape) != expected:
                 got = None if hidden is None else list(hidden.shape)
                 raise InvalidArgumentError(f"step {plan.step_id}: activations {got}, plan needs {list(expected)}")
-            x = hidden.to(self.device, self.dtype)
+            x = inputs.hidden.copy_(hidden) if inputs.hidden is not None else hidden.to(self.dtype)
         meta = inputs.meta
         for s in plan.sequences:
             self.blocks_of[s.request_id] = list(s.block_table)
@@ -130,3 +135,15 @@ class StageExecutor:
         if self.layers.is_last:
             return StepOutput(hidden=None, logits=self.model.compute_logits(out, meta).cpu())
         return StepOutput(hidden=out.cpu() if out.device.type != "cpu" else out, logits=None)
+
+
+def _slot_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    """A view of shape `shape` into the slot's buffer `name`, grown when too small and reused."""
+    numel = 1
+    for dim in shape:
+        numel *= dim
+    buffer = buffers.get(name)
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[name] = torch.empty(max(numel, 256), dtype=dtype, device=device)
+    return buffer[:numel].view(shape)

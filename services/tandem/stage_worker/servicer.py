@@ -14,13 +14,13 @@ import torch
 from tandem.core import codec
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
 from tandem.core.server import CHANNEL_OPTIONS, Server
-from tandem.core.streams import StreamSender
 from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
-from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
+from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions
+from tandem.v1 import cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc, tensor_pb2
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 
@@ -34,21 +34,29 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self.executor: StageExecutor | None = None  # set by load()
         self._inputs: InputPreparer | None = None  # set by load()
         self._done: queue.Queue[pb.StepDone] = queue.Queue()
-        self._activations: dict[int, torch.Tensor] = {}
+        self._activations: dict[int, torch.Tensor | tuple[bytes, tensor_pb2.TensorLayout]] = {}
         self._arrived = threading.Condition()
         self._stopping = False
         self._channels: list[grpc.Channel] = []
-        self._next = self._sender_to_next_stage()
-        self._samplers: dict[str, StreamSender] = {}
+        self._next: ActivationStream | None = None  # set by load() on every stage but the last
+        self._samplers: dict[str, LogitsStream] = {}
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
         self._ready_ns = 0
         self.local_sampler = None  # a CpuSamplerServicer when config.sample_on_stage
-        self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = 0  # written by the executor thread only
-        self.wire_bytes_out_total = self.tensor_bytes_out_total = self.frames_out_total = 0
+        # written by the executor thread only
+        self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = self.compute_cpu_ns_total = 0
 
     def load(self) -> None:
         """Load the stage's weights and start executing plans."""
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
         self.executor = StageExecutor(self.config)
+        if self.config.next_stage:
+            stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
+            layout = tensor_pb2.TensorLayout(dtype=str(self.executor.dtype).removeprefix("torch."),
+                                             row_shape=[self.executor.model_config.hidden_size])
+            self._next = ActivationStream(stub, f"activations->{self.config.next_stage}", layout,
+                                          self.config.structured_streams)
         self._inputs = InputPreparer(lambda plan, slot: self.executor.prepare(plan, slot.buffers),
                                      overlap=self.config.overlap_input_prep)
         self._ready_ns = time.perf_counter_ns()
@@ -78,13 +86,24 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
                 continue
 
     def Activations(self, request_iterator, context):
+        """Frames carry a whole Tensor each, or (structure-aware) a header frame holds the layout
+        and later frames only raw bytes, shaped by the step's plan when the step runs."""
         self._ready()
         num_frames = 0
         hidden_size = self.executor.model_config.hidden_size
+        layout = None
         for frame in request_iterator:
-            hidden = codec.decode(frame.hidden, expected_dtype=self.executor.dtype)
-            if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-                raise CodecError(f"step {frame.step_id}: activations {list(hidden.shape)}, expected [tokens, {hidden_size}]")
+            if frame.HasField("layout"):
+                layout = codec.check_layout(frame.layout, self.executor.dtype, [hidden_size])
+                continue
+            if frame.HasField("hidden"):
+                hidden = codec.decode(frame.hidden, expected_dtype=self.executor.dtype)
+                if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
+                    raise CodecError(f"step {frame.step_id}: activations {list(hidden.shape)}, expected [tokens, {hidden_size}]")
+            elif layout is None:
+                raise CodecError(f"step {frame.step_id}: raw activations before the stream's layout frame")
+            else:
+                hidden = (frame.data, layout)
             with self._arrived:
                 self._activations[frame.step_id] = hidden
                 self._arrived.notify_all()
@@ -99,9 +118,18 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             block_size=c.block_size, num_sequences=len(e.blocks_of), dtype=str(e.dtype).removeprefix("torch."),
             device=e.device.type, num_steps_total=e.num_steps, uptime_ns=time.perf_counter_ns() - self._ready_ns,
             busy_ns_total=self.busy_ns_total, wait_ns_total=self.wait_ns_total,
-            wire_bytes_out_total=self.wire_bytes_out_total, tensor_bytes_out_total=self.tensor_bytes_out_total,
-            frames_out_total=self.frames_out_total, compute_ns_total=self.compute_ns_total,
+            compute_ns_total=self.compute_ns_total, compute_cpu_ns_total=self.compute_cpu_ns_total,
+            **self._traffic(),
         )
+
+    def _traffic(self) -> dict[str, int]:
+        streams = [s for s in [self._next, *list(self._samplers.values())] if s is not None]
+        return {
+            "frames_out_total": sum(s.traffic.frames for s in streams),
+            "wire_bytes_out_total": sum(s.traffic.wire_bytes for s in streams),
+            "tensor_bytes_out_total": sum(s.traffic.tensor_bytes for s in streams),
+            "shm_bytes_out_total": sum(s.traffic.shm_bytes for s in streams),
+        }
 
     # --- execution ----------------------------------------------------------------------
 
@@ -138,26 +166,29 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         if prepared.inputs is None:  # no sequences: only housekeeping
             return
         t1 = time.perf_counter_ns()
-        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id)
-        t2 = time.perf_counter_ns()
+        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id, prepared.inputs.num_tokens)
+        t2, cpu = time.perf_counter_ns(), time.process_time_ns()
         out = ex.run(plan, prepared.inputs, hidden)
         done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
+        self.compute_cpu_ns_total += time.process_time_ns() - cpu
         if out.hidden is not None:
-            self._count_out(self._next, pb.ActivationFrame(step_id=plan.step_id, hidden=codec.encode(out.hidden)), out.hidden)
+            self._next.send(plan.step_id, out.hidden)
         else:
             self._send_logits(plan, out.logits)
 
-    def _count_out(self, sender: StreamSender, frame, tensor: torch.Tensor) -> None:
-        self.wire_bytes_out_total += frame.ByteSize()
-        self.tensor_bytes_out_total += tensor.numel() * tensor.element_size()
-        self.frames_out_total += 1
-        sender.send(frame)
-
-    def _wait_activations(self, step_id: int) -> torch.Tensor | None:
+    def _wait_activations(self, step_id: int, num_tokens: int) -> torch.Tensor | None:
+        """The step's activations, shaped by the plan when they came as raw bytes."""
         with self._arrived:
             while step_id not in self._activations and not self._stopping:
                 self._arrived.wait(timeout=0.5)
-            return self._activations.pop(step_id, None)
+            hidden = self._activations.pop(step_id, None)
+        if isinstance(hidden, tuple):
+            data, layout = hidden
+            try:
+                hidden = codec.decode_rows(data, layout, num_tokens)
+            except CodecError as e:
+                raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
+        return hidden
 
     def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
         if self.local_sampler is not None:  # sample here, in series (baseline)
@@ -168,26 +199,22 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         for i, s in enumerate(plan.sequences):
             rows[s.sampler].append(i)
         for address, idx in rows.items():
-            seqs, rows_logits = [plan.sequences[i] for i in idx], logits[idx]
-            frame = cpu_sampler_pb2.LogitsFrame(
-                step_id=plan.step_id,
-                request_ids=[s.request_id for s in seqs],
-                sample_indices=[s.sample_index for s in seqs],
-                logits=codec.encode(rows_logits),
-            )
-            self._count_out(self._sampler_sender(address), frame, rows_logits)
+            seqs = [plan.sequences[i] for i in idx]
+            rows_logits = logits if len(idx) == len(plan.sequences) else logits[idx]
+            self._logits_stream(address).send(plan.step_id, [s.request_id for s in seqs],
+                                              [s.sample_index for s in seqs], rows_logits)
 
-    def _sampler_sender(self, address: str) -> StreamSender:
+    def _logits_stream(self, address: str) -> LogitsStream:
         if address not in self._samplers:
+            c = self.config
+            ring = None
+            if c.shared_memory_logits:
+                ring = RingOptions(c.logits_ring_slots, c.logits_ring_mib * 2**20 // c.logits_ring_slots,
+                                   c.logits_ring_wait_s)
             stub = cpu_sampler_pb2_grpc.CpuSamplerStub(self._channel(address))
-            self._samplers[address] = StreamSender(stub.Logits, f"logits->{address}")
+            self._samplers[address] = LogitsStream(stub, address, self.executor.model_config.vocab_size,
+                                                   c.structured_streams, ring)
         return self._samplers[address]
-
-    def _sender_to_next_stage(self) -> StreamSender | None:
-        if not self.config.next_stage:
-            return None
-        stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
-        return StreamSender(stub.Activations, f"activations->{self.config.next_stage}")
 
     def _put_blocks(self, request_id: str, blocks: torch.Tensor) -> None:
         req = kv_store_pb2.PutBlocksRequest(request_id=request_id, stage=self.config.stage_index, blocks=codec.encode(blocks))
