@@ -13,9 +13,11 @@ import pytest
 
 from processes import alive, children_of
 from tandem.bench import stats
-from tandem.bench.command import Target, plan_targets
-from tandem.bench.hf import plan_batches
+from tandem.bench.command import Target, plan_targets, sampling_options
+from tandem.bench.cputime import CpuClock, CpuWindow, cpu_by_process, parse_stat_cpu_ticks, process_cpu_s
+from tandem.bench.hf import generate_options, plan_batches
 from tandem.bench.metrics import Counters
+from tandem.bench.profiling import Profiler, find_py_spy, parse_collapsed, summarize
 from tandem.bench.report import compare, format_comparison, format_run, run_figures
 from tandem.bench.runner import Measurement, RequestRecord
 from tandem.bench.workload import (
@@ -133,19 +135,72 @@ def test_bench_command_rejects_a_bad_trace_before_starting_anything(tmp_path, ca
 
 def test_bench_options():
     parse = build_parser().parse_args
-    with pytest.raises(SystemExit):
-        parse(["bench", "--prompt-len", "uniform:9,3"])
-    presets = ["baseline", "full"]
-    assert plan_targets(parse(["bench", "--compare", "baseline,full,transformers"]), presets) == [
+    for bad in (["--prompt-len", "uniform:9,3"], ["--top-p", "0"], ["--top-k", "-2"], ["--frequency-penalty", "3"],
+                ["--repetition-penalty", "0"], ["--temperature", "-1"]):
+        with pytest.raises(SystemExit):
+            parse(["bench", *bad])
+    assert plan_targets(parse(["bench", "--compare", "baseline,full,transformers"])) == [
         Target("baseline", "tandem", "tandem preset baseline: 2 stages, 2 samplers, cpu"),
         Target("full", "tandem", "tandem preset full: 2 stages, 2 samplers, cpu"),
         Target("transformers", "transformers", "transformers generate, static batches of up to 16, cpu"),
     ]
-    assert [t.kind for t in plan_targets(parse(["bench", "--endpoint", "h:1"]), presets)] == ["endpoint"]
-    for bad in (["--compare", "full,nope"], ["--compare", "full,full"], ["--endpoint", "h:1", "--compare", "full"],
-                ["--stage-addresses", "h:2"]):
+    ablations = plan_targets(parse(["bench", "--compare", "full-fast_sampler,baseline+cpu_sampling"]))
+    assert [(t.name, t.kind) for t in ablations] == [("full-fast_sampler", "tandem"),
+                                                     ("baseline+cpu_sampling", "tandem")]
+    one = plan_targets(parse(["bench", "--preset", "full-token_safe_prep"]))
+    assert [t.name for t in one] == ["full-token_safe_prep"]
+    assert [t.kind for t in plan_targets(parse(["bench", "--endpoint", "h:1"]))] == ["endpoint"]
+    for bad in (["--compare", "full,full"], ["--endpoint", "h:1", "--compare", "full"], ["--stage-addresses", "h:2"],
+                ["--endpoint", "h:1", "--profile", "out"]):
         with pytest.raises(ValueError):
-            plan_targets(parse(["bench", *bad]), presets)
+            plan_targets(parse(["bench", *bad]))
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--compare", "full,nope"], "unknown preset 'nope'"),
+    (["--preset", "fast"], "unknown preset 'fast'"),
+    (["--compare", "full-turbo"], "unknown switch 'turbo'"),
+    (["--preset", "baseline+nope"], "unknown switch 'nope'"),
+])
+def test_bad_preset_names_get_the_presets_message(options, message):
+    with pytest.raises(ValueError, match=message) as info:
+        plan_targets(build_parser().parse_args(["bench", *options]))
+    assert "transformers" in str(info.value)  # the other kind of run is named too
+
+
+def test_bench_command_names_a_bad_preset_before_starting_anything(capsys):
+    assert main(["bench", "--compare", "full,full-nope"]) == 2
+    assert "unknown switch 'nope'" in capsys.readouterr().err
+
+
+def test_sampling_options_go_on_every_request_and_to_transformers_where_it_has_them():
+    parse = build_parser().parse_args
+    assert sampling_options(parse(["bench"])) == {"temperature": 0.0}
+    args = parse(["bench", "--temperature", "0.7", "--top-p", "0.9", "--top-k", "20", "--repetition-penalty", "1.2",
+                  "--presence-penalty", "0.5"])
+    assert sampling_options(args) == {"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.2,
+                                      "presence_penalty": 0.5}
+    assert generate_options({"temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.2}) == {
+        "do_sample": True, "temperature": 0.7, "top_p": 0.9, "top_k": 20, "repetition_penalty": 1.2}
+    # Unset ones take Tandem's defaults, not the checkpoint's generation config (top_k 50 in many).
+    assert generate_options({"temperature": 1.0, "top_k": -1}) == {
+        "do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": None, "repetition_penalty": 1.0}
+    assert generate_options({"temperature": 0.0, "top_p": 0.5}) == {"do_sample": False, "repetition_penalty": 1.0}
+    assert generate_options({"temperature": 0.0, "frequency_penalty": 0.0}) == {"do_sample": False,
+                                                                                "repetition_penalty": 1.0}
+
+
+@pytest.mark.parametrize("option", ["--frequency-penalty", "--presence-penalty"])
+def test_transformers_run_is_refused_with_a_penalty_generate_lacks(option, capsys):
+    parse = build_parser().parse_args
+    with pytest.raises(ValueError, match=option):
+        plan_targets(parse(["bench", "--compare", "full,transformers", option, "0.5"]))
+    with pytest.raises(ValueError, match=option):
+        plan_targets(parse(["bench", "--preset", "transformers", option, "-1"]))
+    assert len(plan_targets(parse(["bench", "--compare", "baseline,full", option, "0.5"]))) == 2
+    assert len(plan_targets(parse(["bench", "--compare", "full,transformers", option, "0"]))) == 2  # 0 is off
+    assert main(["bench", "--compare", "full,transformers", option, "0.5"]) == 2
+    assert option in capsys.readouterr().err
 
 
 def test_transformers_batches_group_similar_output_lengths():
@@ -188,23 +243,28 @@ def test_machine_bound():
     assert stats.time_per_output_token(1.0, 3.0, 1) is None
 
 
-def stage(uptime: int, busy: int, wait: int, compute: int, wire: int, tensor: int, frames: int) -> dict[str, int]:
+def stage(uptime: int, busy: int, wait: int, compute: int, wire: int, tensor: int, frames: int, compute_cpu: int = 0,
+          shm: int = 0) -> dict[str, int]:
     return {"uptime_ns": uptime, "busy_ns_total": busy, "wait_ns_total": wait, "compute_ns_total": compute,
-            "wire_bytes_out_total": wire, "tensor_bytes_out_total": tensor, "frames_out_total": frames,
-            "num_steps_total": frames}
+            "compute_cpu_ns_total": compute_cpu, "wire_bytes_out_total": wire, "shm_bytes_out_total": shm,
+            "tensor_bytes_out_total": tensor, "frames_out_total": frames, "num_steps_total": frames}
+
+
+def sampler(frames: int, rows: int, sample: int, wire: int, tensor: int, sample_cpu: int = 0, shm: int = 0
+            ) -> dict[str, int]:
+    return {"num_frames_total": frames, "num_rows_total": rows, "sample_ns_total": sample,
+            "sample_cpu_ns_total": sample_cpu, "wire_bytes_in_total": wire, "shm_bytes_in_total": shm,
+            "tensor_bytes_in_total": tensor}
 
 
 def test_run_figures_from_counters():
     records = [RequestRecord(0, 4, 3, sent_s=0.0, first_token_s=0.5, done_s=1.5, output_tokens=3),
                RequestRecord(1, 6, 3, sent_s=0.5, first_token_s=0.75, done_s=1.75, output_tokens=3),
                RequestRecord(2, 5, 3, sent_s=0.0, done_s=0.1, error="boom")]
-    no_samples = {"num_frames_total": 0, "num_rows_total": 0, "sample_ns_total": 0, "wire_bytes_in_total": 0,
-                  "tensor_bytes_in_total": 0}
-    before = Counters((stage(5_000_000_000, 500_000_000, 0, 0, 0, 0, 0),) * 2, (no_samples,))
+    before = Counters((stage(5_000_000_000, 500_000_000, 0, 0, 0, 0, 0),) * 2, (sampler(0, 0, 0, 0, 0),))
     after = Counters((stage(7_000_000_000, 2_000_000_000, 0, 1_000_000_000, 1100, 1000, 10),
                       stage(7_000_000_000, 1_500_000_000, 500_000_000, 800_000_000, 8200, 8000, 10)),
-                     ({"num_frames_total": 10, "num_rows_total": 25, "sample_ns_total": 200_000_000,
-                       "wire_bytes_in_total": 8200, "tensor_bytes_in_total": 8000},))
+                     (sampler(10, 25, 200_000_000, 8200, 8000),))
     m = Measurement(records, wall_s=2.0, counters=after.minus(before), stage_addresses=("a", "b"),
                     sampler_addresses=("s",))
     f = run_figures("full", m, num_cores=2, kind="tandem")
@@ -218,9 +278,12 @@ def test_run_figures_from_counters():
     assert f["samplers"][0]["rows_per_microbatch"] == 2.5
     assert [(h["hop"], h["wire_to_tensor_ratio"]) for h in f["hops"]] == [("stage0->stage1", 1.1),
                                                                           ("stage1->samplers", 1.025)]
-    # 1.0 + 0.8 + 0.2 s of compute on 2 cores: at best 1 s for 6 tokens.
+    # 1.0 + 0.8 + 0.2 s of compute on 2 cores: at best 1 s for 6 tokens. No CPU time counted: wall basis.
     assert f["compute_s"] == pytest.approx(2.0) and f["machine_bound_output_tokens_per_s"] == pytest.approx(6.0)
+    assert f["bound_basis"] == "wall" and f["compute_cpu_s"] == 0
     assert f["fraction_of_bound"] == pytest.approx(0.5)
+    assert "wall-clock compute time" in format_run(f) and "count no CPU time" in format_run(f)
+    assert "cpu_by_process" not in f and "profile" not in f
     assert f["errors"] == ["boom"]
     text = format_run(f)
     assert "busy 75.0%" in text and "stage1->samplers" in text and "50.0% of it" in text
@@ -232,6 +295,133 @@ def test_run_figures_from_counters():
     assert "2.00x" in format_comparison([f, other], ratios)
 
 
+def test_bound_basis_is_cpu_only_when_every_service_that_computed_counted_cpu_time():
+    busy = stage(1, 1, 0, 100, 0, 0, 1, compute_cpu=80)
+    idle_stage = stage(1, 0, 0, 0, 0, 0, 0)
+    assert stats.bound_basis([busy, busy], [sampler(1, 1, 10, 0, 0, sample_cpu=9)]) == "cpu"
+    assert stats.bound_basis([busy, idle_stage], [sampler(0, 0, 0, 0, 0)]) == "cpu"  # did nothing: nothing missing
+    assert stats.bound_basis([busy, stage(1, 1, 0, 100, 0, 0, 1)], []) == "wall"  # an older stage: no mixing
+    assert stats.bound_basis([busy], [sampler(1, 1, 10, 0, 0)]) == "wall"
+    assert stats.bound_basis([idle_stage], []) == "wall"
+
+
+def test_machine_bound_from_cpu_time_and_shared_memory_bytes():
+    records = [RequestRecord(0, 4, 4, sent_s=0.0, first_token_s=0.5, done_s=2.0, output_tokens=4)]
+    counters = Counters((stage(2_000_000_000, 1_500_000_000, 0, 1_000_000_000, 1100, 1000, 10,
+                               compute_cpu=600_000_000),
+                         stage(2_000_000_000, 1_500_000_000, 0, 1_200_000_000, 300, 8000, 10,
+                               compute_cpu=1_000_000_000, shm=7800)),
+                        (sampler(10, 10, 400_000_000, 300, 8000, sample_cpu=400_000_000, shm=7800),))
+    m = Measurement(records, wall_s=2.0, counters=counters, stage_addresses=("a", "b"), sampler_addresses=("s",))
+    f = run_figures("full", m, num_cores=2)
+    # 0.6 + 1.0 + 0.4 s of CPU time on 2 cores: at best 1 s for 4 tokens; wall-clock compute was 2.6 s.
+    assert f["bound_basis"] == "cpu"
+    assert (f["compute_s"], f["compute_cpu_s"], f["compute_wall_s"]) == pytest.approx((2.0, 2.0, 2.6))
+    assert f["machine_bound_output_tokens_per_s"] == pytest.approx(4.0) and f["fraction_of_bound"] == 0.5
+    last = f["hops"][1]
+    assert (last["wire_bytes"], last["shm_bytes"], last["tensor_bytes"]) == (300, 7800, 8000)
+    assert last["wire_to_tensor_ratio"] == pytest.approx(300 / 8000)  # the wire only
+    assert f["hops"][0]["shm_bytes"] == 0 and f["samplers"][0]["shm_bytes_in"] == 7800
+    text = format_run(f)
+    assert "2.00 s of CPU compute time" in text and "wall-clock 2.60 s" in text
+    assert "7.62 KiB through shared memory" in text and "through shared memory" not in text.split("stage1->")[0]
+
+
+# --- processes -------------------------------------------------------------------------------
+
+
+def test_proc_stat_cpu_ticks_are_counted_after_the_command_name():
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime ...
+    fields = "S 1 1 1 0 -1 4194560 100 0 0 0 250 75 9999 9999 20 0 3 0"
+    assert parse_stat_cpu_ticks(f"4242 (python) {fields}") == 325
+    # A command name may hold spaces, parentheses and what looks like fields; children's time is not counted.
+    assert parse_stat_cpu_ticks(f"4242 (a) 1 2 (b c)) {fields}") == 325
+    if os.path.exists("/proc/self/stat"):
+        with open("/proc/self/stat") as f:
+            assert parse_stat_cpu_ticks(f.read()) >= 0
+
+
+def test_cpu_clock_reads_processes_and_marks_the_unreadable():
+    child = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        clock = CpuClock({"bench": [os.getpid()], "child": [child.pid], "gone": [2**22 + 7]})
+        clock.start()
+        sum(i * i for i in range(200_000))
+        window = clock.stop()
+    finally:
+        child.communicate(b"")
+    assert window.wall_s > 0 and window.cpu_s["gone"] is None
+    assert window.cpu_s["bench"] > 0  # the loop above ran on this process
+    if os.path.exists(f"/proc/{os.getpid()}/stat"):
+        assert window.cpu_s["child"] >= 0
+    assert process_cpu_s(child.pid) is None  # exited and reaped
+
+
+def test_cpu_shares_of_the_machine_and_the_idle_rest():
+    shares = cpu_by_process(CpuWindow(wall_s=2.0, cpu_s={"stage-worker-0": 1.0, "bench": 0.5, "coordinator": 2.0}),
+                            num_cores=2)
+    assert list(shares) == ["coordinator", "stage-worker-0", "bench", "idle"]  # most first, idle last
+    assert [s["share"] for s in shares.values()] == [0.5, 0.25, 0.125, 0.125]
+    assert shares["idle"]["cpu_s"] == 0.5 and shares["coordinator"]["cpu_s"] == 2.0
+    partial = cpu_by_process(CpuWindow(wall_s=2.0, cpu_s={"bench": 1.0, "stage-worker-0": None}), num_cores=4)
+    assert partial["bench"]["share"] == 0.125 and partial["stage-worker-0"] == {"cpu_s": None, "share": None}
+    assert partial["idle"] == {"cpu_s": None, "share": None}  # unknown when a process is unmeasured
+
+
+COLLAPSED = """\
+<module> (run.py:1);main (run.py:10);step (engine.py:40);forward (model.py:5) 6
+<module> (run.py:1);main (run.py:10);step (engine.py:40);sample (sampler.py:7) 3
+<module> (run.py:1);main (run.py:10);fib (m.py:2);fib (m.py:2);fib (m.py:2) 1
+
+"""
+
+
+def test_collapsed_stacks_give_self_and_inclusive_fractions():
+    stacks = parse_collapsed(COLLAPSED)
+    assert stacks[("<module> (run.py:1)", "main (run.py:10)", "step (engine.py:40)", "forward (model.py:5)")] == 6
+    summary = summarize(stacks, top=3)
+    assert summary["samples"] == 10
+    assert summary["top_self"] == [["forward (model.py:5)", 0.6], ["sample (sampler.py:7)", 0.3],
+                                   ["fib (m.py:2)", 0.1]]
+    # Inclusive: a recursive function counts once per sample; ties go by name.
+    assert summary["top_inclusive"] == [["<module> (run.py:1)", 1.0], ["main (run.py:10)", 1.0],
+                                        ["step (engine.py:40)", 0.9]]
+    assert summarize(parse_collapsed("")) == {"samples": 0, "top_self": [], "top_inclusive": []}
+
+
+def test_report_shows_cpu_by_process_and_profiles():
+    records = [RequestRecord(0, 4, 2, sent_s=0.0, first_token_s=0.5, done_s=1.0, output_tokens=2)]
+    profiles = {"coordinator": {**summarize(parse_collapsed(COLLAPSED)), "file": "p/full-coordinator.txt"},
+                "bench": {"error": "py-spy could not profile it: Error: Permission denied"}}
+    m = Measurement(records, wall_s=1.0, cpu=CpuWindow(1.0, {"coordinator": 1.5, "bench": None}), profiles=profiles)
+    f = run_figures("full", m, num_cores=2)
+    assert f["cpu_by_process"]["coordinator"] == {"cpu_s": 1.5, "share": 0.75}
+    assert "bench" in f["cpu_note"] and f["profile"] == profiles
+    text = format_run(f)
+    assert "coordinator" in text and "75.0%" in text and "idle unknown" in text
+    assert "60.0%  forward (model.py:5)" in text and "Permission denied" in text
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
+def test_profiler_records_a_python_process_until_stopped(tmp_path):
+    code = "import sys\ndef spin():\n    while True:\n        sum(i * i for i in range(1000))\nspin()"
+    child = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        profiler = Profiler(find_py_spy(), tmp_path, "run", {"spinner": child.pid, "missing": 2**22 + 7})
+        profiler.start()
+        time.sleep(0.5)
+        profiles = profiler.stop()
+    finally:
+        child.kill()
+        child.wait()
+    assert "error" in profiles["missing"] and "run-missing.log" in profiles["missing"]["error"]
+    spinner = profiles["spinner"]
+    assert "error" not in spinner, spinner
+    assert spinner["samples"] > 0 and spinner["file"] == str(tmp_path / "run-spinner.txt")
+    assert any(frame.startswith("spin (<string>:") for frame, _ in spinner["top_inclusive"])
+
+
 # --- end to end ------------------------------------------------------------------------------
 
 
@@ -240,7 +430,8 @@ def test_bench_compares_full_with_transformers(tmp_path):
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     cmd = [sys.executable, "-m", "tandem.cli", "bench", "--compare", "full,transformers", "--num-requests", "4",
            "--prompt-len", "uniform:4,12", "--output-len", "8", "--stages", "2", "--samplers", "1", "--warmup", "1",
-           "--num-blocks", "64", "--log-dir", str(tmp_path), "--json", str(out_json), "--plot", str(out_png)]
+           "--num-blocks", "64", "--log-dir", str(tmp_path), "--json", str(out_json), "--plot", str(out_png),
+           "--profile", str(tmp_path / "profile")]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     seen: set[int] = set()
@@ -270,6 +461,14 @@ def test_bench_compares_full_with_transformers(tmp_path):
     assert full["machine_bound_output_tokens_per_s"] > 0 and full["sampler_time_per_microbatch_s"] > 0
     assert report["ratios"]["full/transformers"]["output_tokens_per_s"] == pytest.approx(
         full["output_tokens_per_s"] / runs["transformers"]["output_tokens_per_s"])
+    services = {"kv-store", "cpu-sampler-0", "stage-worker-0", "stage-worker-1", "coordinator"}
+    assert set(full["cpu_by_process"]) == services | {"bench", "py-spy", "idle"}
+    assert all(full["cpu_by_process"][name]["cpu_s"] > 0 for name in ("stage-worker-0", "stage-worker-1"))
+    assert set(full["profile"]) == services | {"bench"}
+    assert full["profile"]["stage-worker-1"]["samples"] > 0
+    assert (tmp_path / "profile" / "full-stage-worker-1.txt").exists()
+    assert runs["transformers"]["cpu_by_process"]["bench"]["cpu_s"] > 0
+    assert runs["transformers"]["profile"]["bench"]["samples"] > 0
     assert report["machine"]["num_cores"] == len(os.sched_getaffinity(0))
     assert "--compare full,transformers" in report["command"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tandem.bench.profiling import ProcessWatch, Profiler, find_py_spy
 from tandem.bench.workload import (
     Workload,
     build_workload,
@@ -29,9 +30,12 @@ from tandem.bench.workload import (
     read_dataset,
     synthetic_entries,
 )
+from tandem.presets import resolve
 
 TRANSFORMERS = "transformers"
 DEFAULT_NUM_REQUESTS = 32
+# Sampling parameters sent on every request when given, by their client SDK names.
+SAMPLING = ("top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
 
 def _length(text: str):
@@ -50,6 +54,15 @@ def _positive(kind: type) -> Callable[[str], float]:
     return convert
 
 
+def _within(kind: type, low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
+    def convert(text: str):
+        value = kind(text)
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
+        return value
+    return convert
+
+
 def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
@@ -58,10 +71,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `tandem bench` (see tandem.bench for what it measures)."""
     where = p.add_argument_group("what to measure")
     where.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")
-    where.add_argument("--preset", default="full", help="technique preset of the deployment started (default: full)")
+    where.add_argument("--preset", default="full",
+                       help="technique preset of the deployment started: full, baseline, full-SWITCH (full with one "
+                            "switch off) or baseline+SWITCH (baseline with one on), see tandem.presets "
+                            "(default: full)")
     where.add_argument("--compare", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
-                       help="comma-separated runs on the same workload, each in turn: preset names and/or "
-                            f"'{TRANSFORMERS}' (Hugging Face generate), e.g. baseline,full,{TRANSFORMERS}")
+                       help="comma-separated runs on the same workload, each in turn: preset names (as --preset) "
+                            f"and/or '{TRANSFORMERS}' (Hugging Face generate), e.g. "
+                            f"baseline,full,full-fast_sampler,{TRANSFORMERS}")
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
@@ -87,7 +104,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--dataset", help="JSONL trace, one {\"prompt_len\": N, \"output_len\": M[, \"prompt\": "
                                         "TEXT]} per line, instead of --prompt-len/--output-len")
     load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts, arrivals and sampling")
-    load.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default: 0, greedy)")
     load.add_argument("--request-rate", type=_positive(float), default=math.inf,
                       help="Poisson arrivals per second (default: inf, every request at once)")
     load.add_argument("--max-concurrency", type=_positive(int), help="most requests in flight (default: no limit; a coordinator refuses requests "
@@ -95,9 +111,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per run (default: 2)")
     load.add_argument("--timeout", type=_positive(float), help="seconds a request may take (default: no limit)")
 
+    sample = p.add_argument_group("sampling, on every request (unset: the server's default)")
+    sample.add_argument("--temperature", type=_within(float, 0, math.inf), default=0.0,
+                        help="sampling temperature (default: 0, greedy)")
+    sample.add_argument("--top-p", type=_within(float, 0, 1, low_open=True), help="nucleus sampling mass, in (0, 1]")
+    sample.add_argument("--top-k", type=_within(int, -1, math.inf), help="most likely tokens kept; -1 or 0: all")
+    sample.add_argument("--repetition-penalty", type=_positive(float),
+                        help="penalty on tokens already in the prompt or output, > 0 (1: none)")
+    for name in ("frequency", "presence"):
+        sample.add_argument(f"--{name}-penalty", type=_within(float, -2, 2),
+                            help=f"{name} penalty, in [-2, 2]; '{TRANSFORMERS}' runs are refused with a non-zero "
+                                 "value, as generate has no such penalty")
+
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
     out.add_argument("--plot", metavar="PATH.png", help="draw throughput and latency side by side to this PNG")
+    out.add_argument("--profile", metavar="DIR",
+                     help="record every process of each run with py-spy over the measured window, to "
+                          "DIR/RUN-PROCESS.txt (collapsed stacks), and report each one's hottest functions; "
+                          "py-spy's own CPU time (a row of the CPU table) slows a profiled run, so take "
+                          "throughput from runs without it")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
+    """The sampling parameters every request carries: the temperature and those given."""
+    given = {name: getattr(args, name) for name in SAMPLING if getattr(args, name) is not None}
+    return {"temperature": args.temperature, **given}
 
 
 @dataclass(frozen=True)
@@ -109,11 +148,13 @@ class Target:
     description: str
 
 
-def plan_targets(args: argparse.Namespace, presets: Sequence[str]) -> list[Target]:
+def plan_targets(args: argparse.Namespace) -> list[Target]:
     """The runs the options ask for, in order; ValueError if they contradict each other."""
     if args.endpoint:
-        if args.compare:
-            raise ValueError("--compare starts its own deployments; it cannot be combined with --endpoint")
+        for option, given in (("--compare", args.compare), ("--profile", args.profile)):
+            if given:
+                raise ValueError(f"{option} needs the deployments the bench starts; it cannot be combined "
+                                 "with --endpoint")
         return [Target("endpoint", "endpoint", f"the deployment at {args.endpoint}")]
     if args.stage_addresses or args.sampler_addresses:
         raise ValueError("--stage-addresses and --sampler-addresses go with --endpoint")
@@ -124,13 +165,18 @@ def plan_targets(args: argparse.Namespace, presets: Sequence[str]) -> list[Targe
     samplers = f"{args.samplers} sampler{'s' if args.samplers > 1 else ''}"
     for name in names:
         if name == TRANSFORMERS:
+            from tandem.bench.hf import generate_options
+
+            generate_options(sampling_options(args))  # refuses what generate cannot do
             targets.append(Target(name, TRANSFORMERS, f"transformers generate, static batches of up to "
                                                       f"{args.hf_batch_size}, {args.device}"))
-        elif name in presets:
-            targets.append(Target(name, "tandem", f"tandem preset {name}: {args.stages} stages, {samplers}, "
-                                                  f"{args.device}"))
-        else:
-            raise ValueError(f"unknown run {name!r}: choose presets ({', '.join(presets)}) or {TRANSFORMERS}")
+            continue
+        try:
+            resolve(name)
+        except ValueError as e:
+            raise ValueError(f"{e}; or {TRANSFORMERS} for Hugging Face generate") from None
+        targets.append(Target(name, "tandem", f"tandem preset {name}: {args.stages} stages, {samplers}, "
+                                              f"{args.device}"))
     return targets
 
 
@@ -139,6 +185,8 @@ def check_extras(targets: Sequence[Target], args: argparse.Namespace) -> None:
     needed = [pkg for pkg, wanted in (("transformers", any(t.kind == TRANSFORMERS for t in targets)),
                                       ("matplotlib", bool(args.plot))) if wanted]
     missing = [pkg for pkg in needed if importlib.util.find_spec(pkg) is None]
+    if args.profile and find_py_spy() is None:  # a dependency of tandem, but an executable, not a module
+        raise ValueError("--profile needs the py-spy executable, found neither beside this Python nor on PATH")
     if missing:
         raise ValueError(f"{' and '.join(missing)} not installed; pip install 'tandem[bench]'")
 
@@ -175,7 +223,7 @@ def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[
         entries = synthetic_entries(args.num_requests or DEFAULT_NUM_REQUESTS, args.prompt_len, args.output_len,
                                     args.seed)
         description = {"prompt_len": args.prompt_len.spec(), "output_len": args.output_len.spec()}
-    description.update(temperature=args.temperature, max_concurrency=args.max_concurrency)
+    description.update(**sampling_options(args), max_concurrency=args.max_concurrency)
     return build_workload(entries, vocab_size, args.seed, num_warmup=max(0, args.warmup),
                           request_rate=args.request_rate, tokenize=tokenize, description=description)
 
@@ -198,29 +246,38 @@ def deployment(args: argparse.Namespace, model: str, preset: str):
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                device=args.device, preset=preset)
         _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
-        yield endpoint, launcher.stages, launcher.samplers
+        yield endpoint, launcher
     finally:
         launcher.stop()
+
+
+def process_watch(args: argparse.Namespace, run: str, pids: dict[str, int]) -> ProcessWatch:
+    """CPU time (and with --profile, py-spy profiles) of a run's processes and of this one, "bench"."""
+    pids = {**pids, "bench": os.getpid()}
+    return ProcessWatch(pids, Profiler(find_py_spy(), args.profile, run, pids) if args.profile else None)
 
 
 def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload):
     from tandem.bench.metrics import ServiceProbe
     from tandem.bench.runner import SendOptions, measure_endpoint
 
-    options = SendOptions(args.temperature, args.seed, args.max_concurrency, args.timeout)
+    options = SendOptions(sampling_options(args), args.seed, args.max_concurrency, args.timeout)
     if target.kind == TRANSFORMERS:
         from tandem.bench.hf import measure_transformers
 
         if args.request_rate != math.inf or args.max_concurrency:
             _log(f"{TRANSFORMERS}: runs offline; --request-rate and --max-concurrency do not apply to it")
-        return measure_transformers(model, workload.requests, workload.warmup, temperature=args.temperature,
-                                    seed=args.seed, device=args.device, batch_size=args.hf_batch_size)
+        return measure_transformers(model, workload.requests, workload.warmup, sampling=options.sampling,
+                                    seed=args.seed, device=args.device, batch_size=args.hf_batch_size,
+                                    watch=process_watch(args, target.name, {}))
     if target.kind == "endpoint":  # service figures only for the services whose addresses were given
         addresses = (args.stage_addresses, args.sampler_addresses)
         with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
             return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, target.name)
-    with deployment(args, model, target.name) as (endpoint, stages, samplers), ServiceProbe(stages, samplers) as probe:
-        return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name)
+    with deployment(args, model, target.name) as (endpoint, launcher), \
+            ServiceProbe(launcher.stages, launcher.samplers) as probe:
+        watch = process_watch(args, target.name, {name: proc.pid for name, proc in launcher.children})
+        return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
 
 
 def model_facts(args: argparse.Namespace, model: str | None) -> tuple[int, int, Callable[[str], list[int]]]:
@@ -250,10 +307,8 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
 
     from tandem.bench import report
     from tandem.client import ClientError
-    from tandem.presets import PRESETS
-
     try:  # everything that can be wrong with the options, found before anything starts
-        targets = plan_targets(args, list(PRESETS))
+        targets = plan_targets(args)
         check_extras(targets, args)
         model = args.model or (None if args.endpoint else bundled_model)
         vocab_size, max_len, tokenize = model_facts(args, model)

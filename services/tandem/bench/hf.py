@@ -10,16 +10,25 @@ The run is offline: every request arrives at the start, so a request in a later 
 earlier batches in its time to first token, as it would queued behind them on a server.
 Arrival times and `max_concurrency` do not apply. Token times come from a streamer that
 timestamps every decoding step.
+
+Sampling follows the bench's options where generate has the same parameter (temperature,
+top_p, top_k, repetition_penalty; greedy at temperature 0). generate has no frequency or
+presence penalty, so a run that asks for one is refused rather than measured on different
+sampling. (generate's repetition penalty also sees the left padding as tokens of the prompt.)
 """
 
 from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 
+from tandem.bench.profiling import ProcessWatch
 from tandem.bench.runner import Measurement, RequestRecord
 from tandem.bench.workload import Request
+
+UNSUPPORTED = ("frequency_penalty", "presence_penalty")  # sampling parameters generate does not have
 
 
 def plan_batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
@@ -62,34 +71,55 @@ def load_model(model_dir: str, device: str):
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
 
 
+def generate_options(sampling: Mapping[str, float | int]) -> dict:
+    """generate's sampling arguments for the client SDK's sampling parameters (unset ones at
+    Tandem's defaults, never the checkpoint's generation config); ValueError naming the option
+    for a parameter generate does not have."""
+    unsupported = [f"--{name.replace('_', '-')}" for name in UNSUPPORTED if sampling.get(name)]
+    if unsupported:
+        raise ValueError(f"{' and '.join(unsupported)}: transformers generate has no such penalty, so the "
+                         f"transformers run would sample differently; leave transformers out of --compare")
+    options = {"do_sample": False, "repetition_penalty": sampling.get("repetition_penalty", 1.0)}
+    if sampling.get("temperature", 0.0) > 0:
+        top_k = sampling.get("top_k", 0)
+        options.update(do_sample=True, temperature=sampling["temperature"], top_p=sampling.get("top_p", 1.0),
+                       top_k=top_k if top_k > 0 else None)
+    return options
+
+
 def measure_transformers(model_dir: str, requests: Sequence[Request], warmup: Sequence[Request], *,
-                         temperature: float = 0.0, seed: int = 0, device: str = "cpu", batch_size: int = 16,
-                         label: str = "transformers") -> Measurement:
+                         sampling: Mapping[str, float | int], seed: int = 0, device: str = "cpu",
+                         batch_size: int = 16, label: str = "transformers", watch: ProcessWatch | None = None
+                         ) -> Measurement:
+    """The workload through generate; `watch` covers the measured batches (not loading, not warm-up)."""
     import torch
     from tqdm import tqdm
 
+    options = generate_options(sampling)
     model = load_model(model_dir, device)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     torch.manual_seed(seed)
     if warmup:
-        _generate(model, list(warmup), pad_id, temperature, device)
+        _generate(model, list(warmup), pad_id, options, device)
     records = {r.index: RequestRecord(r.index, r.prompt_len, r.output_len) for r in requests}
     bar = tqdm(total=len(requests), desc=label, unit="req", file=sys.stderr, dynamic_ncols=True, leave=False)
-    start = time.perf_counter()
-    for batch in plan_batches(requests, batch_size):
-        generated, times = _generate(model, batch, pad_id, temperature, device)
-        for row, request in enumerate(batch):
-            record = records[request.index]
-            record.output_tokens = min(request.output_len, generated)
-            record.first_token_s = times[1] - start
-            record.done_s = times[record.output_tokens] - start
-        bar.update(len(batch))
-    wall_s = time.perf_counter() - start
+    with watch or nullcontext():
+        start = time.perf_counter()
+        for batch in plan_batches(requests, batch_size):
+            generated, times = _generate(model, batch, pad_id, options, device)
+            for request in batch:
+                record = records[request.index]
+                record.output_tokens = min(request.output_len, generated)
+                record.first_token_s = times[1] - start
+                record.done_s = times[record.output_tokens] - start
+            bar.update(len(batch))
+        wall_s = time.perf_counter() - start
     bar.close()
-    return Measurement([records[r.index] for r in requests], wall_s)
+    return Measurement([records[r.index] for r in requests], wall_s, cpu=watch.cpu if watch else None,
+                       profiles=watch.profiles if watch else None)
 
 
-def _generate(model, batch: Sequence[Request], pad_id: int, temperature: float, device: str
+def _generate(model, batch: Sequence[Request], pad_id: int, options: Mapping, device: str
               ) -> tuple[int, list[float]]:
     """Generate one left-padded batch; return the number of new tokens and the step times."""
     import torch
@@ -100,12 +130,9 @@ def _generate(model, batch: Sequence[Request], pad_id: int, temperature: float, 
     for row, r in enumerate(batch):
         ids[row, width - r.prompt_len:] = torch.tensor(r.prompt_ids)
         mask[row, width - r.prompt_len:] = 1
-    greedy = {"do_sample": False}
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": None, "top_p": 1.0} if temperature > 0 \
-        else greedy
     clock = StepClock()
     with torch.inference_mode():
         out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
                              max_new_tokens=max(r.output_len for r in batch), eos_token_id=None,
-                             pad_token_id=pad_id, streamer=clock, **sampling)
+                             pad_token_id=pad_id, streamer=clock, **options)
     return out.shape[1] - width, clock.times

@@ -11,10 +11,13 @@ from dataclasses import dataclass
 
 import grpc
 
-STAGE_COUNTERS = ("uptime_ns", "busy_ns_total", "wait_ns_total", "compute_ns_total", "wire_bytes_out_total",
-                  "tensor_bytes_out_total", "frames_out_total", "num_steps_total")
-SAMPLER_COUNTERS = ("num_frames_total", "num_rows_total", "sample_ns_total", "wire_bytes_in_total",
-                    "tensor_bytes_in_total")
+# A service that does not fill a counter reports 0 (compute_cpu_ns_total and sample_cpu_ns_total
+# are newer than the others; the bound falls back to wall-clock compute without them).
+STAGE_COUNTERS = ("uptime_ns", "busy_ns_total", "wait_ns_total", "compute_ns_total", "compute_cpu_ns_total",
+                  "wire_bytes_out_total", "shm_bytes_out_total", "tensor_bytes_out_total", "frames_out_total",
+                  "num_steps_total")
+SAMPLER_COUNTERS = ("num_frames_total", "num_rows_total", "sample_ns_total", "sample_cpu_ns_total",
+                    "wire_bytes_in_total", "shm_bytes_in_total", "tensor_bytes_in_total")
 
 
 @dataclass(frozen=True)

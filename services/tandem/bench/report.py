@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from tandem.bench import stats
+from tandem.bench.cputime import IDLE, cpu_by_process
 from tandem.bench.runner import Measurement, RequestRecord
 
 # The figures compared between runs, in the order the table shows them.
@@ -49,20 +50,39 @@ def service_figures(m: Measurement, output_tokens: int, num_cores: int) -> dict:
                               **stats.stage_fractions(delta)})
         to = f"stage{i + 1}" if i + 1 < len(stages) else "samplers"
         out["hops"].append({"hop": f"stage{i}->{to}", **stats.hop_figures(
-            delta["wire_bytes_out_total"], delta["tensor_bytes_out_total"], delta["frames_out_total"])})
+            delta["wire_bytes_out_total"], delta["tensor_bytes_out_total"], delta["frames_out_total"],
+            delta["shm_bytes_out_total"])})
     for i, (delta, address) in enumerate(zip(samplers, m.sampler_addresses)):
         out["samplers"].append({
             "index": i, "address": address, "frames": delta["num_frames_total"], "rows": delta["num_rows_total"],
             "time_per_microbatch_s": stats.ratio(delta["sample_ns_total"] / 1e9, delta["num_frames_total"]),
             "rows_per_microbatch": stats.ratio(delta["num_rows_total"], delta["num_frames_total"]),
-            "wire_bytes_in": delta["wire_bytes_in_total"], "tensor_bytes_in": delta["tensor_bytes_in_total"],
+            "wire_bytes_in": delta["wire_bytes_in_total"], "shm_bytes_in": delta["shm_bytes_in_total"],
+            "tensor_bytes_in": delta["tensor_bytes_in_total"],
         })
     sample_ns = sum(d["sample_ns_total"] for d in samplers)
     out["sampler_time_per_microbatch_s"] = stats.ratio(sample_ns / 1e9, sum(d["num_frames_total"] for d in samplers))
     if stages:  # without the stages the bound would miss most of the compute
-        compute_ns = sum(d["compute_ns_total"] for d in stages) + sample_ns
-        out["compute_s"] = compute_ns / 1e9
+        wall_ns = sum(d["compute_ns_total"] for d in stages) + sample_ns
+        cpu_ns = sum(d["compute_cpu_ns_total"] for d in stages) + sum(d["sample_cpu_ns_total"] for d in samplers)
+        basis = stats.bound_basis(stages, samplers)
+        compute_ns = cpu_ns if basis == "cpu" else wall_ns
+        out.update(bound_basis=basis, compute_s=compute_ns / 1e9, compute_wall_s=wall_ns / 1e9,
+                   compute_cpu_s=cpu_ns / 1e9)
         out["machine_bound_output_tokens_per_s"] = stats.machine_bound(output_tokens, compute_ns, num_cores)
+    return out
+
+
+def process_figures(m: Measurement, num_cores: int) -> dict:
+    """CPU time by process over the window and, with --profile, each process's hottest frames."""
+    out: dict = {}
+    if m.cpu is not None:
+        out["cpu_by_process"] = cpu_by_process(m.cpu, num_cores)
+        unmeasured = sorted(name for name, cpu in m.cpu.cpu_s.items() if cpu is None)
+        if unmeasured:
+            out["cpu_note"] = f"CPU time of {', '.join(unmeasured)} could not be read (no /proc, or it exited)"
+    if m.profiles is not None:
+        out["profile"] = m.profiles
     return out
 
 
@@ -82,6 +102,7 @@ def run_figures(name: str, m: Measurement, num_cores: int, **about) -> dict:
         **latency_figures(requests),
         "num_cores": num_cores,
         **service_figures(m, output_tokens, num_cores),
+        **process_figures(m, num_cores),
     }
     fig["fraction_of_bound"] = stats.ratio(fig["output_tokens_per_s"], fig.get("machine_bound_output_tokens_per_s"))
     fig["errors"] = sorted({r.error for r in m.records if r.error})[:5]
@@ -137,15 +158,46 @@ def format_run(f: Mapping) -> str:
         lines.append(f"  sampler {s['index']}    {_ms(s['time_per_microbatch_s'])} per micro-batch "
                      f"({s['frames']} micro-batches, {_num(s['rows_per_microbatch'])} rows each)")
     for h in f.get("hops", []):
-        lines.append(f"  hop {h['hop']:<17} {_bytes(h['wire_bytes'])} on the wire, {_bytes(h['tensor_bytes'])} "
+        shm = f", {_bytes(h['shm_bytes'])} through shared memory" if h["shm_bytes"] else ""
+        lines.append(f"  hop {h['hop']:<17} {_bytes(h['wire_bytes'])} on the wire{shm}, {_bytes(h['tensor_bytes'])} "
                      f"of tensors: wire/tensor {_num(h['wire_to_tensor_ratio'], '.3f')} ({h['frames']} frames)")
     if f.get("machine_bound_output_tokens_per_s") is not None:
+        if f["bound_basis"] == "cpu":
+            basis, other = "CPU", f"wall-clock {f['compute_wall_s']:.2f} s"
+        else:
+            basis = "wall-clock"
+            other = f"CPU time {f['compute_cpu_s']:.2f} s, not counted by every service" if f["compute_cpu_s"] \
+                else "the services count no CPU time"
         lines.append(f"  machine bound {_num(f['machine_bound_output_tokens_per_s'])} output tok/s "
-                     f"({f['compute_s']:.2f} s of compute on {f['num_cores']} cores); measured is "
-                     f"{_pct(f['fraction_of_bound'])} of it")
+                     f"({f['compute_s']:.2f} s of {basis} compute time on {f['num_cores']} cores; {other}); "
+                     f"measured is {_pct(f['fraction_of_bound'])} of it")
+    lines += _format_cpu(f) + _format_profiles(f)
     for error in f.get("errors", []):
         lines.append(f"  error        {error}")
     return "\n".join(lines)
+
+
+def _format_cpu(f: Mapping) -> list[str]:
+    if "cpu_by_process" not in f:
+        return []
+    lines = [f"  CPU time over the window, share of {f['num_cores']} cores:"]
+    for name, c in f["cpu_by_process"].items():
+        lines.append(f"    {name:<20} {_num(c['cpu_s'], '.2f', ' s'):>10} {_pct(c['share']):>7}")
+    if f.get("cpu_note"):
+        lines.append(f"    ({f['cpu_note']}; {IDLE} unknown)")
+    return lines
+
+
+def _format_profiles(f: Mapping) -> list[str]:
+    lines = []
+    for name, p in f.get("profile", {}).items():
+        if "error" in p:
+            lines.append(f"  profile {name}: {p['error']}")
+            continue
+        lines.append(f"  profile {name}: {p['samples']} samples ({p['file']})")
+        for title, key in (("self", "top_self"), ("inclusive", "top_inclusive")):
+            lines += [f"    {title:<9} {_pct(share):>6}  {frame}" for frame, share in p[key]]
+    return lines
 
 
 def format_comparison(runs: Sequence[Mapping], ratios: Mapping[str, Mapping]) -> str:

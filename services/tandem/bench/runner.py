@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
+from tandem.bench.cputime import CpuWindow
 from tandem.bench.metrics import Counters, ServiceProbe
+from tandem.bench.profiling import ProcessWatch
 from tandem.bench.workload import Request
 
 
@@ -34,33 +37,39 @@ class RequestRecord:
 
 @dataclass
 class Measurement:
-    """A measured run: per-request records, its wall time and, when known, the services' counters."""
+    """A measured run: per-request records, its wall time and, when known, the services' counters,
+    the CPU time of its processes and their profiles."""
 
     records: list[RequestRecord]
     wall_s: float
     counters: Counters | None = None  # deltas over the run
     stage_addresses: tuple[str, ...] = ()
     sampler_addresses: tuple[str, ...] = ()
+    cpu: CpuWindow | None = None
+    profiles: dict[str, dict] | None = None  # by process, see tandem.bench.profiling
 
 
 @dataclass(frozen=True)
 class SendOptions:
-    temperature: float = 0.0
+    sampling: Mapping[str, float | int] = field(default_factory=lambda: {"temperature": 0.0})  # client SDK names
     seed: int = 0
     max_concurrency: int | None = None
     timeout_s: float | None = None
 
 
 def measure_endpoint(endpoint: str, requests: Sequence[Request], warmup: Sequence[Request], options: SendOptions,
-                     probe: ServiceProbe | None = None, label: str = "") -> Measurement:
-    """Run the warm-up, read the counters, run the measured requests, read the counters again."""
+                     probe: ServiceProbe | None = None, label: str = "", watch: ProcessWatch | None = None
+                     ) -> Measurement:
+    """Run the warm-up, then inside `watch`: read the counters, run the measured requests, read them again."""
     if warmup:
         asyncio.run(send_all(endpoint, warmup, options, progress=False))
-    before = probe.read() if probe else None
-    records, wall_s = asyncio.run(send_all(endpoint, requests, options, progress=True, label=label))
-    after = probe.read() if probe else None
+    with watch or nullcontext():
+        before = probe.read() if probe else None
+        records, wall_s = asyncio.run(send_all(endpoint, requests, options, progress=True, label=label))
+        after = probe.read() if probe else None
     return Measurement(records, wall_s, after.minus(before) if probe else None,
-                       tuple(probe.stage_addresses) if probe else (), tuple(probe.sampler_addresses) if probe else ())
+                       tuple(probe.stage_addresses) if probe else (), tuple(probe.sampler_addresses) if probe else (),
+                       watch.cpu if watch else None, watch.profiles if watch else None)
 
 
 async def send_all(endpoint: str, requests: Sequence[Request], options: SendOptions, progress: bool = False,
@@ -93,8 +102,8 @@ async def _send_one(client, request: Request, options: SendOptions, slots: async
     async with slots:
         record.sent_s = time.perf_counter() - start
         stream = client.generate_stream(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
-                                        ignore_eos=True, temperature=options.temperature,
-                                        seed=options.seed + max(request.index, 0))
+                                        ignore_eos=True, seed=options.seed + max(request.index, 0),
+                                        **options.sampling)
         try:
             async for chunk in stream:
                 if chunk.token_ids and record.first_token_s is None:

@@ -50,6 +50,20 @@ def machine_bound(output_tokens: int, compute_ns: int, num_cores: int) -> float 
     return output_tokens / (compute_ns / 1e9 / num_cores)
 
 
+def bound_basis(stages: Sequence[Mapping[str, int]], samplers: Sequence[Mapping[str, int]]) -> str:
+    """"cpu" if every stage and sampler that computed also counted the CPU time of it, else "wall".
+
+    CPU time leaves out the time a forward pass or a sampling call waited for a core, so on a
+    machine with more busy threads than cores it is the truer measure of the work. Services that
+    do not count it report 0, and then the bound uses wall-clock compute time for every service
+    rather than mixing the two.
+    """
+    pairs = [(d["compute_ns_total"], d["compute_cpu_ns_total"]) for d in stages] + \
+            [(d["sample_ns_total"], d["sample_cpu_ns_total"]) for d in samplers]
+    cpu = [cpu_ns for wall_ns, cpu_ns in pairs if wall_ns > 0]
+    return "cpu" if cpu and all(cpu) else "wall"
+
+
 def stage_fractions(delta: Mapping[str, int]) -> dict[str, float | None]:
     """Busy, idle, waiting and forward-pass shares of a stage's window, from counter deltas.
 
@@ -67,10 +81,15 @@ def stage_fractions(delta: Mapping[str, int]) -> dict[str, float | None]:
     }
 
 
-def hop_figures(wire_bytes: int, tensor_bytes: int, frames: int) -> dict[str, float | int | None]:
-    """Bytes that crossed one hop, and how the serialized size compares with the raw tensors."""
+def hop_figures(wire_bytes: int, tensor_bytes: int, frames: int, shm_bytes: int = 0) -> dict[str, float | int | None]:
+    """Bytes that crossed one hop, and how the serialized size compares with the raw tensors.
+
+    Tensor bytes handed over through shared memory are counted apart (shm_bytes); the ratio is
+    of what went on the wire only.
+    """
     return {
         "wire_bytes": wire_bytes,
+        "shm_bytes": shm_bytes,
         "tensor_bytes": tensor_bytes,
         "frames": frames,
         "wire_to_tensor_ratio": ratio(wire_bytes, tensor_bytes),
