@@ -68,8 +68,10 @@ class Launcher:
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
-        `stage_threads` each stage's torch threads (0: torch's default)."""
+        `stage_threads` each stage's torch threads (0: this host's cores split between the stages, since
+        they all run here; torch's default of every core per process oversubscribes them)."""
         techniques = resolve(preset)
+        stage_threads = stage_threads or max(1, len(os.sched_getaffinity(0)) // num_stages)
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:

@@ -40,6 +40,11 @@ class SamplerConfig:
         "Threads FastSampler spreads a frame's rows over (torch ops release the GIL); 1 samples "
         "on the calling thread. Results do not depend on it.", 1)
 
+    torch_threads: int = doc(
+        "torch intra-op threads of the replica's process; 0 keeps torch's default of one per core. Rows "
+        "are spread over num_threads instead: replicas sharing a node with a thread per core each spin "
+        "against one another.", 1)
+
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range field."""
         checks = [
@@ -52,6 +57,7 @@ class SamplerConfig:
             ("max_planned_steps", self.max_planned_steps >= 1, "must be >= 1"),
             ("plan_wait_s", self.plan_wait_s > 0, "must be > 0"),
             ("num_threads", 1 <= self.num_threads <= 256, "must be in [1, 256]"),
+            ("torch_threads", 0 <= self.torch_threads <= 256, "must be in [0, 256]"),
         ]
         for name, ok, rule in checks:
             if not ok:

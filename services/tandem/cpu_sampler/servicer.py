@@ -282,6 +282,8 @@ def serve(config: SamplerConfig, servicer: CpuSamplerServicer | None = None) -> 
     `servicer` defaults to a fresh CpuSamplerServicer(config); pass one to observe it.
     """
     config.validate()
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     servicer = servicer or CpuSamplerServicer(config)
     server = Server(config.host, config.port, max_workers=config.max_workers)
     server.add(cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, servicer, [SERVICE_NAME])
