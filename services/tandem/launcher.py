@@ -66,9 +66,9 @@ class Launcher:
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
-           preset: str = "full", stage_threads: int = 0) -> str:
+           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] = ()) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
-        `stage_threads` each stage's torch threads (0: this host's cores split between the stages, since
+        `stage_boundaries` the first layer of stages 1..N-1 (empty: an even split), `stage_threads` each stage's torch threads (0: this host's cores split between the stages, since
         they all run here; torch's default of every core per process oversubscribes them)."""
         techniques = resolve(preset)
         stage_threads = stage_threads or max(1, len(os.sched_getaffinity(0)) // num_stages)
@@ -82,6 +82,7 @@ class Launcher:
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size, num_threads=stage_threads,
+                                    stage_boundaries=tuple(stage_boundaries),
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples

@@ -82,6 +82,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
+    where.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
+                       help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
     where.add_argument("--stage-threads", type=int, default=0,
                        help="torch threads of each started stage (default: 0, the cores split between the stages)")
     where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
@@ -246,7 +248,7 @@ def deployment(args: argparse.Namespace, model: str, preset: str):
     launcher = Launcher(log_dir=log_dir)
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
-                               stage_threads=args.stage_threads,
+                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                                device=args.device, preset=preset)
         _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
