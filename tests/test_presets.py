@@ -1,0 +1,37 @@
+"""Technique presets: each switch on its own, and what each service's config gets from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from tandem.presets import PRESETS, SWITCHES, resolve
+
+
+@pytest.mark.parametrize("switch", SWITCHES)
+def test_one_switch_off_or_on(switch):
+    off = resolve(f"full-{switch}")
+    on = resolve(f"baseline+{switch}")
+    assert [n for n, v in dataclasses.asdict(off).items() if not v] == [switch]
+    assert [n for n, v in dataclasses.asdict(on).items() if v] == [switch]
+
+
+def test_named_presets_set_every_switch():
+    assert all(dataclasses.asdict(PRESETS["full"]).values())
+    assert not any(dataclasses.asdict(PRESETS["baseline"]).values())
+    for name in ("nope", "full-", "full+cpu_sampling", "baseline-cpu_sampling"):
+        with pytest.raises(ValueError, match="unknown"):
+            resolve(name)
+
+
+def test_service_options_follow_the_switches():
+    full, baseline = resolve("full"), resolve("baseline")
+    assert full.stage_options(is_last=True)["sample_on_stage"] is False
+    assert baseline.stage_options(is_last=True)["sample_on_stage"] is True
+    assert baseline.stage_options(is_last=False)["sample_on_stage"] is False
+    assert full.coordinator_options() == {"sample_plans": True}
+    # row plans only make sense when samplers are separate and streams are structured
+    assert resolve("full-cpu_sampling").coordinator_options() == {"sample_plans": False}
+    assert resolve("full-structured_streams").coordinator_options() == {"sample_plans": False}
+    assert resolve("full-shared_memory_logits").stage_options(is_last=True)["shared_memory_logits"] is False
