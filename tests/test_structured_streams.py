@@ -42,18 +42,18 @@ LAYOUT = tensor_pb2.TensorLayout(dtype="float32", row_shape=[VOCAB])
 
 def test_raw_frames_round_trip_with_the_plans_row_count():
     x = torch.randn(5, 12)
-    layout = codec.layout(x)
+    layout = codec.layout(x.dtype, x.shape[1:])
     assert layout.dtype == "float32" and list(layout.row_shape) == [12]
     assert torch.equal(codec.decode_rows(codec.raw(x), layout, 5), x)
     bf = torch.randn(3, 8).to(torch.bfloat16)
-    assert torch.equal(codec.decode_rows(codec.raw(bf), codec.layout(bf), 3), bf)
+    assert torch.equal(codec.decode_rows(codec.raw(bf), codec.layout(bf.dtype, bf.shape[1:]), 3), bf)
     assert codec.decode_rows(b"", layout, 0).shape == (0, 12)
 
 
 def test_raw_frames_that_do_not_fit_the_plan_are_refused():
     x = torch.randn(5, 12)
     with pytest.raises(CodecError, match="payload has 240 bytes, but the plan's 4 rows"):
-        codec.decode_rows(codec.raw(x), codec.layout(x), 4)
+        codec.decode_rows(codec.raw(x), codec.layout(x.dtype, x.shape[1:]), 4)
     with pytest.raises(CodecError, match="unknown dtype 'complex64'"):
         codec.decode_rows(b"", tensor_pb2.TensorLayout(dtype="complex64", row_shape=[2]), 0)
     with pytest.raises(CodecError, match="negative dim"):

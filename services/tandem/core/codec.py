@@ -106,12 +106,12 @@ def decode(
     return _over_bytes(message.data, dtype, shape, numel, limits, what=f"shape {list(shape)} of {message.dtype}")
 
 
-def layout(tensor: torch.Tensor) -> tensor_pb2.TensorLayout:
+def layout(dtype: torch.dtype, row_shape: Sequence[int]) -> tensor_pb2.TensorLayout:
     """The layout a structure-aware stream announces once: dtype and the dims after the rows."""
-    name = _NAMES.get(tensor.dtype)
+    name = _NAMES.get(dtype)
     if name is None:
-        raise CodecError(f"cannot encode dtype {tensor.dtype}; allowed: {', '.join(DTYPES)}")
-    return tensor_pb2.TensorLayout(dtype=name, row_shape=list(tensor.shape[1:]))
+        raise CodecError(f"cannot encode dtype {dtype}; allowed: {', '.join(DTYPES)}")
+    return tensor_pb2.TensorLayout(dtype=name, row_shape=list(row_shape))
 
 
 def raw(tensor: torch.Tensor) -> bytes:

@@ -70,7 +70,6 @@ class RingWriter:
         self._bytes[:NONCE_BYTES] = torch.frombuffer(bytearray(self.nonce), dtype=torch.uint8)
         self._states = self._bytes[NONCE_BYTES:NONCE_BYTES + 8 * slots].view(torch.int64)  # [slots]
         self._next = 0
-        self.bytes_written = 0
 
     def put(self, tensor: torch.Tensor, timeout_s: float) -> tuple[int, int] | None:
         """Copy `tensor` into the next slot once the reader has freed it; (slot, nbytes), or
@@ -90,7 +89,6 @@ class RingWriter:
         self._bytes[start:start + nbytes].copy_(flat)
         self._states[slot] = FULL  # after the bytes: the reader only looks once it has the handle
         self._next = (slot + 1) % self.slots
-        self.bytes_written += nbytes
         return slot, nbytes
 
     def unlink(self) -> None:

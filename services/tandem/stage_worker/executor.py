@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -112,8 +113,8 @@ class StageExecutor:
             input_ids = _slot_buffer(buffers, "input_ids", (ids.numel(),), torch.int64, self.device)
             input_ids.copy_(ids)
         elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
-            num_tokens = sum(s.num_new_tokens for s in slices)
-            hidden = _slot_buffer(buffers, "hidden", (num_tokens, self.model_config.hidden_size), self.dtype, self.device)
+            shape = (sum(s.num_new_tokens for s in slices), self.model_config.hidden_size)
+            hidden = _slot_buffer(buffers, "hidden", shape, self.dtype, self.device)
         return StepInputs(slices, meta, input_ids, hidden)
 
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
@@ -140,9 +141,7 @@ class StageExecutor:
 def _slot_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     """A view of shape `shape` into the slot's buffer `name`, grown when too small and reused."""
-    numel = 1
-    for dim in shape:
-        numel *= dim
+    numel = math.prod(shape)
     buffer = buffers.get(name)
     if buffer is None or buffer.numel() < numel:
         buffer = buffers[name] = torch.empty(max(numel, 256), dtype=dtype, device=device)

@@ -86,9 +86,8 @@ class LogitsStream:
     def __init__(self, stub: cpu_sampler_pb2_grpc.CpuSamplerStub, address: str, vocab_size: int,
                  structured: bool, ring: RingOptions | None):
         self.address, self.structured, self.ring_options = address, structured, ring
-        self.layout = codec.tensor_pb2.TensorLayout(dtype="float32", row_shape=[vocab_size])
+        self.layout = codec.layout(torch.float32, [vocab_size])
         self.traffic = Traffic()
-        self.shared_memory = False  # whether the current stream has a ring
         self._stub = stub
         self._sender = StreamSender(lambda items: stub.Logits(self._frames(items)), f"logits->{address}")
 
@@ -99,7 +98,6 @@ class LogitsStream:
 
     def _frames(self, items) -> Iterator[cpu_sampler_pb2.LogitsFrame]:
         ring = self._attach_ring() if self.ring_options else None
-        self.shared_memory = ring is not None
         if self.structured or ring:
             header = cpu_sampler_pb2.LogitsFrame(layout=self.layout, ring_id=ring.ring_id if ring else "")
             self.traffic.count(header)

@@ -53,8 +53,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self.executor = StageExecutor(self.config)
         if self.config.next_stage:
             stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
-            layout = tensor_pb2.TensorLayout(dtype=str(self.executor.dtype).removeprefix("torch."),
-                                             row_shape=[self.executor.model_config.hidden_size])
+            layout = codec.layout(self.executor.dtype, [self.executor.model_config.hidden_size])
             self._next = ActivationStream(stub, f"activations->{self.config.next_stage}", layout,
                                           self.config.structured_streams)
         self._inputs = InputPreparer(lambda plan, slot: self.executor.prepare(plan, slot.buffers),
