@@ -1,9 +1,13 @@
 """Attention over a paged KV cache, for batched prefill of ragged prompts and batched decode.
 
 A step is a list of sequences, each adding `num_new_tokens` after `num_computed_tokens`
-already cached. Tokens of all sequences are packed into one [T] axis for the linear
-layers; attention gathers each sequence's keys through its block table into a padded
-[B, max_context] view and runs one masked scaled-dot-product call.
+already cached. Tokens of all sequences are packed into one [T] axis for the linear layers.
+
+Decode steps (one new token per sequence) gather each sequence's blocks per KV head, whole
+blocks at a time, into [kv_heads * B, context, head_dim] and run two batched matmuls with the
+query heads of a group side by side; the context is padded to whole blocks and the padding
+masked. Steps with longer queries gather their keys through each sequence's block table into
+a padded [B, max_context] view and run one masked scaled-dot-product call.
 """
 
 from __future__ import annotations
@@ -32,15 +36,21 @@ class AttentionMetadata:
 
     positions: torch.Tensor  # [T] int64 position of each new token
     slot_mapping: torch.Tensor  # [T] int64 cache slot (block * block_size + offset) each new token writes
-    key_slots: torch.Tensor  # [B, max_context] int64 cache slot of each key, padded with 0
-    mask: torch.Tensor  # [B, 1, max_query, max_context] bool, True where a query may attend
-    query_index: torch.Tensor  # [T] int64 row of each token in the padded [B * max_query] layout
     last_token_indices: torch.Tensor  # [B] int64 index in [T] of each sequence's last new token
     max_query_len: int
+    block_size: int
+    num_seqs: int
+    # Decode steps (max_query_len 1):
+    block_tables: torch.Tensor | None = None  # [B * max_blocks] int64 block ids, row by row, padded with 0
+    key_bias: torch.Tensor | None = None  # [B, max_blocks * block_size] float32, 0 where the token may attend, else -inf
+    # Steps with longer queries:
+    key_slots: torch.Tensor | None = None  # [B, max_context] int64 cache slot of each key, padded with 0
+    mask: torch.Tensor | None = None  # [B, 1, max_query, max_context] bool, True where a query may attend
+    query_index: torch.Tensor | None = None  # [T] int64 row of each token in the padded [B * max_query] layout
 
     @property
-    def num_seqs(self) -> int:
-        return self.key_slots.shape[0]
+    def is_decode(self) -> bool:
+        return self.max_query_len == 1
 
     @classmethod
     def build(
@@ -72,14 +82,12 @@ class AttentionMetadata:
             n = min(len(s.block_table), max_blocks)
             tables[i, :n] = torch.as_tensor(list(s.block_table[:n]), dtype=torch.int64)
 
-        key_pos = torch.arange(max_ctx)
-        key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
-
         computed = torch.tensor([s.num_computed_tokens for s in seqs])
         qlens = torch.tensor(query_lens)
         offsets = torch.arange(max_q)
         is_real = offsets[None, :] < qlens[:, None]  # [B, max_q]
         query_pos = torch.where(is_real, computed[:, None] + offsets[None, :], 0)  # padding attends key 0 only
+        key_pos = torch.arange(max_blocks * block_size if max_q == 1 else max_ctx)
         mask = key_pos[None, None, :] <= query_pos[:, :, None]
         if sliding_window is not None:
             mask &= key_pos[None, None, :] > query_pos[:, :, None] - sliding_window
@@ -87,33 +95,65 @@ class AttentionMetadata:
         positions = query_pos[is_real]  # [T], row-major: sequence by sequence
         seq_of_token = torch.arange(num_seqs)[:, None].expand(num_seqs, max_q)[is_real]
         slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
-        query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
         last_token_indices = torch.cumsum(qlens, 0) - 1
-        return cls(
-            positions=positions.to(device),
-            slot_mapping=slot_mapping.to(device),
-            key_slots=key_slots.to(device),
-            mask=mask[:, None].to(device),
-            query_index=query_index.to(device),
-            last_token_indices=last_token_indices.to(device),
-            max_query_len=max_q,
-        )
+        common = dict(positions=positions.to(device), slot_mapping=slot_mapping.to(device),
+                      last_token_indices=last_token_indices.to(device), max_query_len=max_q,
+                      block_size=block_size, num_seqs=num_seqs)
+        if max_q == 1:
+            key_bias = torch.zeros(mask.shape[0], mask.shape[2]).masked_fill_(~mask[:, 0], float("-inf"))
+            return cls(**common, block_tables=tables.flatten().to(device), key_bias=key_bias.to(device))
+        key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
+        query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
+        return cls(**common, key_slots=key_slots.to(device), mask=mask[:, None].to(device),
+                   query_index=query_index.to(device))
+
+
+def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Store the step's new keys and values k, v [T, kv_heads, head_dim] into one layer's cache
+    (keys, values [kv_heads, slots, head_dim]) at their slots."""
+    keys.index_copy_(1, meta.slot_mapping, k.transpose(0, 1).to(keys.dtype))
+    values.index_copy_(1, meta.slot_mapping, v.transpose(0, 1).to(values.dtype))
 
 
 def paged_attention(
     q: torch.Tensor,  # [T, heads, head_dim]
-    keys: torch.Tensor,  # [slots, kv_heads, head_dim] one layer's key cache, new keys already written
-    values: torch.Tensor,  # [slots, kv_heads, head_dim]
+    keys: torch.Tensor,  # [kv_heads, slots, head_dim] one layer's key cache, new keys already written
+    values: torch.Tensor,  # [kv_heads, slots, head_dim]
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' cached context -> [T, heads, head_dim]."""
+    if meta.is_decode:
+        return decode_attention(q, keys, values, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
     b, max_q = meta.num_seqs, meta.max_query_len
-    k = keys[meta.key_slots].transpose(1, 2)  # [B, kv_heads, max_ctx, head_dim]
-    v = values[meta.key_slots].transpose(1, 2)
+    k = keys[:, meta.key_slots].transpose(0, 1)  # [B, kv_heads, max_ctx, head_dim]
+    v = values[:, meta.key_slots].transpose(0, 1)
     padded = q.new_zeros(b * max_q, num_heads, head_dim)
     padded[meta.query_index] = q
     padded = padded.view(b, max_q, num_heads, head_dim).transpose(1, 2)  # [B, heads, max_q, head_dim]
     out = F.scaled_dot_product_attention(padded, k, v, attn_mask=meta.mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(b * max_q, num_heads, head_dim)[meta.query_index]
+
+
+def decode_attention(
+    q: torch.Tensor,  # [B, heads, head_dim], one new token per sequence
+    keys: torch.Tensor,  # [kv_heads, slots, head_dim]
+    values: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence over its whole blocks -> [B, heads, head_dim]."""
+    kv_heads, _, head_dim = keys.shape
+    b, num_heads = q.shape[:2]
+    group, context = num_heads // kv_heads, meta.key_bias.shape[1]
+    blocks = keys.view(kv_heads, -1, meta.block_size, head_dim)
+    k = blocks.index_select(1, meta.block_tables).view(kv_heads * b, context, head_dim)
+    v = values.view(blocks.shape).index_select(1, meta.block_tables).view(kv_heads * b, context, head_dim)
+    qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads * b, group, head_dim)
+    scores = torch.bmm(qg, k.transpose(1, 2)).view(kv_heads, b, group, context)
+    scores = scores.float().mul_(scale).add_(meta.key_bias[None, :, None, :])
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(kv_heads * b, group, context)
+    out = torch.bmm(probs, v)  # [kv_heads * B, group, head_dim]
+    return out.view(kv_heads, b, group, head_dim).transpose(0, 1).reshape(b, num_heads, head_dim)

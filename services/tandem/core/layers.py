@@ -1,4 +1,9 @@
-"""The building blocks of a Llama-family decoder layer. Parameter names follow Hugging Face's."""
+"""The building blocks of a Llama-family decoder layer.
+
+Modules are built with Hugging Face's parameter names so that checkpoints load as they are;
+`pack()` then stacks the projections that read the same input (q, k, v; gate, up) into one
+PackedLinear each and drops the originals. A layer runs only once packed.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.core.attention import AttentionMetadata, paged_attention
+from tandem.core.attention import AttentionMetadata, paged_attention, write_kv
+from tandem.core.linear import PackedLinear
 from tandem.core.model_config import ModelConfig
 from tandem.core.rope import apply_rotary
 
@@ -42,17 +48,21 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],  # this layer's (keys, values) [slots, kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t = x.shape[0]
-        q = self.q_proj(x).view(t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
-        cos, sin = cos_sin
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
+        qkv = self.qkv_proj(x)  # [T, (heads + 2 * kv_heads) * head_dim]
+        qk = apply_rotary(qkv[:, : (heads + kv_heads) * self.head_dim].view(t, heads + kv_heads, self.head_dim),
+                          *cos_sin)
+        q, k = qk[:, :heads], qk[:, heads:]
+        v = qkv[:, (heads + kv_heads) * self.head_dim :].view(t, kv_heads, self.head_dim)
         keys, values = kv
-        keys[meta.slot_mapping] = k.to(keys.dtype)
-        values[meta.slot_mapping] = v.to(values.dtype)
+        write_kv(keys, values, k, v, meta)
         out = paged_attention(q, keys, values, meta, self.scale)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))
+        return self.o_proj(out.reshape(t, heads * self.head_dim))
+
+    def pack(self) -> None:
+        self.qkv_proj = PackedLinear([self.q_proj, self.k_proj, self.v_proj])
+        self.o_proj = PackedLinear([self.o_proj])
+        del self.q_proj, self.k_proj, self.v_proj
 
 
 class MLP(nn.Module):
@@ -64,7 +74,13 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
+        return self.down_proj(F.silu(gate).mul_(up))
+
+    def pack(self) -> None:
+        self.gate_up_proj = PackedLinear([self.gate_proj, self.up_proj])
+        self.down_proj = PackedLinear([self.down_proj])
+        del self.gate_proj, self.up_proj
 
 
 class DecoderLayer(nn.Module):
@@ -78,3 +94,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos_sin, kv, meta: AttentionMetadata) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, kv, meta)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def pack(self) -> None:
+        self.self_attn.pack()
+        self.mlp.pack()

@@ -16,6 +16,7 @@ from tandem.core.attention import AttentionMetadata
 from tandem.core.errors import ConfigError
 from tandem.core.kv_cache import PagedKVCache
 from tandem.core.layers import DecoderLayer, RMSNorm
+from tandem.core.linear import PackedLinear
 from tandem.core.model_config import ModelConfig
 from tandem.core.rope import RotaryEmbedding
 from tandem.core.stages import LayerRange
@@ -45,6 +46,7 @@ class StageModel(nn.Module):
         else:
             self.norm = self.lm_head = None
         self.rotary: RotaryEmbedding | None = None
+        self._checkpoint_names = self._names_in_checkpoint()
 
     @classmethod
     def load(
@@ -66,11 +68,20 @@ class StageModel(nn.Module):
         torch_dtype = resolve_dtype(dtype, config, device)
         state = {local: tensors[names[local]].to(device=device, dtype=torch_dtype) for local in names}
         model.load_state_dict(state, assign=True, strict=True)
+        model.pack()
         model.rotary = RotaryEmbedding(config.rope, config.head_dim, device)
         return model.eval()
 
     def checkpoint_names(self) -> dict[str, str]:
-        """Local parameter name -> tensor name in the Hugging Face checkpoint."""
+        """Local parameter name (as built, before `pack`) -> tensor name in the Hugging Face checkpoint."""
+        return dict(self._checkpoint_names)
+
+    def num_parameters(self) -> int:
+        """Weights this stage holds, packed or not."""
+        packed = sum(m.weight_numel for m in self.modules() if isinstance(m, PackedLinear))
+        return packed + sum(p.numel() for p in self.parameters())
+
+    def _names_in_checkpoint(self) -> dict[str, str]:
         names: dict[str, str] = {}
         for local, _ in self.named_parameters():
             if local.startswith("layers."):
@@ -83,6 +94,13 @@ class StageModel(nn.Module):
             else:
                 names[local] = f"model.{local}"
         return names
+
+    def pack(self) -> None:
+        """Lay the loaded weights out for inference (see layers.py); called once by `load`."""
+        for layer in self.layers:
+            layer.pack()
+        if self.lm_head is not None:
+            self.lm_head = PackedLinear([self.lm_head])
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         p = next(self.parameters())

@@ -87,18 +87,18 @@ class StageExecutor:
         for t in plan.swap_out:
             self._check_block_ids(plan.step_id, t.block_ids)
             ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
-            put(t.request_id, self.cache.data[:, :, ids].permute(2, 0, 1, 3, 4, 5).cpu())
+            put(t.request_id, self.cache.read_blocks(ids).cpu())
             self.blocks_of.pop(t.request_id, None)
 
     def swap_in(self, plan: pb.StepPlan, get: GetBlocks) -> None:
         for t in plan.swap_in:
             self._check_block_ids(plan.step_id, t.block_ids)
             blocks = get(t.request_id)  # [n, layers, 2, block_size, kv_heads, head_dim]
-            expected = (len(t.block_ids), *self.cache.data[:, :, 0].shape)
+            expected = (len(t.block_ids), *self.cache.block_shape)
             if tuple(blocks.shape) != expected:
                 raise InvalidArgumentError(f"swap-in of {t.request_id!r}: got blocks {list(blocks.shape)}, expected {list(expected)}")
             ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
-            self.cache.data[:, :, ids] = blocks.to(self.device, self.dtype).permute(1, 2, 0, 3, 4, 5)
+            self.cache.write_blocks(ids, blocks)
 
     def prepare(self, plan: pb.StepPlan, buffers: dict[str, torch.Tensor]) -> StepInputs | None:
         """Check a plan and build its input tensors; token ids go into `buffers` (one slot's,
