@@ -53,6 +53,7 @@ class StageExecutor:
         self.device = torch.device(config.device)
         self.blocks_of: dict[str, list[int]] = {}  # live request -> its block table
         self.num_steps = 0
+        self._copy_stream = None  # CUDA stream of device-to-host copies, made on first use
 
     @property
     def num_blocks_used(self) -> int:
@@ -134,8 +135,23 @@ class StageExecutor:
         out = self.model(x, meta, self.cache)
         self.num_steps += 1
         if self.layers.is_last:
-            return StepOutput(hidden=None, logits=self.model.compute_logits(out, meta).cpu())
-        return StepOutput(hidden=out.cpu() if out.device.type != "cpu" else out, logits=None)
+            return StepOutput(hidden=None, logits=self._to_host(self.model.compute_logits(out, meta)))
+        return StepOutput(hidden=self._to_host(out), logits=None)
+
+    def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` in host memory. From a GPU: into pinned memory (the fast copy engine path) on a
+        stream of its own, so the copy does not queue behind work issued after it."""
+        if tensor.device.type == "cpu":
+            return tensor
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(tensor.device)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        self._copy_stream.wait_stream(torch.cuda.current_stream(tensor.device))
+        with torch.cuda.stream(self._copy_stream):
+            host.copy_(tensor, non_blocking=True)
+            tensor.record_stream(self._copy_stream)  # not reused by the allocator before the copy is done
+        self._copy_stream.synchronize()
+        return host
 
 
 def _slot_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,

@@ -1,0 +1,143 @@
+"""Benchmark: one stage's forward pass alone, with no serving around it.
+
+    PYTHONPATH=services python -m tandem.tools.bench_forward --model DIR [--batch 32] [--context 100]
+        [--threads 1 2] [--dtype float32 bfloat16] [--peer-python .venv-peer/bin/python] [--json PATH]
+
+Loads every layer of the model (embeddings, decoder layers, final norm and LM head) as one
+StageModel and times decode steps of `--batch` sequences that each hold `--context` tokens in
+the KV cache: the step a serving stage runs most. For each dtype and thread count it prints the
+milliseconds a step, output tokens a second, the model's FLOPs a second (2 x the projection and
+LM-head parameters a token, plus attention's 4 x context x heads x head_dim a token and layer)
+and that as a fraction of the machine's peak (the fastest dense matmul it runs in that dtype
+and thread count, measured first).
+
+With `--peer-python`, the Python of a virtualenv holding vLLM (`make peer-vllm`), vLLM runs the
+same model, batch, context, dtype and cores offline, and its time a decode step is taken from
+two generations that differ only in output length (the difference over the extra steps), so
+prefill and start-up drop out. This is a benchmark, not a test: nothing is held to a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from tandem.core.attention import AttentionMetadata, SequenceSlice
+from tandem.core.linear import PackedLinear
+from tandem.core.model import DTYPES, StageModel
+from tandem.core.model_config import ModelConfig
+from tandem.core.stages import LayerRange
+
+BLOCK_SIZE = 16
+PEER_SCRIPT = Path(__file__).with_name("peer_vllm_step.py")
+
+
+def model_flops_per_token(config: ModelConfig, context: int) -> float:
+    """FLOPs of one decode token: projections and LM head, plus attention over `context` keys."""
+    c = config
+    q_kv_o = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
+    mlp = 3 * c.hidden_size * c.intermediate_size
+    projections = c.num_hidden_layers * (q_kv_o + mlp) + c.hidden_size * c.vocab_size
+    attention = c.num_hidden_layers * 4 * context * c.num_attention_heads * c.head_dim
+    return 2.0 * projections + attention
+
+
+def peak_flops(dtype: torch.dtype, seconds: float = 1.0) -> float:
+    """The fastest dense matmul this process runs in `dtype` with torch's current threads, FLOP/s."""
+    best = 0.0
+    for m, k, n in ((512, 2048, 2048), (1024, 1024, 4096)):
+        layer = PackedLinear([torch.nn.Linear(k, n, bias=False).to(dtype)])
+        x = torch.randn(m, k, dtype=dtype)
+        layer(x)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 2:
+            layer(x)
+            count += 1
+        best = max(best, 2.0 * m * k * n * count / (time.perf_counter() - start))
+    return best
+
+
+def time_steps(model_dir: str, dtype: str, batch: int, context: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` decode steps (forward and logits) after a warm-up."""
+    config = ModelConfig.from_dir(model_dir)
+    model = StageModel.load(model_dir, LayerRange(0, config.num_hidden_layers, config.num_hidden_layers), "cpu",
+                            dtype, config)
+    blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
+    cache = model.new_kv_cache(batch * blocks_per_seq, BLOCK_SIZE)
+    slices = [SequenceSlice(context, 1, range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
+    meta = AttentionMetadata.build(slices, BLOCK_SIZE)
+    ids = torch.randint(0, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        model.compute_logits(model(ids, meta, cache), meta)
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def peer_step_time(peer_python: str, model_dir: str, dtype: str, batch: int, context: int, threads: int,
+                   vocab: int) -> float:
+    """vLLM's seconds a decode step on the same batch, from the peer virtualenv."""
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
+           "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    spec = {"model": model_dir, "dtype": dtype, "batch": batch, "context": context, "short": 8, "long": 72,
+            "repeats": 3, "vocab": vocab}
+    done = subprocess.run([peer_python, str(PEER_SCRIPT), json.dumps(spec)], env=env, capture_output=True,
+                          text=True, timeout=900)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    if done.returncode or not lines:
+        raise SystemExit(f"vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])["step_s"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="Hugging Face model directory")
+    p.add_argument("--batch", type=int, default=32, help="sequences in the decode step (default: 32)")
+    p.add_argument("--context", type=int, default=100, help="tokens each sequence holds in the KV cache (default: 100)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default: 1 2)")
+    p.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=sorted(DTYPES))
+    p.add_argument("--steps", type=int, default=30, help="timed steps per configuration (default: 30)")
+    p.add_argument("--peer-python", help="Python of a virtualenv with vLLM, to time vLLM on the same batch")
+    p.add_argument("--json", metavar="PATH", help="write the figures to this JSON file")
+    args = p.parse_args(argv)
+
+    config = ModelConfig.from_dir(args.model)
+    flops = model_flops_per_token(config, args.context + 1)
+    rows = []
+    for dtype in args.dtype:
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            peak = peak_flops(DTYPES[dtype])
+            step_s = statistics.median(time_steps(args.model, dtype, args.batch, args.context, args.steps))
+            row = {"dtype": dtype, "threads": threads, "batch": args.batch, "context": args.context,
+                   "step_ms": step_s * 1e3, "tokens_per_s": args.batch / step_s,
+                   "model_flops_per_s": flops * args.batch / step_s, "peak_flops_per_s": peak,
+                   "fraction_of_peak": flops * args.batch / step_s / peak}
+            if args.peer_python:
+                peer_s = peer_step_time(args.peer_python, args.model, dtype, args.batch, args.context, threads,
+                                        config.vocab_size)
+                row.update(vllm_step_ms=peer_s * 1e3, vllm_tokens_per_s=args.batch / peer_s,
+                           tandem_over_vllm=peer_s / step_s)
+            rows.append(row)
+            peer = (f"  vLLM {row['vllm_step_ms']:7.1f} ms ({row['tandem_over_vllm']:.2f}x)"
+                    if args.peer_python else "")
+            print(f"{dtype:9} {threads} thread(s): {row['step_ms']:7.1f} ms/step {row['tokens_per_s']:8.1f} tok/s "
+                  f"{row['model_flops_per_s'] / 1e9:6.1f} GFLOP/s = {row['fraction_of_peak']:.0%} of "
+                  f"{peak / 1e9:.0f}{peer}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "flops_per_token": flops, "runs": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
