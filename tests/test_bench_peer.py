@@ -4,8 +4,12 @@ client against a fake server on loopback, and the model-FLOPs / peak figures."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -14,7 +18,16 @@ from tandem.bench import flops, peer
 from tandem.bench.command import Target, plan_targets, run_dtype
 from tandem.bench.flops import Peak, context_sum, matmul_parameters, measure_peak, request_flops
 from tandem.bench.openai_api import base_url, measure_openai, parse_event
-from tandem.bench.peer import VllmServer, core_groups, find_peer_python, pipeline_size, thread_binding
+from tandem.bench.peer import (
+    VllmServer,
+    core_groups,
+    descendants,
+    find_peer_python,
+    is_alive,
+    pipeline_size,
+    process_title,
+    thread_binding,
+)
 from tandem.bench.report import format_comparison, format_run, run_figures
 from tandem.bench.runner import SendOptions
 from tandem.bench.workload import Request
@@ -96,6 +109,24 @@ def test_a_vllm_server_that_exits_at_start_names_its_log(tmp_path):
         with VllmServer(sys.executable, "/models/m", 1, "float32", tmp_path):
             pass
     assert "No module named" in (tmp_path / "vllm.log").read_text()
+
+
+def test_a_servers_processes_are_found_and_named():
+    script = "import subprocess, time; subprocess.Popen(['sleep', '30']); time.sleep(30)"
+    child = subprocess.Popen([sys.executable, "-c", "from multiprocessing.resource_tracker import main; " + script])
+    try:
+        deadline = time.monotonic() + 10
+        while not (below := descendants(child.pid)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert child.pid in descendants(os.getpid()) and len(below) == 1
+        grandchild = below[0]
+        assert process_title(child.pid) == "resource_tracker" and process_title(grandchild) is None
+        assert is_alive(grandchild)
+    finally:
+        for pid in descendants(child.pid):
+            os.kill(pid, signal.SIGKILL)
+        child.kill()
+        child.wait()
 
 
 def test_dtype_option_resolves_against_the_model():

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,12 +242,16 @@ def descendants(pid: int) -> list[int]:
 
 
 def process_title(pid: int) -> str | None:
-    """The name vLLM gives a process of its own ("EngineCore", "Worker_PP0"), from its title "VLLM::NAME"."""
+    """A short name for a process of vLLM's: the NAME of the title "VLLM::NAME" vLLM gives its own
+    ("EngineCore", "Worker_PP0"), else the last part of the module it runs ("resource_tracker")."""
     try:
-        first = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return None
-    return first.split("::", 1)[1].strip() if "::" in first else None
+    if "::" in argv[0]:
+        return argv[0].split("::", 1)[1].strip()
+    module = re.search(r"(?:^-m\s+|\bfrom\s+)([\w.]+)", " ".join(argv[1:]))
+    return module.group(1).rsplit(".", 1)[-1] if module else None
 
 
 def is_alive(pid: int) -> bool:
