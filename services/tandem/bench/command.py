@@ -82,8 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="comma-separated runs on the same workload, each in turn: preset names (as --preset) "
                             f"and/or '{TRANSFORMERS}' (Hugging Face generate), '{VLLM}' (the real vLLM's server on "
                             f"every core) and '{VLLM}-ppN' (vLLM, N pipeline stages, the cores split between them), "
-                            f"e.g. "
-                            f"baseline,full,{TRANSFORMERS},{VLLM},{VLLM}-pp2")
+                            f"e.g. baseline,full,{TRANSFORMERS},{VLLM},{VLLM}-pp2")
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
