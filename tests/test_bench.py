@@ -470,6 +470,9 @@ def test_bench_compares_full_with_transformers(tmp_path):
     assert runs["transformers"]["cpu_by_process"]["bench"]["cpu_s"] > 0
     assert runs["transformers"]["profile"]["bench"]["samples"] > 0
     assert report["machine"]["num_cores"] == len(os.sched_getaffinity(0))
+    assert report["machine"]["peak_flops_per_s"] > 0 and report["machine"]["peak_dtype"] == "float32"
+    for run in runs.values():
+        assert run["fraction_of_peak"] == pytest.approx(run["model_flops_per_s"] / report["machine"]["peak_flops_per_s"])
     assert "--compare full,transformers" in report["command"]
     assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "== full" in stdout and "== transformers" in stdout and "row / column" in stdout

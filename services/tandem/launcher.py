@@ -22,7 +22,8 @@ from tandem.stage_worker.config import StageWorkerConfig
 READY_PREFIX = "tandem-service-ready "
 
 
-def _die_with_parent() -> None:  # runs in the child before exec (Linux)
+def die_with_parent() -> None:
+    """A child's preexec_fn: the child gets SIGTERM when this process dies (Linux; elsewhere nothing)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
     except OSError:
@@ -45,7 +46,7 @@ class Launcher:
         path.write_text(dump_config(config))
         log = open(self.log_dir / f"{name}.log", "w")
         cmd = [sys.executable, "-m", "tandem.cli", "serve", service, "--config", str(path)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=_die_with_parent,
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=die_with_parent,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.children.append((name, proc))
         address: list[str] = []
@@ -66,8 +67,10 @@ class Launcher:
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
-           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] = ()) -> str:
-        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
+           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] = (),
+           dtype: str = "auto") -> str:
+        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets), `dtype`
+        the stages' (auto, float32, bfloat16, float16),
         `stage_boundaries` the first layer of stages 1..N-1 (empty: an even split), `stage_threads` each stage's torch threads (0: this host's cores split between the stages, since
         they all run here; torch's default of every core per process oversubscribes them)."""
         techniques = resolve(preset)
@@ -82,7 +85,7 @@ class Launcher:
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size, num_threads=stage_threads,
-                                    stage_boundaries=tuple(stage_boundaries),
+                                    stage_boundaries=tuple(stage_boundaries), dtype=dtype,
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples

@@ -16,6 +16,10 @@ output length (greedy unless `--temperature`; `--top-p`, `--top-k`, `--repetitio
   passes and sampling, spread evenly, with no idle time and no overhead; and the measured
   throughput as a share of it. The compute is the services' CPU time where they count it
   (bound_basis "cpu"), else their wall-clock compute time ("wall");
+- a physical bound beside it, for every run: the model's FLOPs per second (2 per matmul
+  parameter per token, plus attention, from the model's config and the requests' lengths) as a
+  fraction of the machine's peak, measured with a few seconds of dense matmul in the run's
+  dtype (`--dtype`) on the cores this process may use ("of peak"; tandem.bench.flops);
 - for the runs it starts itself: the CPU time of every process over the measured window (each
   service, "bench" for this process, which is the client or, in the transformers run, generate
   itself) as a share of the machine's cores, and the idle rest, from /proc;
@@ -28,6 +32,13 @@ the next; `transformers` is Hugging Face `generate` in static, left-padded batch
 tandem.bench.hf) and prints every run's ratio to every other. Presets are `full`, `baseline`,
 `full-SWITCH` (one technique off) and `baseline+SWITCH` (one on), see tandem.presets. generate
 has no frequency or presence penalty, so with either the transformers run is refused.
+
+`vllm` and `vllm-ppN` in --compare run the real vLLM on the same requests (same token ids,
+lengths with ignore_eos, sampling parameters and seeds): its OpenAI server from a virtualenv of
+its own (`make peer-vllm`, or `--peer-python`), one engine on every core, or N pipeline stages
+with the cores split between them (tandem.bench.peer). `--peer-endpoint URL` measures any running
+OpenAI-compatible server the same way, through streamed /v1/completions with token-id prompts,
+output tokens taken from the usage chunk (tandem.bench.openai_api).
 
 Prompt and output lengths (`--prompt-len`, `--output-len`) take N, fixed:N, uniform:LO,HI or
 lognormal:MEAN,SIGMA[,MAX]; MEAN is the mean length in tokens, SIGMA the sigma of the

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tandem.bench.peer import PEER_VENV, VLLM, core_groups, find_peer_python, pipeline_size, thread_binding
 from tandem.bench.profiling import ProcessWatch, Profiler, find_py_spy
 from tandem.bench.workload import (
     Workload,
@@ -30,9 +31,11 @@ from tandem.bench.workload import (
     read_dataset,
     synthetic_entries,
 )
+from tandem.core.model_config import ModelConfig
 from tandem.presets import resolve
 
 TRANSFORMERS = "transformers"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_NUM_REQUESTS = 32
 # Sampling parameters sent on every request when given, by their client SDK names.
 SAMPLING = ("top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
@@ -77,17 +80,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "(default: full)")
     where.add_argument("--compare", type=lambda s: [n.strip() for n in s.split(",") if n.strip()],
                        help="comma-separated runs on the same workload, each in turn: preset names (as --preset) "
-                            f"and/or '{TRANSFORMERS}' (Hugging Face generate), e.g. "
-                            f"baseline,full,full-fast_sampler,{TRANSFORMERS}")
+                            f"and/or '{TRANSFORMERS}' (Hugging Face generate), '{VLLM}' (the real vLLM's server on "
+                            f"every core) and '{VLLM}-ppN' (vLLM, N pipeline stages, the cores split between them), "
+                            f"e.g. baseline,full,{TRANSFORMERS},{VLLM},{VLLM}-pp2")
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
+    where.add_argument("--dtype", choices=DTYPES, default="auto",
+                       help="weights and activations of every run, and of the peak matmul (default: auto, the "
+                            "checkpoint's dtype on CUDA and float32 on CPU)")
     where.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
                        help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
     where.add_argument("--stage-threads", type=int, default=0,
                        help="torch threads of each started stage (default: 0, the cores split between the stages)")
     where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
-    where.add_argument("--log-dir", help="where the started services write their logs, one folder per preset "
+    where.add_argument("--log-dir", help="where the started services (and vLLM) write their logs, one folder per run "
                                          "(default: a temporary folder)")
     where.add_argument("--endpoint", help="HOST:PORT of a running deployment to measure instead of starting one")
     where.add_argument("--stage-addresses", type=_addresses, default=[],
@@ -96,6 +103,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="with --endpoint: comma-separated sampler addresses, for sampler figures")
     where.add_argument("--hf-batch-size", type=_positive(int), default=16,
                        help=f"requests per static batch of the '{TRANSFORMERS}' run (default: 16)")
+
+    peer = p.add_argument_group("peers: other servers on the same requests (tandem.bench.peer)")
+    peer.add_argument("--peer-python", help=f"Python of the virtualenv with vLLM for the '{VLLM}' runs (default: "
+                                            f"{PEER_VENV}/bin/python at the repository root, made by `make peer-vllm`)")
+    peer.add_argument("--vllm-args", type=shlex.split, default=[],
+                      help="more arguments for the vLLM server, as one string, e.g. '--max-num-seqs 64'")
+    peer.add_argument("--peer-endpoint", metavar="URL",
+                      help="a running OpenAI-compatible server (vLLM, SGLang, TGI, llama.cpp) to measure through "
+                           "/v1/completions after the other runs (alone without --compare), e.g. http://127.0.0.1:8000")
+    peer.add_argument("--peer-name", default="peer", help="the --peer-endpoint run's name (default: peer)")
 
     load = p.add_argument_group("workload")
     load.add_argument("--num-requests", type=_positive(int),
@@ -148,23 +165,25 @@ class Target:
     """What a run measures and how to describe it."""
 
     name: str
-    kind: str  # "tandem" (a started deployment), "endpoint" or "transformers"
+    kind: str  # "tandem" (a started deployment), "endpoint", "transformers", "vllm" or "openai" (--peer-endpoint)
     description: str
 
 
 def plan_targets(args: argparse.Namespace) -> list[Target]:
     """The runs the options ask for, in order; ValueError if they contradict each other."""
+    peer = [Target(args.peer_name, "openai", f"the OpenAI-compatible server at {args.peer_endpoint}")] \
+        if args.peer_endpoint else []
     if args.endpoint:
         for option, given in (("--compare", args.compare), ("--profile", args.profile)):
             if given:
                 raise ValueError(f"{option} needs the deployments the bench starts; it cannot be combined "
                                  "with --endpoint")
-        return [Target("endpoint", "endpoint", f"the deployment at {args.endpoint}")]
+        return [Target("endpoint", "endpoint", f"the deployment at {args.endpoint}"), *peer]
     if args.stage_addresses or args.sampler_addresses:
         raise ValueError("--stage-addresses and --sampler-addresses go with --endpoint")
-    names = args.compare or [args.preset]
-    if len(set(names)) != len(names):
-        raise ValueError(f"--compare lists a run twice: {','.join(names)}")
+    names = args.compare or ([] if peer else [args.preset])
+    if len(set(names + [t.name for t in peer])) != len(names) + len(peer):
+        raise ValueError(f"--compare lists a run twice, or --peer-name is a name in it: {','.join(names)}")
     targets = []
     samplers = f"{args.samplers} sampler{'s' if args.samplers > 1 else ''}"
     for name in names:
@@ -175,19 +194,26 @@ def plan_targets(args: argparse.Namespace) -> list[Target]:
             targets.append(Target(name, TRANSFORMERS, f"transformers generate, static batches of up to "
                                                       f"{args.hf_batch_size}, {args.device}"))
             continue
+        if (size := pipeline_size(name)) is not None:
+            cores = thread_binding(core_groups(size))
+            targets.append(Target(name, VLLM, f"vLLM's OpenAI server, eager, pipeline size {size}, "
+                                              f"threads bound to cores {cores}"))
+            continue
         try:
             resolve(name)
         except ValueError as e:
-            raise ValueError(f"{e}; or {TRANSFORMERS} for Hugging Face generate") from None
+            raise ValueError(f"{e}; or {TRANSFORMERS} for Hugging Face generate, {VLLM} or {VLLM}-ppN for "
+                             "vLLM") from None
         targets.append(Target(name, "tandem", f"tandem preset {name}: {args.stages} stages, {samplers}, "
                                               f"{args.device}"))
-    return targets
+    return targets + peer
 
 
 def check_extras(targets: Sequence[Target], args: argparse.Namespace) -> None:
     """ValueError if a package of the `bench` extra that the options need is not installed."""
-    needed = [pkg for pkg, wanted in (("transformers", any(t.kind == TRANSFORMERS for t in targets)),
-                                      ("matplotlib", bool(args.plot))) if wanted]
+    kinds = {t.kind for t in targets}
+    needed = [pkg for pkg, wanted in (("transformers", TRANSFORMERS in kinds), ("matplotlib", bool(args.plot)),
+                                      ("aiohttp", bool(kinds & {VLLM, "openai"}))) if wanted]
     missing = [pkg for pkg in needed if importlib.util.find_spec(pkg) is None]
     if args.profile and find_py_spy() is None:  # a dependency of tandem, but an executable, not a module
         raise ValueError("--profile needs the py-spy executable, found neither beside this Python nor on PATH")
@@ -236,20 +262,25 @@ def _log(message: str) -> None:
     print(f"# {message}", file=sys.stderr, flush=True)
 
 
+def run_log_dir(args: argparse.Namespace, run: str) -> Path | None:
+    """--log-dir/RUN, made; one folder per run, as services of the same name would overwrite each other's logs."""
+    if not args.log_dir:
+        return None
+    path = Path(args.log_dir) / run
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @contextmanager
 def deployment(args: argparse.Namespace, model: str, preset: str):
     """A deployment of `preset` started for one run and stopped, every process of it, after."""
     from tandem.launcher import Launcher
 
-    log_dir = None
-    if args.log_dir:  # one folder per preset: services of the same name would overwrite each other's logs
-        log_dir = Path(args.log_dir) / preset
-        log_dir.mkdir(parents=True, exist_ok=True)
-    launcher = Launcher(log_dir=log_dir)
+    launcher = Launcher(log_dir=run_log_dir(args, preset))
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
-                               device=args.device, preset=preset)
+                               device=args.device, preset=preset, dtype=args.dtype)
         _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
@@ -262,11 +293,23 @@ def process_watch(args: argparse.Namespace, run: str, pids: dict[str, int]) -> P
     return ProcessWatch(pids, Profiler(find_py_spy(), args.profile, run, pids) if args.profile else None)
 
 
-def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload):
+def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload, dtype: str | None):
+    """Run `target` on the workload; `dtype` is the resolved one ("float32", ...), None without a model."""
     from tandem.bench.metrics import ServiceProbe
+    from tandem.bench.openai_api import measure_openai
     from tandem.bench.runner import SendOptions, measure_endpoint
 
     options = SendOptions(sampling_options(args), args.seed, args.max_concurrency, args.timeout)
+    if target.kind == VLLM:
+        from tandem.bench.peer import VllmServer
+
+        with VllmServer(args.peer_python, model, pipeline_size(target.name), dtype, run_log_dir(args, target.name),
+                        args.vllm_args) as server:
+            _log(f"{target.name}: vLLM ready on {server.url} (log in {server.log_path})")
+            watch = process_watch(args, target.name, server.pids())
+            return measure_openai(server.url, workload.requests, workload.warmup, options, target.name, watch)
+    if target.kind == "openai":
+        return measure_openai(args.peer_endpoint, workload.requests, workload.warmup, options, target.name)
     if target.kind == TRANSFORMERS:
         from tandem.bench.hf import measure_transformers
 
@@ -274,7 +317,7 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
             _log(f"{TRANSFORMERS}: runs offline; --request-rate and --max-concurrency do not apply to it")
         return measure_transformers(model, workload.requests, workload.warmup, sampling=options.sampling,
                                     seed=args.seed, device=args.device, batch_size=args.hf_batch_size,
-                                    watch=process_watch(args, target.name, {}))
+                                    dtype=args.dtype, watch=process_watch(args, target.name, {}))
     if target.kind == "endpoint":  # service figures only for the services whose addresses were given
         addresses = (args.stage_addresses, args.sampler_addresses)
         with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
@@ -285,8 +328,10 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
         return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
 
 
-def model_facts(args: argparse.Namespace, model: str | None) -> tuple[int, int, Callable[[str], list[int]]]:
-    """Vocabulary size, longest prompt + output, and a tokenizer for trace prompts."""
+def model_facts(args: argparse.Namespace, model: str | None
+                ) -> tuple[ModelConfig | None, int, int, Callable[[str], list[int]]]:
+    """The model's configuration (None when only a deployment knows it), vocabulary size, longest
+    prompt + output, and a tokenizer for trace prompts."""
     if model is None:  # --endpoint without --model: ask the deployment
         from tandem.client import TandemClient
 
@@ -296,14 +341,37 @@ def model_facts(args: argparse.Namespace, model: str | None) -> tuple[int, int, 
         def tokenize(text: str) -> list[int]:
             with TandemClient(args.endpoint, timeout_s=30) as c:
                 return c.tokenize(text, add_special_tokens=False)
-        return info.vocab_size, info.max_model_len, tokenize
-    from tandem.core.model_config import ModelConfig
+        return None, info.vocab_size, info.max_model_len, tokenize
     from tandem.core.tokenizer import Tokenizer
 
     config = ModelConfig.from_dir(model)
     tokenizer = functools.cache(lambda: Tokenizer.from_dir(model))  # only traces with prompt text need it
-    return config.vocab_size, config.max_position_embeddings, \
+    return config, config.vocab_size, config.max_position_embeddings, \
         lambda text: tokenizer().encode(text, add_special_tokens=False)
+
+
+def run_dtype(args: argparse.Namespace, config: ModelConfig | None) -> str | None:
+    """--dtype resolved for the model on --device ("float32", "bfloat16", "float16"); None without a model."""
+    if config is None:
+        return None
+    import torch
+
+    from tandem.core.model import resolve_dtype
+
+    return str(resolve_dtype(args.dtype, config, torch.device(args.device))).removeprefix("torch.")
+
+
+def peak_flops(dtype: str | None, device: str, machine: dict) -> float | None:
+    """The machine's dense-matmul peak in `dtype` (tandem.bench.flops), also recorded in `machine`."""
+    if dtype is None:
+        return None
+    from tandem.bench.flops import measure_peak
+
+    peak = measure_peak(dtype, device)
+    machine.update({f"peak_{key}": value for key, value in peak.as_dict().items()})
+    _log(f"peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s, {dtype} matmul ({peak.matrix_size}x{peak.matrix_size}) on "
+         f"{peak.device}" + (f", {peak.num_threads} threads" if peak.num_threads else ""))
+    return peak.flops_per_s
 
 
 def run(args: argparse.Namespace, bundled_model: str) -> int:
@@ -312,31 +380,36 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
 
     from tandem.bench import report
     from tandem.client import ClientError
+    peer_version = None
     try:  # everything that can be wrong with the options, found before anything starts
         targets = plan_targets(args)
         check_extras(targets, args)
+        if any(t.kind == VLLM for t in targets):
+            args.peer_python, peer_version = find_peer_python(args.peer_python)
         model = args.model or (None if args.endpoint else bundled_model)
-        vocab_size, max_len, tokenize = model_facts(args, model)
+        config, vocab_size, max_len, tokenize = model_facts(args, model)
         workload = make_workload(args, vocab_size, tokenize)
         check_fits(workload, max_len)
+        dtype = run_dtype(args, config)
     except (ValueError, OSError, ClientError) as e:  # DatasetError is a ValueError; messages name the cause
         print(f"tandem bench: {e}", file=sys.stderr)
         return 2
-    machine = machine_info()
+    machine = machine_info() | ({"vllm": peer_version} if peer_version else {})
     w = workload.description
     _log(f"workload: {w['num_requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output "
          f"tokens, {w['num_warmup']} warm-up; {machine['num_cores']} cores")
+    peak = peak_flops(dtype, args.device, machine)
 
     runs = []
     for target in targets:
         _log(f"{target.name}: {target.description}")
         try:
-            m = measure(target, args, model, workload)
+            m = measure(target, args, model, workload, dtype)
         except (RuntimeError, ClientError, grpc.RpcError) as e:  # a service failed to start or to answer
             print(f"tandem bench: {target.name}: {e}", file=sys.stderr)
             return 1
-        figures = report.run_figures(target.name, m, machine["num_cores"], kind=target.kind,
-                                     description=target.description)
+        figures = report.run_figures(target.name, m, machine["num_cores"], model=config, peak_flops_per_s=peak,
+                                     kind=target.kind, description=target.description)
         runs.append(figures)
         print(report.format_run(figures), flush=True)
         print()

@@ -56,8 +56,8 @@ class StepClock:
         pass
 
 
-def load_model(model_dir: str, device: str):
-    """The checkpoint in the dtype Tandem's stages would use on `device` (float32 on CPU)."""
+def load_model(model_dir: str, device: str, dtype: str = "auto"):
+    """The checkpoint in the dtype Tandem's stages would use on `device` given `dtype` (auto: float32 on CPU)."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -67,8 +67,8 @@ def load_model(model_dir: str, device: str):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    dtype = resolve_dtype("auto", ModelConfig.from_dir(model_dir), torch.device(device))
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    torch_dtype = resolve_dtype(dtype, ModelConfig.from_dir(model_dir), torch.device(device))
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).to(device).eval()
 
 
 def generate_options(sampling: Mapping[str, float | int]) -> dict:
@@ -89,14 +89,14 @@ def generate_options(sampling: Mapping[str, float | int]) -> dict:
 
 def measure_transformers(model_dir: str, requests: Sequence[Request], warmup: Sequence[Request], *,
                          sampling: Mapping[str, float | int], seed: int = 0, device: str = "cpu",
-                         batch_size: int = 16, label: str = "transformers", watch: ProcessWatch | None = None
-                         ) -> Measurement:
+                         batch_size: int = 16, dtype: str = "auto", label: str = "transformers",
+                         watch: ProcessWatch | None = None) -> Measurement:
     """The workload through generate; `watch` covers the measured batches (not loading, not warm-up)."""
     import torch
     from tqdm import tqdm
 
     options = generate_options(sampling)
-    model = load_model(model_dir, device)
+    model = load_model(model_dir, device, dtype)
     pad_id = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     torch.manual_seed(seed)
     if warmup:

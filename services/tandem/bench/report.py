@@ -10,7 +10,9 @@ from collections.abc import Mapping, Sequence
 
 from tandem.bench import stats
 from tandem.bench.cputime import IDLE, cpu_by_process
+from tandem.bench.flops import request_flops
 from tandem.bench.runner import Measurement, RequestRecord
+from tandem.core.model_config import ModelConfig
 
 # The figures compared between runs, in the order the table shows them.
 RATIO_KEYS = ("output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")
@@ -86,8 +88,10 @@ def process_figures(m: Measurement, num_cores: int) -> dict:
     return out
 
 
-def run_figures(name: str, m: Measurement, num_cores: int, **about) -> dict:
-    """Every figure of one run, flat where it is a single number; `about` says what ran."""
+def run_figures(name: str, m: Measurement, num_cores: int, *, model: ModelConfig | None = None,
+                peak_flops_per_s: float | None = None, **about) -> dict:
+    """Every figure of one run, flat where it is a single number; `about` says what ran. With the
+    `model`'s configuration, its FLOPs per second, and with the machine's peak, the fraction of it."""
     requests = [request_figures(r) for r in m.records]
     done = [r for r in m.records if r.error is None]
     prompt_tokens = sum(r.prompt_len for r in done)
@@ -105,6 +109,9 @@ def run_figures(name: str, m: Measurement, num_cores: int, **about) -> dict:
         **process_figures(m, num_cores),
     }
     fig["fraction_of_bound"] = stats.ratio(fig["output_tokens_per_s"], fig.get("machine_bound_output_tokens_per_s"))
+    flops = sum(request_flops(model, r.prompt_len, r.output_tokens) for r in done) if model else None
+    fig["model_flops_per_s"] = stats.ratio(flops, m.wall_s)
+    fig["fraction_of_peak"] = stats.ratio(fig["model_flops_per_s"], peak_flops_per_s)
     fig["errors"] = sorted({r.error for r in m.records if r.error})[:5]
     fig["requests"] = requests
     return fig
@@ -171,6 +178,11 @@ def format_run(f: Mapping) -> str:
         lines.append(f"  machine bound {_num(f['machine_bound_output_tokens_per_s'])} output tok/s "
                      f"({f['compute_s']:.2f} s of {basis} compute time on {f['num_cores']} cores; {other}); "
                      f"measured is {_pct(f['fraction_of_bound'])} of it")
+    if f.get("model_flops_per_s") is not None:
+        of_peak = "" if f.get("fraction_of_peak") is None else \
+            f", {_pct(f['fraction_of_peak'])} of the machine's matmul peak" + \
+            (" (above it: other load on the cores slowed the peak's measurement)" if f["fraction_of_peak"] > 1 else "")
+        lines.append(f"  model FLOPs  {f['model_flops_per_s'] / 1e9:.2f} GFLOP/s{of_peak}")
     lines += _format_cpu(f) + _format_profiles(f)
     for error in f.get("errors", []):
         lines.append(f"  error        {error}")
@@ -204,12 +216,14 @@ def format_comparison(runs: Sequence[Mapping], ratios: Mapping[str, Mapping]) ->
     """One row per run, then the output tokens/s ratio of every run (row) to every other (column)."""
     names = [r["name"] for r in runs]
     width = max(12, *(len(n) for n in names)) + 2
-    head = ("output tok/s", "total tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "bound", "of bound")
+    head = ("output tok/s", "total tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "bound", "of bound",
+            "of peak")
     lines = ["run".ljust(width) + "".join(h.rjust(14) for h in head)]
     for r in runs:
         cells = (_num(r["output_tokens_per_s"]), _num(r["total_tokens_per_s"]), _ms(r["ttft_p50_s"]),
                  _ms(r["ttft_p99_s"]), _ms(r["tpot_p50_s"]), _ms(r["tpot_p99_s"]),
-                 _num(r.get("machine_bound_output_tokens_per_s")), _pct(r.get("fraction_of_bound")))
+                 _num(r.get("machine_bound_output_tokens_per_s")), _pct(r.get("fraction_of_bound")),
+                 _pct(r.get("fraction_of_peak")))
         lines.append(r["name"].ljust(width) + "".join(c.rjust(14) for c in cells))
     if len(runs) > 1:
         lines += ["", "output tokens/s, row / column:", " " * width + "".join(n.rjust(width) for n in names)]

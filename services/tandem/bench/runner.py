@@ -1,4 +1,7 @@
-"""Sending a workload to a Tandem endpoint and timing every request from the client's side.
+"""Sending a workload to an endpoint and timing every request from the client's side.
+
+`run_requests` schedules the requests and times them whatever the server; `send_all` sends
+them to a Tandem deployment (tandem.bench.openai_api to an OpenAI-compatible server).
 
 Requests go out at their arrival times (all at once for an offline run), at most
 `max_concurrency` at a time; each one is streamed so that the first token's arrival is seen.
@@ -9,9 +12,10 @@ Time to first token counts from the moment a request is sent, so waiting for a
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -57,15 +61,30 @@ class SendOptions:
     timeout_s: float | None = None
 
 
+# Sends one request and fills in its record: first_token_s and output_tokens (or error); times are
+# seconds from `start`, a time.perf_counter() reading. The caller sets sent_s and done_s around it.
+SendOne = Callable[[Request, RequestRecord, float], Awaitable[None]]
+# Sends a list of requests (showing progress or not); returns their records and the wall time.
+SendAll = Callable[[Sequence[Request], bool], Awaitable[tuple[list[RequestRecord], float]]]
+
+
 def measure_endpoint(endpoint: str, requests: Sequence[Request], warmup: Sequence[Request], options: SendOptions,
                      probe: ServiceProbe | None = None, label: str = "", watch: ProcessWatch | None = None
                      ) -> Measurement:
+    """A Tandem deployment's measurement, see `measure_requests`."""
+    def send(batch: Sequence[Request], progress: bool):
+        return send_all(endpoint, batch, options, progress=progress, label=label)
+    return measure_requests(send, requests, warmup, probe, watch)
+
+
+def measure_requests(send: SendAll, requests: Sequence[Request], warmup: Sequence[Request],
+                     probe: ServiceProbe | None = None, watch: ProcessWatch | None = None) -> Measurement:
     """Run the warm-up, then inside `watch`: read the counters, run the measured requests, read them again."""
     if warmup:
-        asyncio.run(send_all(endpoint, warmup, options, progress=False))
+        asyncio.run(send(warmup, False))
     with watch or nullcontext():
         before = probe.read() if probe else None
-        records, wall_s = asyncio.run(send_all(endpoint, requests, options, progress=True, label=label))
+        records, wall_s = asyncio.run(send(requests, True))
         after = probe.read() if probe else None
     return Measurement(records, wall_s, after.minus(before) if probe else None,
                        tuple(probe.stage_addresses) if probe else (), tuple(probe.sampler_addresses) if probe else (),
@@ -74,44 +93,52 @@ def measure_endpoint(endpoint: str, requests: Sequence[Request], warmup: Sequenc
 
 async def send_all(endpoint: str, requests: Sequence[Request], options: SendOptions, progress: bool = False,
                    label: str = "") -> tuple[list[RequestRecord], float]:
-    """Send every request at its arrival time; return the records and the run's wall time."""
-    from tqdm import tqdm
-
+    """Send every request to a Tandem endpoint at its arrival time; return the records and the run's wall time."""
     from tandem.client import AsyncTandemClient
+
+    async with AsyncTandemClient(endpoint, timeout_s=options.timeout_s) as client:
+        return await run_requests(requests, options, functools.partial(_send_one, client, options), progress, label)
+
+
+async def run_requests(requests: Sequence[Request], options: SendOptions, send_one: SendOne, progress: bool = False,
+                       label: str = "") -> tuple[list[RequestRecord], float]:
+    """Send every request through `send_one` at its arrival time, at most options.max_concurrency at a time."""
+    from tqdm import tqdm
 
     slots = asyncio.Semaphore(options.max_concurrency or len(requests) or 1)
     bar = tqdm(total=len(requests), desc=label or "requests", unit="req", file=sys.stderr, disable=not progress,
                dynamic_ncols=True, leave=False)
-    async with AsyncTandemClient(endpoint, timeout_s=options.timeout_s) as client:
-        start = time.perf_counter()
-        tasks = [asyncio.create_task(_send_one(client, r, options, slots, start)) for r in requests]
-        for task in asyncio.as_completed(tasks):
-            await task
-            bar.update(1)
-        wall_s = time.perf_counter() - start
+    start = time.perf_counter()
+
+    async def one(request: Request) -> RequestRecord:
+        record = RequestRecord(request.index, request.prompt_len, request.output_len)
+        await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
+        async with slots:
+            record.sent_s = time.perf_counter() - start
+            await send_one(request, record, start)
+            record.done_s = time.perf_counter() - start
+        return record
+
+    tasks = [asyncio.create_task(one(r)) for r in requests]
+    for task in asyncio.as_completed(tasks):
+        await task
+        bar.update(1)
+    wall_s = time.perf_counter() - start
     bar.close()
     return [t.result() for t in tasks], wall_s
 
 
-async def _send_one(client, request: Request, options: SendOptions, slots: asyncio.Semaphore,
-                    start: float) -> RequestRecord:
+async def _send_one(client, options: SendOptions, request: Request, record: RequestRecord, start: float) -> None:
     from tandem.client import ClientError
 
-    record = RequestRecord(request.index, request.prompt_len, request.output_len)
-    await asyncio.sleep(max(0.0, start + request.arrival_s - time.perf_counter()))
-    async with slots:
-        record.sent_s = time.perf_counter() - start
-        stream = client.generate_stream(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
-                                        ignore_eos=True, seed=options.seed + max(request.index, 0),
-                                        **options.sampling)
-        try:
-            async for chunk in stream:
-                if chunk.token_ids and record.first_token_s is None:
-                    record.first_token_s = time.perf_counter() - start
-                record.output_tokens += len(chunk.token_ids)
-        except ClientError as e:
-            record.error = str(e)
-        finally:
-            stream.close()
-        record.done_s = time.perf_counter() - start
-    return record
+    stream = client.generate_stream(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
+                                    ignore_eos=True, seed=options.seed + max(request.index, 0), **options.sampling)
+    try:
+        async for chunk in stream:
+            if chunk.token_ids and record.first_token_s is None:
+                record.first_token_s = time.perf_counter() - start
+            record.output_tokens += len(chunk.token_ids)
+    except ClientError as e:
+        record.error = str(e)
+    finally:
+        stream.close()
