@@ -11,9 +11,10 @@ does on top (padding, recomputation, sampling): 2 FLOPs per parameter of every m
 
 Embedding lookups, norms, rotary embeddings and softmax are left out (a few per cent at most).
 
-The peak is measured, not taken from a data sheet: dense torch.mm in the run's dtype on square
-matrices of a few cache-friendly sizes with every core of this process's affinity mask (or on the
-CUDA device), the best rate over short repeated windows, a few seconds in all, once per dtype and
+The peak is measured, not taken from a data sheet: dense matmuls in the run's dtype on square
+matrices of a few cache-friendly sizes, through torch.mm and (on CPU) through the oneDNN kernel
+the stages' projections use (core/linear.py), whichever is faster, with every core of this
+process's affinity mask (or `num_threads` of them; or on the CUDA device), the best rate over short repeated windows, a few seconds in all, once per dtype and
 device in a process. "of peak" is a run's model FLOPs per second as a fraction of it.
 """
 
@@ -74,12 +75,13 @@ class Peak:
 
 
 @functools.cache
-def measure_peak(dtype: str, device: str = "cpu", budget_s: float = PEAK_BUDGET_S) -> Peak:
-    """Dense matmul FLOPs per second in `dtype` ("float32", "bfloat16", "float16") on `device`."""
+def measure_peak(dtype: str, device: str = "cpu", budget_s: float = PEAK_BUDGET_S, num_threads: int = 0) -> Peak:
+    """Dense matmul FLOPs per second in `dtype` ("float32", "bfloat16", "float16") on `device`, with
+    `num_threads` torch threads on CPU (0: one per core of the affinity mask)."""
     import torch
 
     on_cuda = torch.device(device).type == "cuda"
-    threads = 0 if on_cuda else len(os.sched_getaffinity(0))
+    threads = 0 if on_cuda else num_threads or len(os.sched_getaffinity(0))
     previous = torch.get_num_threads()
     if not on_cuda:
         torch.set_num_threads(threads)
@@ -96,17 +98,26 @@ def _best_rate(n: int, dtype, device: str, budget_s: float) -> float:
     """The best FLOPs per second of n x n matmuls over WINDOWS_PER_SIZE windows within `budget_s`."""
     import torch
 
+    from tandem.core.linear import PackedLinear
+
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     out = torch.empty(n, n, dtype=dtype, device=device)
     sync = torch.cuda.synchronize if out.is_cuda else (lambda: None)
-    torch.mm(a, b, out=out)  # first call: allocation and kernel selection
-    sync()
-    best, window_s, deadline = 0.0, budget_s / WINDOWS_PER_SIZE, time.perf_counter() + budget_s
-    while time.perf_counter() < deadline:
-        calls, start = 0, time.perf_counter()
-        while (elapsed := time.perf_counter() - start) < window_s:
-            torch.mm(a, b, out=out)
-            sync()
-            calls += 1
-        best = max(best, 2 * n ** 3 * calls / elapsed)
+    kernels = [lambda: torch.mm(a, b, out=out)]
+    if not out.is_cuda:
+        linear = torch.nn.Linear(n, n, bias=False, dtype=dtype)
+        linear.weight.data = b.t()
+        kernels.append(functools.partial(PackedLinear([linear]), a))
+    best = 0.0
+    for kernel in kernels:
+        kernel()  # first call: allocation and kernel selection
+        sync()
+        window_s, deadline = budget_s / WINDOWS_PER_SIZE / len(kernels), time.perf_counter() + budget_s / len(kernels)
+        while time.perf_counter() < deadline:
+            calls, start = 0, time.perf_counter()
+            while (elapsed := time.perf_counter() - start) < window_s:
+                kernel()
+                sync()
+                calls += 1
+            best = max(best, 2 * n ** 3 * calls / elapsed)
     return best

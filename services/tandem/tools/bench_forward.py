@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from tandem.bench.flops import matmul_parameters, measure_peak
 from tandem.core.attention import AttentionMetadata, SequenceSlice
-from tandem.core.linear import PackedLinear
 from tandem.core.model import DTYPES, StageModel
 from tandem.core.model_config import ModelConfig
 from tandem.core.stages import LayerRange
@@ -42,27 +42,8 @@ PEER_SCRIPT = Path(__file__).with_name("peer_vllm_step.py")
 
 def model_flops_per_token(config: ModelConfig, context: int) -> float:
     """FLOPs of one decode token: projections and LM head, plus attention over `context` keys."""
-    c = config
-    q_kv_o = c.hidden_size * (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim
-    mlp = 3 * c.hidden_size * c.intermediate_size
-    projections = c.num_hidden_layers * (q_kv_o + mlp) + c.hidden_size * c.vocab_size
-    attention = c.num_hidden_layers * 4 * context * c.num_attention_heads * c.head_dim
-    return 2.0 * projections + attention
-
-
-def peak_flops(dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """The fastest dense matmul this process runs in `dtype` with torch's current threads, FLOP/s."""
-    best = 0.0
-    for m, k, n in ((512, 2048, 2048), (1024, 1024, 4096)):
-        layer = PackedLinear([torch.nn.Linear(k, n, bias=False).to(dtype)])
-        x = torch.randn(m, k, dtype=dtype)
-        layer(x)
-        count, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds / 2:
-            layer(x)
-            count += 1
-        best = max(best, 2.0 * m * k * n * count / (time.perf_counter() - start))
-    return best
+    layers, head = matmul_parameters(config)
+    return 2.0 * (layers + head) + 4.0 * context * config.num_attention_heads * config.head_dim * config.num_hidden_layers
 
 
 def time_steps(model_dir: str, dtype: str, batch: int, context: int, steps: int) -> list[float]:
@@ -118,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     for dtype in args.dtype:
         for threads in args.threads:
             torch.set_num_threads(threads)
-            peak = peak_flops(DTYPES[dtype])
+            peak = measure_peak(dtype, num_threads=threads).flops_per_s
             step_s = statistics.median(time_steps(args.model, dtype, args.batch, args.context, args.steps))
             row = {"dtype": dtype, "threads": threads, "batch": args.batch, "context": args.context,
                    "step_ms": step_s * 1e3, "tokens_per_s": args.batch / step_s,
