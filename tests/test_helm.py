@@ -204,6 +204,28 @@ def test_four_stage_partition_is_passed_through() -> None:
     assert {s.stage_boundaries for s in stages} == {(7, 15, 24)}
 
 
+def _stage_configs(objs) -> list[StageWorkerConfig]:
+    return sorted((load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
+                   for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "stage-worker"),
+                  key=lambda s: s.stage_index)
+
+
+@pytest.mark.parametrize("resources, threads", [
+    ({}, 4),  # the defaults: 4 cores requested and limited
+    ({"requests": {"cpu": "8"}, "limits": {"cpu": "6500m"}}, 6),
+    ({"requests": {"cpu": 3}, "limits": {"cpu": None}}, 3),
+    ({"requests": {"cpu": "500m"}, "limits": {"cpu": None}}, 1),
+])
+def test_stage_threads_follow_the_cpu_limit(resources, threads) -> None:
+    assert {s.num_threads for s in _stage_configs(_render({"stageWorker": {"resources": resources}}))} == {threads}
+
+
+def test_stage_threads_beyond_the_cpu_limit_are_refused() -> None:
+    assert {s.num_threads for s in _stage_configs(_render({"stageWorker": {"config": {"num_threads": 2}}}))} == {2}
+    with pytest.raises(helm.HelmError, match="num_threads=8"):
+        _render({"stageWorker": {"config": {"num_threads": 8}}})
+
+
 def test_tls_and_api_key_mounts_only_when_enabled() -> None:
     def secrets(example: str) -> set[str]:
         names = set()

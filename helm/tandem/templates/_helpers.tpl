@@ -89,6 +89,11 @@ StatefulSet DNS name per replica. */}}
 {{- end }}
 {{- $prev = int . }}
 {{- end }}
+{{- $cores := include "tandem.cpuCores" .Values.stageWorker.resources }}
+{{- $threads := int (dig "num_threads" 0 .Values.stageWorker.config) }}
+{{- if and $cores $threads (gt $threads (int $cores)) }}
+{{- fail (printf "stageWorker.config.num_threads=%d is more than the %s whole cores of stageWorker.resources (CPU limit, else request): OpenMP threads that wait for a core slow down many times over" $threads $cores) }}
+{{- end }}
 {{- if and .Values.cpuSampler.autoscaling.enabled (eq .Values.cpuSampler.discovery "static") }}
 {{- fail "cpuSampler.autoscaling.enabled needs cpuSampler.discovery=endpointslices (static membership cannot follow scaling)" }}
 {{- end }}
@@ -102,6 +107,16 @@ StatefulSet DNS name per replica. */}}
 {{- end }}
 {{- if not (or .Values.model.pvc.enabled .Values.model.download.enabled) }}
 {{- fail "model: enable one of model.pvc and model.download" }}
+{{- end }}
+{{- end }}
+
+{{/* Whole cores of a resources block: its CPU limit, else its request, at least 1 ("1500m" and
+"1.5" give 1); "" when it sets neither. */}}
+{{- define "tandem.cpuCores" -}}
+{{- $cpu := dig "limits" "cpu" "" . | default (dig "requests" "cpu" "" .) }}
+{{- if $cpu }}
+{{- $q := toString $cpu }}
+{{- if hasSuffix "m" $q }}{{ max 1 (div (atoi (trimSuffix "m" $q)) 1000) }}{{ else }}{{ max 1 (int (floor (float64 $q))) }}{{ end }}
 {{- end }}
 {{- end }}
 

@@ -63,6 +63,15 @@ def _within(kind: type, low: float, high: float, low_open: bool = False) -> Call
     return convert
 
 
+def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--stage-boundaries and --stage-threads, as `tandem up` and `tandem bench` take them (see Launcher.up)."""
+    parser.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
+                        help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
+    parser.add_argument("--stage-threads", type=int, default=0,
+                        help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
+                             "cores; the rest go to the samplers, coordinator and KV store)")
+
+
 def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
@@ -82,10 +91,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
-    where.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
-                       help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
-    where.add_argument("--stage-threads", type=int, default=0,
-                       help="torch threads of each started stage (default: 0, the cores split between the stages)")
+    add_layout_arguments(where)
     where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
     where.add_argument("--log-dir", help="where the started services write their logs, one folder per preset "
                                          "(default: a temporary folder)")
@@ -245,7 +251,7 @@ def deployment(args: argparse.Namespace, model: str, preset: str):
     if args.log_dir:  # one folder per preset: services of the same name would overwrite each other's logs
         log_dir = Path(args.log_dir) / preset
         log_dir.mkdir(parents=True, exist_ok=True)
-    launcher = Launcher(log_dir=log_dir)
+    launcher = Launcher(log_dir=log_dir, say=lambda line: _log(f"{preset}: {line}"))
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
@@ -282,7 +288,9 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
     with deployment(args, model, target.name) as (endpoint, launcher), \
             ServiceProbe(launcher.stages, launcher.samplers) as probe:
         watch = process_watch(args, target.name, {name: proc.pid for name, proc in launcher.children})
-        return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
+        m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
+        m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
+        return m
 
 
 def model_facts(args: argparse.Namespace, model: str | None) -> tuple[int, int, Callable[[str], list[int]]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.core.config import doc
+from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 
 
@@ -44,8 +45,12 @@ class StageWorkerConfig:
     logits_ring_wait_s: float = doc(
         "how long a frame waits for the sampler to free a slot before it goes over the stream instead", 5.0)
     num_threads: int = doc(
-        "torch intra-op threads of this stage; 0: torch's default (one per core). Set it to the cores "
-        "the stage may use when processes share a node", 0)
+        "torch intra-op threads of this stage; 0: one per core it may use (`cpus`, else its affinity), no "
+        "more than the container's CPU limit. More threads than cores is allowed but logged: OpenMP threads "
+        "that wait for a core slow down many times over", 0)
+    cpus: str = doc(
+        "cores this stage runs on, as Linux writes them (\"0-3,8\"); every thread of the process is pinned "
+        "to them at start-up; empty: leave the affinity as it is", "")
 
     def validate(self) -> None:
         if not self.model:
@@ -56,6 +61,7 @@ class StageWorkerConfig:
             raise ConfigError("config fields 'logits_ring_slots' and 'logits_ring_mib' must be >= 1")
         if self.num_threads < 0:
             raise ConfigError(f"config field 'num_threads'={self.num_threads} must be >= 0")
+        cpus_field("cpus", self.cpus)
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1

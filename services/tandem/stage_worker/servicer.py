@@ -12,6 +12,7 @@ import grpc
 import torch
 
 from tandem.core import codec
+from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
 from tandem.core.server import CHANNEL_OPTIONS, Server
 from tandem.cpu_sampler import servicer as cpu_sampler
@@ -48,8 +49,6 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
     def load(self) -> None:
         """Load the stage's weights and start executing plans."""
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
         self.executor = StageExecutor(self.config)
         if self.config.next_stage:
             stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
@@ -111,6 +110,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
     def GetStageInfo(self, request, context):
         e, c = self._ready(), self.config
+        placement = current_placement()
         return pb.GetStageInfoResponse(
             index=c.stage_index, layer_start=e.layers.start, layer_end=e.layers.end,
             num_layers=e.layers.num_layers, kv_blocks_total=c.num_blocks, kv_blocks_used=e.num_blocks_used,
@@ -118,6 +118,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             device=e.device.type, num_steps_total=e.num_steps, uptime_ns=time.perf_counter_ns() - self._ready_ns,
             busy_ns_total=self.busy_ns_total, wait_ns_total=self.wait_ns_total,
             compute_ns_total=self.compute_ns_total, compute_cpu_ns_total=self.compute_cpu_ns_total,
+            num_threads=placement.num_threads, num_interop_threads=placement.num_interop_threads,
+            cpus=placement.cpus,
             **self._traffic(),
         )
 
@@ -240,7 +242,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
 
 def serve(config: StageWorkerConfig) -> Server:
-    """Load the stage, start its server and mark it ready."""
+    """Take the stage's cores, load the stage, start its server and mark it ready."""
+    place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
     server = Server(config.host, config.port, config.max_workers)
     servicer = StageWorkerServicer(config)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, servicer, [SERVICE_NAME])
