@@ -84,8 +84,8 @@ def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
     wait_gone(kids)
 
 
-def test_up_gives_each_stage_its_cores(up):
-    proc, endpoint = up("--stages", "2", "--samplers", "1")
+def test_up_gives_each_stage_its_cores_and_balances_the_layers(up):
+    proc, endpoint = up("--stages", "2", "--samplers", "1", "--stage-boundaries", "auto")
     kids = children_of(proc.pid)
     with TandemClient(endpoint, timeout_s=60) as client:
         stages = client.server_info().stages
@@ -96,11 +96,13 @@ def test_up_gives_each_stage_its_cores(up):
             infos.append(StageWorkerStub(channel).GetStageInfo(GetStageInfoRequest(), timeout=30))
     assert [tuple(i.cpus) for i in infos] == list(plan.stages)
     assert {i.num_threads for i in infos} == {plan.stage_threads} and {i.num_interop_threads for i in infos} == {1}
+    assert all(json.loads(i.profile_json)["cpus"] == list(c) for i, c in zip(infos, plan.stages))
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     wait_gone(kids)
     said = proc.stderr.read()
     assert "tandem: cores: stage 0 on " in said
+    assert f"tandem: stage boundaries auto [{infos[1].layer_start}] " in said, said
 
 
 def test_up_stops_everything_when_a_service_dies(up):

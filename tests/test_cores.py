@@ -110,6 +110,8 @@ def test_a_started_stage_and_sampler_report_their_threads_and_cores(launcher, ch
         info = stage_worker_pb2_grpc.StageWorkerStub(channel).GetStageInfo(stage_worker_pb2.GetStageInfoRequest(),
                                                                           timeout=30)
     assert list(info.cpus) == [core] and info.num_threads == 1 and info.num_interop_threads == 1
+    profile = json.loads(info.profile_json)
+    assert profile["num_threads"] == 1 and profile["cpus"] == [core]
     with grpc.insecure_channel(sampler) as channel:
         info = cpu_sampler_pb2_grpc.CpuSamplerStub(channel).GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(),
                                                                           timeout=30)

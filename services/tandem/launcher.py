@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from tandem.core.config import dump_config
-from tandem.core.cpus import format_cpu_list, plan_cores, usable_cpus
+from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
+from tandem.core.profile import balanced_split, load_profile
+from tandem.core.stages import AUTO
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
@@ -35,8 +37,8 @@ def _die_with_parent() -> None:  # runs in the child before exec (Linux)
 class Launcher:
     """Starts services in dependency order, learns each one's address, stops them all.
 
-    `say` gets every line about how the deployment is laid out (each process's cores, and
-    cores shared by stages); `notes` and `warnings` keep them for reports.
+    `say` gets every line about how the deployment is laid out (each process's cores, cores
+    shared by stages, the layer split); `notes` and `warnings` keep them for reports.
     """
 
     def __init__(self, workdir: str | None = None, log_dir: str | None = None,
@@ -92,19 +94,22 @@ class Launcher:
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
-           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] = ()) -> str:
+           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = ()) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets).
 
         Each stage gets cores of its own and as many torch threads (`stage_threads` each, 0: an
         equal share, see plan_cores); the samplers, coordinator and KV store share the cores left
         over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
-        empty for an even split.
+        empty for an even split, or "auto": profile the model on stage 0's cores first and split
+        the layers so that the stages take equal time, LM head included.
         """
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
         for i, line in enumerate(plan.describe()):
             self.say(line, warning=i > 0)
         others = () if plan.others_float else plan.others
+        if stage_boundaries == AUTO:
+            stage_boundaries = self.balance(model, num_stages, device, plan)
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
@@ -124,6 +129,27 @@ class Launcher:
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
                                         **techniques.coordinator_options())
         return self.start("coordinator", "coordinator", coordinator, cpus=others)
+
+    def balance(self, model: str, num_stages: int, device: str, plan: CorePlan, timeout_s: float = 600.0
+                ) -> tuple[int, ...]:
+        """Profile one layer and the LM head with a stage's cores and threads (profile_stage, in a
+        process of its own), and return the boundaries of the balanced split."""
+        out = self.workdir / "stage-profile.json"
+        cmd = [sys.executable, "-m", "tandem.tools.profile_stage", "--model", model, "--device", device,
+               "--cpus", format_cpu_list(plan.stages[0]), "--threads", str(plan.stage_threads), "--out", str(out)]
+        proc = self._spawn("profile-stage", cmd, (), stdout=subprocess.DEVNULL)
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        else:
+            self.children.remove(("profile-stage", proc))  # done: not a service that may exit
+        if code != 0:
+            self.stop()
+            raise RuntimeError(f"profiling the stages failed; see {self.log_dir / 'profile-stage.log'}")
+        split = balanced_split(load_profile(out), num_stages)
+        self.say(f"stage boundaries auto {list(split.boundaries)} from {out}: {split.describe()}")
+        return split.boundaries
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, proc in self.children:

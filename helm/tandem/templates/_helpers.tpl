@@ -79,6 +79,15 @@ StatefulSet DNS name per replica. */}}
 {{- define "tandem.validate" -}}
 {{- $n := int .Values.pipeline.numStages }}
 {{- $b := .Values.pipeline.stageBoundaries }}
+{{- if eq (toString $b) "auto" }}
+{{- if not .Values.pipeline.stageProfile }}
+{{- fail "pipeline.stageBoundaries=auto needs pipeline.stageProfile: run `python -m tandem.tools.profile_stage --model DIR --device cuda --out profile.json` on a node like the stages' and pass --set-file pipeline.stageProfile=profile.json (or set the boundaries it prints with --stages N)" }}
+{{- end }}
+{{- if ne (get (.Values.pipeline.stageProfile | fromJson) "format") "tandem-stage-profile" }}
+{{- fail "pipeline.stageProfile is not a stage profile (JSON with format tandem-stage-profile, from python -m tandem.tools.profile_stage)" }}
+{{- end }}
+{{- $b = list }}
+{{- end }}
 {{- if and $b (ne (len $b) (sub $n 1)) }}
 {{- fail (printf "pipeline.stageBoundaries must list numStages-1 = %d layer indices, got %d" (sub $n 1) (len $b)) }}
 {{- end }}
@@ -133,7 +142,8 @@ StatefulSet DNS name per replica. */}}
 A pod template for one role. dict:
   root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
   service name, configMap: name, needsModel: bool, labels: selector labels (rendered),
-  serviceAccount: name or "", gpu: bool
+  serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
+  as /etc/tandem/KEY
 */}}
 {{- define "tandem.podTemplate" -}}
 {{- $root := .root }}
@@ -249,6 +259,12 @@ spec:
           mountPath: /etc/tandem/config.yaml
           subPath: config.yaml
           readOnly: true
+        {{- range .configFiles }}
+        - name: config
+          mountPath: /etc/tandem/{{ . }}
+          subPath: {{ . }}
+          readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if .needsModel }}

@@ -30,6 +30,7 @@ from tandem.bench.workload import (
     read_dataset,
     synthetic_entries,
 )
+from tandem.core.stages import parse_boundaries
 from tandem.presets import resolve
 
 TRANSFORMERS = "transformers"
@@ -65,8 +66,16 @@ def _within(kind: type, low: float, high: float, low_open: bool = False) -> Call
 
 def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     """--stage-boundaries and --stage-threads, as `tandem up` and `tandem bench` take them (see Launcher.up)."""
-    parser.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
-                        help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
+    def boundaries(text: str) -> tuple[int, ...] | str:
+        try:
+            return parse_boundaries(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--stage-boundaries", type=boundaries, default=(),
+                        help="first layer of stages 1..N-1, comma-separated, or 'auto': profile the model first and "
+                             "split the layers so that the stages take equal time, LM head included (default: an "
+                             "even split of the layers)")
     parser.add_argument("--stage-threads", type=int, default=0,
                         help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
                              "cores; the rest go to the samplers, coordinator and KV store)")
