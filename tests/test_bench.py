@@ -402,6 +402,17 @@ def test_report_shows_cpu_by_process_and_profiles():
     assert "60.0%  forward (model.py:5)" in text and "Permission denied" in text
 
 
+def test_report_says_how_the_deployment_was_laid_out():
+    records = [RequestRecord(0, 4, 2, sent_s=0.0, first_token_s=0.5, done_s=1.0, output_tokens=2)]
+    m = Measurement(records, wall_s=1.0, layout=["cores: stage 0 on 0, stage 1 on 1"],
+                    layout_warnings=["stages 0 and 2 share core 0"])
+    f = run_figures("full", m, num_cores=2)
+    assert f["layout"] == m.layout and f["layout_warnings"] == m.layout_warnings
+    text = format_run(f)
+    assert "layout       cores: stage 0 on 0" in text and "WARNING      stages 0 and 2 share core 0" in text
+    assert "layout" not in run_figures("transformers", Measurement(records, wall_s=1.0), num_cores=2)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(find_py_spy() is None, reason="py-spy is not installed")
 def test_profiler_records_a_python_process_until_stopped(tmp_path):
@@ -456,6 +467,7 @@ def test_bench_compares_full_with_transformers(tmp_path):
         assert run["prompt_tokens"] == workload["prompt_tokens"]
         assert [r["output_tokens"] for r in run["requests"]] == [8] * 4
     full = runs["full"]
+    assert full["layout"][0].startswith("cores: stage 0 on ") and "layout" not in runs["transformers"]
     assert [h["hop"] for h in full["hops"]] == ["stage0->stage1", "stage1->samplers"]
     assert all(0 <= s["busy_fraction"] <= 1 and s["steps"] > 0 for s in full["stages"])
     assert full["machine_bound_output_tokens_per_s"] > 0 and full["sampler_time_per_microbatch_s"] > 0

@@ -10,10 +10,15 @@ import sys
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
 
 from processes import children_of, wait_gone
+from tandem.client import TandemClient
+from tandem.core.cpus import plan_cores
+from tandem.v1.stage_worker_pb2 import GetStageInfoRequest
+from tandem.v1.stage_worker_pb2_grpc import StageWorkerStub
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -77,6 +82,27 @@ def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     wait_gone(kids)
+
+
+def test_up_gives_each_stage_its_cores_and_balances_the_layers(up):
+    proc, endpoint = up("--stages", "2", "--samplers", "1", "--stage-boundaries", "auto")
+    kids = children_of(proc.pid)
+    with TandemClient(endpoint, timeout_s=60) as client:
+        stages = client.server_info().stages
+    plan = plan_cores(sorted(os.sched_getaffinity(0)), num_stages=2, num_samplers=1)
+    infos = []
+    for stage in stages:
+        with grpc.insecure_channel(stage.address) as channel:
+            infos.append(StageWorkerStub(channel).GetStageInfo(GetStageInfoRequest(), timeout=30))
+    assert [tuple(i.cpus) for i in infos] == list(plan.stages)
+    assert {i.num_threads for i in infos} == {plan.stage_threads} and {i.num_interop_threads for i in infos} == {1}
+    assert all(json.loads(i.profile_json)["cpus"] == list(c) for i, c in zip(infos, plan.stages))
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == 0
+    wait_gone(kids)
+    said = proc.stderr.read()
+    assert "tandem: cores: stage 0 on " in said
+    assert f"tandem: stage boundaries auto [{infos[1].layer_start}] " in said, said
 
 
 def test_up_stops_everything_when_a_service_dies(up):

@@ -184,7 +184,7 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
         assert stage.next_stage == (coordinator.stages[i + 1] if i + 1 < len(stages) else "")
         assert stage.model == coordinator.model
     values = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))
-    assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]
+    assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]  # no example uses auto
     if values["cpuSampler"]["discovery"] == "static":
         n = values["cpuSampler"]["replicas"]
         assert coordinator.sampler_discovery == "static"
@@ -202,6 +202,50 @@ def test_four_stage_partition_is_passed_through() -> None:
     stages = [load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
               for cm in _of_kind(_objects("four-stages.yaml"), "ConfigMap") if _component(cm) == "stage-worker"]
     assert {s.stage_boundaries for s in stages} == {(7, 15, 24)}
+
+
+def _stage_configs(objs) -> list[StageWorkerConfig]:
+    return sorted((load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
+                   for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "stage-worker"),
+                  key=lambda s: s.stage_index)
+
+
+@pytest.mark.parametrize("resources, threads", [
+    ({}, 4),  # the defaults: 4 cores requested and limited
+    ({"requests": {"cpu": "8"}, "limits": {"cpu": "6500m"}}, 6),
+    ({"requests": {"cpu": 3}, "limits": {"cpu": None}}, 3),
+    ({"requests": {"cpu": "500m"}, "limits": {"cpu": None}}, 1),
+])
+def test_stage_threads_follow_the_cpu_limit(resources, threads) -> None:
+    assert {s.num_threads for s in _stage_configs(_render({"stageWorker": {"resources": resources}}))} == {threads}
+
+
+def test_stage_threads_beyond_the_cpu_limit_are_refused() -> None:
+    assert {s.num_threads for s in _stage_configs(_render({"stageWorker": {"config": {"num_threads": 2}}}))} == {2}
+    with pytest.raises(helm.HelmError, match="num_threads=8"):
+        _render({"stageWorker": {"config": {"num_threads": 8}}})
+
+
+def test_auto_boundaries_mount_one_profile_in_every_stage() -> None:
+    from tandem.core.profile import balanced_split, parse_profile
+    from test_stage_profile import profile
+
+    values = {"pipeline": {"numStages": 2, "stageBoundaries": "auto", "stageProfile": profile().to_json()}}
+    objs = _render(values)
+    stages = _stage_configs(objs)
+    assert {(s.stage_boundaries, s.stage_profile) for s in stages} == {("auto", "/etc/tandem/stage-profile.json")}
+    for cm in _of_kind(objs, "ConfigMap"):
+        if _component(cm) == "stage-worker":
+            assert parse_profile(cm["data"]["stage-profile.json"]) == profile()
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        mounts = {m["mountPath"]: m for m in workload["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        has = "/etc/tandem/stage-profile.json" in mounts
+        assert has == (_component(workload) == "stage-worker")
+    assert balanced_split(profile(), 2).boundaries == (7,)  # what each stage computes from it
+    with pytest.raises(helm.HelmError, match="profile_stage"):
+        _render({"pipeline": {"stageBoundaries": "auto"}})
+    with pytest.raises(helm.HelmError, match="not a stage profile"):
+        _render({"pipeline": {"stageBoundaries": "auto", "stageProfile": "{}"}})
 
 
 def test_tls_and_api_key_mounts_only_when_enabled() -> None:
@@ -232,6 +276,7 @@ def test_autoscaling_targets_the_sampler_deployment() -> None:
 @pytest.mark.parametrize("bad", [
     {"pipeline": {"numStages": 4, "stageBoundaries": [7, 15]}},
     {"pipeline": {"numStages": 3, "stageBoundaries": [9, 5]}},
+    {"pipeline": {"stageBoundaries": "even"}},
     {"cpuSampler": {"discovery": "static", "autoscaling": {"enabled": True}}},
     {"cpuSampler": {"discovery": "dns"}},
     {"stageWorker": {"replicas": 2}},

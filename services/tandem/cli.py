@@ -34,7 +34,7 @@ def _demo(args: argparse.Namespace) -> int:
     from tandem.launcher import Launcher
 
     model = args.model or str(bundled_model_dir())
-    launcher = Launcher()
+    launcher = Launcher(say=_say)
     try:
         t0 = time.monotonic()
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, device=args.device)
@@ -60,13 +60,20 @@ def _demo(args: argparse.Namespace) -> int:
 SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
 
 
+def _say(line: str) -> None:
+    print(f"tandem: {line}", file=sys.stderr, flush=True)
+
+
 def _serve(args: argparse.Namespace) -> int:
     import importlib
     import signal
     import threading
 
     from tandem.core.config import load_config
+    from tandem.core.cpus import limit_interop_threads
     from tandem.launcher import READY_PREFIX
+
+    limit_interop_threads()  # before the service runs any torch work
 
     service = args.service.replace("-", "_")
     config_cls = {
@@ -94,13 +101,14 @@ def _up(args: argparse.Namespace) -> int:
     from tandem.launcher import Launcher
 
     model = args.model or str(bundled_model_dir())
-    launcher = Launcher(log_dir=args.log_dir)
+    launcher = Launcher(log_dir=args.log_dir, say=_say)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
         address = launcher.up(model, args.stages, args.samplers, args.port, num_blocks=args.num_blocks,
-                              kv_store=not args.no_kv_store, device=args.device, preset=args.preset)
+                              kv_store=not args.no_kv_store, device=args.device, preset=args.preset,
+                              stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries)
         print(f"tandem ready on {address}", flush=True)
         while not stop.wait(0.5):
             if (dead := launcher.first_exited()) is not None:
@@ -167,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="the service's YAML configuration")
     serve.set_defaults(func=_serve)
 
+    from tandem.bench.command import add_layout_arguments
+
     up = sub.add_parser("up", help="start every service on loopback and stop them all on Ctrl-C")
     up.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")
     up.add_argument("--stages", type=int, default=2, help="pipeline stages")
@@ -178,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--preset", default="full", type=_preset,
                     help="techniques switched on: full (all), baseline (a vLLM-style pipeline), full-SWITCH "
                          "(all but one) or baseline+SWITCH (only one); switches: " + ", ".join(SWITCHES))
+    add_layout_arguments(up)
     up.add_argument("--log-dir", help="where each service writes its log (default: a temporary directory)")
     up.set_defaults(func=_up)
 

@@ -10,9 +10,14 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from tandem.core.config import dump_config
+from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
+from tandem.core.profile import balanced_split, load_profile
+from tandem.core.stages import AUTO
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
@@ -31,24 +36,35 @@ def die_with_parent() -> None:
 
 
 class Launcher:
-    """Starts services in dependency order, learns each one's address, stops them all."""
+    """Starts services in dependency order, learns each one's address, stops them all.
 
-    def __init__(self, workdir: str | None = None, log_dir: str | None = None):
+    `say` gets every line about how the deployment is laid out (each process's cores, cores
+    shared by stages, the layer split); `notes` and `warnings` keep them for reports.
+    """
+
+    def __init__(self, workdir: str | None = None, log_dir: str | None = None,
+                 say: Callable[[str], None] = lambda line: None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.log_dir = Path(log_dir) if log_dir else self.workdir
         self.stages: list[str] = []  # addresses, filled in by up()
         self.samplers: list[str] = []
+        self.notes: list[str] = []  # what up() said about the layout
+        self.warnings: list[str] = []  # the notes that say something is oversubscribed
+        self._say = say
 
-    def start(self, name: str, service: str, config: object, timeout_s: float = 300.0) -> str:
-        """Start `tandem serve SERVICE` with `config`; return its address once it is ready."""
+    def say(self, line: str, warning: bool = False) -> None:
+        (self.warnings if warning else self.notes).append(line)
+        self._say(("warning: " if warning else "") + line)
+
+    def start(self, name: str, service: str, config: object, timeout_s: float = 300.0,
+              cpus: Sequence[int] = ()) -> str:
+        """Start `tandem serve SERVICE` with `config` (pinned to `cpus` when given); return its
+        address once it is ready."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(dump_config(config))
-        log = open(self.log_dir / f"{name}.log", "w")
         cmd = [sys.executable, "-m", "tandem.cli", "serve", service, "--config", str(path)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, preexec_fn=die_with_parent,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.children.append((name, proc))
+        proc = self._spawn(name, cmd, cpus, stdout=subprocess.PIPE)
         address: list[str] = []
         reader = threading.Thread(target=self._read_ready, args=(proc, address), daemon=True)
         reader.start()
@@ -57,6 +73,18 @@ class Launcher:
             self.stop()
             raise RuntimeError(f"{name} did not become ready; see {self.log_dir / (name + '.log')}")
         return address[0]
+
+    def _spawn(self, name: str, cmd: list[str], cpus: Sequence[int], stdout: Any) -> subprocess.Popen:
+        def before_exec() -> None:  # in the child
+            die_with_parent()
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
+        log = open(self.log_dir / f"{name}.log", "w")
+        proc = subprocess.Popen(cmd, stdout=stdout, stderr=log, text=True, preexec_fn=before_exec,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        self.children.append((name, proc))
+        return proc
 
     @staticmethod
     def _read_ready(proc: subprocess.Popen, address: list[str]) -> None:
@@ -67,25 +95,36 @@ class Launcher:
 
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
-           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] = (),
+           preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto") -> str:
-        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets), `dtype`
-        the stages' (auto, float32, bfloat16, float16),
-        `stage_boundaries` the first layer of stages 1..N-1 (empty: an even split), `stage_threads` each stage's torch threads (0: this host's cores split between the stages, since
-        they all run here; torch's default of every core per process oversubscribes them)."""
+        """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
+        `dtype` the stages' (auto, float32, bfloat16, float16).
+
+        Each stage gets cores of its own and as many torch threads (`stage_threads` each, 0: an
+        equal share, see plan_cores); the samplers, coordinator and KV store share the cores left
+        over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
+        empty for an even split, or "auto": profile the model on stage 0's cores first and split
+        the layers so that the stages take equal time, LM head included.
+        """
         techniques = resolve(preset)
-        stage_threads = stage_threads or max(1, len(os.sched_getaffinity(0)) // num_stages)
-        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host)) if kv_store else ""
+        plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
+        for i, line in enumerate(plan.describe()):
+            self.say(line, warning=i > 0)
+        others = () if plan.others_float else plan.others
+        if stage_boundaries == AUTO:
+            stage_boundaries = self.balance(model, num_stages, device, plan, dtype)
+        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
-            sampler = SamplerConfig(host=host, **techniques.sampler_options())
+            sampler = SamplerConfig(host=host, cpus=format_cpu_list(others), **techniques.sampler_options())
             samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
-                                    num_blocks=num_blocks, block_size=block_size, num_threads=stage_threads,
-                                    stage_boundaries=tuple(stage_boundaries), dtype=dtype,
+                                    num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
+                                    cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
+                                    dtype=dtype,
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
@@ -93,7 +132,28 @@ class Launcher:
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
                                         **techniques.coordinator_options())
-        return self.start("coordinator", "coordinator", coordinator)
+        return self.start("coordinator", "coordinator", coordinator, cpus=others)
+
+    def balance(self, model: str, num_stages: int, device: str, plan: CorePlan, dtype: str = "auto",
+                timeout_s: float = 600.0) -> tuple[int, ...]:
+        """Profile one layer and the LM head with a stage's cores and threads (profile_stage, in a
+        process of its own), and return the boundaries of the balanced split."""
+        out = self.workdir / "stage-profile.json"
+        cmd = [sys.executable, "-m", "tandem.tools.profile_stage", "--model", model, "--device", device,
+               "--dtype", dtype, "--cpus", format_cpu_list(plan.stages[0]), "--threads", str(plan.stage_threads), "--out", str(out)]
+        proc = self._spawn("profile-stage", cmd, (), stdout=subprocess.DEVNULL)
+        try:
+            code = proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        else:
+            self.children.remove(("profile-stage", proc))  # done: not a service that may exit
+        if code != 0:
+            self.stop()
+            raise RuntimeError(f"profiling the stages failed; see {self.log_dir / 'profile-stage.log'}")
+        split = balanced_split(load_profile(out), num_stages)
+        self.say(f"stage boundaries auto {list(split.boundaries)} from {out}: {split.describe()}")
+        return split.boundaries
 
     def first_exited(self) -> tuple[str, int] | None:
         for name, proc in self.children:

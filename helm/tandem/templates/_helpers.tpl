@@ -79,6 +79,15 @@ StatefulSet DNS name per replica. */}}
 {{- define "tandem.validate" -}}
 {{- $n := int .Values.pipeline.numStages }}
 {{- $b := .Values.pipeline.stageBoundaries }}
+{{- if eq (toString $b) "auto" }}
+{{- if not .Values.pipeline.stageProfile }}
+{{- fail "pipeline.stageBoundaries=auto needs pipeline.stageProfile: run `python -m tandem.tools.profile_stage --model DIR --device cuda --out profile.json` on a node like the stages' and pass --set-file pipeline.stageProfile=profile.json (or set the boundaries it prints with --stages N)" }}
+{{- end }}
+{{- if ne (get (.Values.pipeline.stageProfile | fromJson) "format") "tandem-stage-profile" }}
+{{- fail "pipeline.stageProfile is not a stage profile (JSON with format tandem-stage-profile, from python -m tandem.tools.profile_stage)" }}
+{{- end }}
+{{- $b = list }}
+{{- end }}
 {{- if and $b (ne (len $b) (sub $n 1)) }}
 {{- fail (printf "pipeline.stageBoundaries must list numStages-1 = %d layer indices, got %d" (sub $n 1) (len $b)) }}
 {{- end }}
@@ -88,6 +97,11 @@ StatefulSet DNS name per replica. */}}
 {{- fail "pipeline.stageBoundaries must be strictly increasing layer indices > 0" }}
 {{- end }}
 {{- $prev = int . }}
+{{- end }}
+{{- $cores := include "tandem.cpuCores" .Values.stageWorker.resources }}
+{{- $threads := int (dig "num_threads" 0 .Values.stageWorker.config) }}
+{{- if and $cores $threads (gt $threads (int $cores)) }}
+{{- fail (printf "stageWorker.config.num_threads=%d is more than the %s whole cores of stageWorker.resources (CPU limit, else request): OpenMP threads that wait for a core slow down many times over" $threads $cores) }}
 {{- end }}
 {{- if and .Values.cpuSampler.autoscaling.enabled (eq .Values.cpuSampler.discovery "static") }}
 {{- fail "cpuSampler.autoscaling.enabled needs cpuSampler.discovery=endpointslices (static membership cannot follow scaling)" }}
@@ -105,6 +119,16 @@ StatefulSet DNS name per replica. */}}
 {{- end }}
 {{- end }}
 
+{{/* Whole cores of a resources block: its CPU limit, else its request, at least 1 ("1500m" and
+"1.5" give 1); "" when it sets neither. */}}
+{{- define "tandem.cpuCores" -}}
+{{- $cpu := dig "limits" "cpu" "" . | default (dig "requests" "cpu" "" .) }}
+{{- if $cpu }}
+{{- $q := toString $cpu }}
+{{- if hasSuffix "m" $q }}{{ max 1 (div (atoi (trimSuffix "m" $q)) 1000) }}{{ else }}{{ max 1 (int (floor (float64 $q))) }}{{ end }}
+{{- end }}
+{{- end }}
+
 {{/* Path of the model directory inside the pods. */}}
 {{- define "tandem.model.dir" -}}
 {{- if .Values.model.pvc.enabled -}}
@@ -118,7 +142,8 @@ StatefulSet DNS name per replica. */}}
 A pod template for one role. dict:
   root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
   service name, configMap: name, needsModel: bool, labels: selector labels (rendered),
-  serviceAccount: name or "", gpu: bool
+  serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
+  as /etc/tandem/KEY
 */}}
 {{- define "tandem.podTemplate" -}}
 {{- $root := .root }}
@@ -234,6 +259,12 @@ spec:
           mountPath: /etc/tandem/config.yaml
           subPath: config.yaml
           readOnly: true
+        {{- range .configFiles }}
+        - name: config
+          mountPath: /etc/tandem/{{ . }}
+          subPath: {{ . }}
+          readOnly: true
+        {{- end }}
         - name: tmp
           mountPath: /tmp
         {{- if .needsModel }}

@@ -32,6 +32,7 @@ from tandem.bench.workload import (
     synthetic_entries,
 )
 from tandem.core.model_config import ModelConfig
+from tandem.core.stages import parse_boundaries
 from tandem.presets import resolve
 
 TRANSFORMERS = "transformers"
@@ -66,6 +67,23 @@ def _within(kind: type, low: float, high: float, low_open: bool = False) -> Call
     return convert
 
 
+def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--stage-boundaries and --stage-threads, as `tandem up` and `tandem bench` take them (see Launcher.up)."""
+    def boundaries(text: str) -> tuple[int, ...] | str:
+        try:
+            return parse_boundaries(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--stage-boundaries", type=boundaries, default=(),
+                        help="first layer of stages 1..N-1, comma-separated, or 'auto': profile the model first and "
+                             "split the layers so that the stages take equal time, LM head included (default: an "
+                             "even split of the layers)")
+    parser.add_argument("--stage-threads", type=int, default=0,
+                        help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
+                             "cores; the rest go to the samplers, coordinator and KV store)")
+
+
 def _addresses(text: str) -> list[str]:
     return [a.strip() for a in text.split(",") if a.strip()]
 
@@ -89,10 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weights and activations of every run, and of the peak matmul (default: auto, the "
                             "checkpoint's dtype on CUDA and float32 on CPU)")
-    where.add_argument("--stage-boundaries", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
-                       help="first layer of stages 1..N-1, comma-separated (default: an even split of the layers)")
-    where.add_argument("--stage-threads", type=int, default=0,
-                       help="torch threads of each started stage (default: 0, the cores split between the stages)")
+    add_layout_arguments(where)
     where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
     where.add_argument("--log-dir", help="where the started services (and vLLM) write their logs, one folder per run "
                                          "(default: a temporary folder)")
@@ -276,7 +291,7 @@ def deployment(args: argparse.Namespace, model: str, preset: str):
     """A deployment of `preset` started for one run and stopped, every process of it, after."""
     from tandem.launcher import Launcher
 
-    launcher = Launcher(log_dir=run_log_dir(args, preset))
+    launcher = Launcher(log_dir=run_log_dir(args, preset), say=lambda line: _log(f"{preset}: {line}"))
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
@@ -325,7 +340,9 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
     with deployment(args, model, target.name) as (endpoint, launcher), \
             ServiceProbe(launcher.stages, launcher.samplers) as probe:
         watch = process_watch(args, target.name, {name: proc.pid for name, proc in launcher.children})
-        return measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
+        m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
+        m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
+        return m
 
 
 def model_facts(args: argparse.Namespace, model: str | None

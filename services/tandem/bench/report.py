@@ -85,6 +85,8 @@ def process_figures(m: Measurement, num_cores: int) -> dict:
             out["cpu_note"] = f"CPU time of {', '.join(unmeasured)} could not be read (no /proc, or it exited)"
     if m.profiles is not None:
         out["profile"] = m.profiles
+    if m.layout or m.layout_warnings:
+        out.update(layout=m.layout, layout_warnings=m.layout_warnings)
     return out
 
 
@@ -157,6 +159,8 @@ def format_run(f: Mapping) -> str:
              f"  TTFT         p50 {_ms(f['ttft_p50_s'])}, p99 {_ms(f['ttft_p99_s'])}",
              f"  TPOT         p50 {_ms(f['tpot_p50_s'])}, p99 {_ms(f['tpot_p99_s'])}",
              f"  end-to-end   p50 {_ms(f['e2e_p50_s'])}, p99 {_ms(f['e2e_p99_s'])}"]
+    lines += [f"  layout       {line}" for line in f.get("layout", [])]
+    lines += [f"  WARNING      {line}" for line in f.get("layout_warnings", [])]
     for s in f.get("stages", []):
         lines.append(f"  stage {s['index']}      busy {_pct(s['busy_fraction'])}, idle {_pct(s['idle_fraction'])} "
                      f"(waiting for activations {_pct(s['wait_fraction'])}, forward pass "

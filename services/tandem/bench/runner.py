@@ -51,6 +51,8 @@ class Measurement:
     sampler_addresses: tuple[str, ...] = ()
     cpu: CpuWindow | None = None
     profiles: dict[str, dict] | None = None  # by process, see tandem.bench.profiling
+    layout: list[str] = field(default_factory=list)  # how the deployment was laid out: cores, layer split
+    layout_warnings: list[str] = field(default_factory=list)  # where processes outnumber cores
 
 
 @dataclass(frozen=True)

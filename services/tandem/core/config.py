@@ -69,7 +69,12 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, name)
+        for arm in inner[:-1]:  # the first arm the value fits; the last one's error otherwise
+            try:
+                return _convert(arm, value, name)
+            except ConfigError:
+                continue
+        return _convert(inner[-1], value, name)
     if dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{name}.")
     if origin in (tuple, list):

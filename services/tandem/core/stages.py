@@ -66,3 +66,65 @@ def plan_stages(
         for i in range(num_stages):
             edges.append(edges[-1] + base + (1 if i < extra else 0))
     return [LayerRange(a, b, num_layers) for a, b in zip(edges, edges[1:])]
+
+
+def balanced_boundaries(
+    layer_costs: Sequence[float], num_stages: int, first_extra: float = 0.0, last_extra: float = 0.0
+) -> tuple[int, ...]:
+    """The first layers of stages 1..N-1 that make the busiest stage as quick as possible.
+
+    A stage's time is the sum of its layers' costs, plus `first_extra` on stage 0 (the
+    embedding) and `last_extra` on the last stage (final norm and LM head). Every stage gets at
+    least one layer. Among splits with the same busiest stage, the one whose stage times spread
+    least (smallest sum of squares) wins, then the one with the earliest boundaries.
+    """
+    n = len(layer_costs)
+    if not 1 <= num_stages <= n:
+        raise ConfigError(f"num_stages={num_stages} must be between 1 and the layer count {n}")
+    prefix = [0.0]
+    for c in layer_costs:
+        prefix.append(prefix[-1] + float(c))
+
+    def stage_time(i: int, j: int) -> float:
+        return prefix[j] - prefix[i] + (first_extra if i == 0 else 0.0) + (last_extra if j == n else 0.0)
+
+    # best[s][j]: (busiest, sum of squares) of layers [0, j) in s stages; cut[s][j]: where the last one starts
+    inf = (float("inf"), float("inf"))
+    best = [[inf] * (n + 1) for _ in range(num_stages + 1)]
+    cut = [[0] * (n + 1) for _ in range(num_stages + 1)]
+    best[0][0] = (0.0, 0.0)
+    for s in range(1, num_stages + 1):
+        for j in range(s, n - (num_stages - s) + 1):
+            for i in range(s - 1, j):
+                if best[s - 1][i] == inf:
+                    continue
+                t = stage_time(i, j)
+                score = (max(best[s - 1][i][0], t), best[s - 1][i][1] + t * t)
+                if score < best[s][j]:
+                    best[s][j], cut[s][j] = score, i
+    bounds, j = [], n
+    for s in range(num_stages, 1, -1):
+        j = cut[s][j]
+        bounds.append(j)
+    return tuple(reversed(bounds))
+
+
+def stage_times(
+    ranges: Sequence[LayerRange], layer_costs: Sequence[float], first_extra: float = 0.0, last_extra: float = 0.0
+) -> list[float]:
+    """Each stage's time under the same costs as balanced_boundaries."""
+    return [sum(layer_costs[r.start:r.end]) + (first_extra if r.is_first else 0.0) + (last_extra if r.is_last else 0.0)
+            for r in ranges]
+
+
+AUTO = "auto"
+
+
+def parse_boundaries(text: str) -> tuple[int, ...] | str:
+    """A command line's stage boundaries: "7,15,24", "" (an even split) or "auto"; ValueError otherwise."""
+    if text.strip() == AUTO:
+        return AUTO
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"expected comma-separated layer indices or {AUTO!r}, got {text!r}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.core.config import doc
+from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 
 MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
@@ -41,9 +42,12 @@ class SamplerConfig:
         "on the calling thread. Results do not depend on it.", 1)
 
     torch_threads: int = doc(
-        "torch intra-op threads of the replica's process; 0 keeps torch's default of one per core. Rows "
-        "are spread over num_threads instead: replicas sharing a node with a thread per core each spin "
-        "against one another.", 1)
+        "torch intra-op threads of the replica's process; 0: one per core it may use (`cpus`, else its "
+        "affinity, no more than the container's CPU limit). Rows are spread over num_threads instead: "
+        "replicas sharing a node with a thread per core each spin against one another.", 1)
+    cpus: str = doc(
+        "Cores this replica runs on, as Linux writes them (\"0-3,8\"); every thread of the process is "
+        "pinned to them at start-up; empty: leave the affinity as it is.", "")
 
     def validate(self) -> None:
         """Raise ConfigError naming the first out-of-range field."""
@@ -62,3 +66,4 @@ class SamplerConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"config field {name!r}={getattr(self, name)!r} {rule}")
+        cpus_field("cpus", self.cpus)

@@ -12,6 +12,7 @@ import grpc
 import torch
 
 from tandem.core import codec
+from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from tandem.core.sampling import SamplingOptions, SequenceState
 from tandem.core.shm_ring import RingReader
@@ -214,6 +215,7 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
 
     def GetSamplerInfo(self, request: pb.GetSamplerInfoRequest, context: grpc.ServicerContext
                        ) -> pb.GetSamplerInfoResponse:
+        placement = current_placement()
         return pb.GetSamplerInfoResponse(
             num_sequences=self.engine.num_sequences,
             num_frames_total=self.engine.num_frames_total,
@@ -223,6 +225,8 @@ class CpuSamplerServicer(cpu_sampler_pb2_grpc.CpuSamplerServicer):
             tensor_bytes_in_total=self.tensor_bytes_in_total,
             sample_cpu_ns_total=self.sample_cpu_ns_total,
             shm_bytes_in_total=self.shm_bytes_in_total,
+            torch_threads=placement.num_threads, num_threads=self.config.num_threads,
+            num_interop_threads=placement.num_interop_threads, cpus=placement.cpus,
         )
 
     def _state(self, position: int, seq: pb.SamplerSequence) -> SequenceState:
@@ -282,8 +286,7 @@ def serve(config: SamplerConfig, servicer: CpuSamplerServicer | None = None) -> 
     `servicer` defaults to a fresh CpuSamplerServicer(config); pass one to observe it.
     """
     config.validate()
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+    place_process(parse_cpu_list(config.cpus), config.torch_threads, "cpu-sampler")
     servicer = servicer or CpuSamplerServicer(config)
     server = Server(config.host, config.port, max_workers=config.max_workers)
     server.add(cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, servicer, [SERVICE_NAME])

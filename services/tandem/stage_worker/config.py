@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tandem.core.config import doc
+from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 
 
@@ -13,7 +14,12 @@ class StageWorkerConfig:
     model: str = doc("Hugging Face model directory (config.json, *.safetensors)", "")
     stage_index: int = doc("this stage's index, 0 first", 0)
     num_stages: int = doc("stages in the pipeline", 1)
-    stage_boundaries: tuple[int, ...] = doc("first layer of stages 1..N-1; empty for an even split", ())
+    stage_boundaries: str | tuple[int, ...] = doc(
+        "first layer of stages 1..N-1; empty for an even split; `auto`: the split that gives every stage "
+        "the same time by the layer and LM head costs in `stage_profile` (docs/stage-profile.md)", ())
+    stage_profile: str = doc(
+        "with stage_boundaries `auto`: a stage profile JSON file (python -m tandem.tools.profile_stage); "
+        "every stage reads the same file and so computes the same split", "")
     next_stage: str = doc("host:port of the next stage; empty on the last stage", "")
     kv_store: str = doc("host:port of the KV store; empty when there is none", "")
     host: str = doc("address to listen on", "127.0.0.1")
@@ -44,8 +50,17 @@ class StageWorkerConfig:
     logits_ring_wait_s: float = doc(
         "how long a frame waits for the sampler to free a slot before it goes over the stream instead", 5.0)
     num_threads: int = doc(
-        "torch intra-op threads of this stage; 0: torch's default (one per core). Set it to the cores "
-        "the stage may use when processes share a node", 0)
+        "torch intra-op threads of this stage; 0: one per core it may use (`cpus`, else its affinity), no "
+        "more than the container's CPU limit. More threads than cores is allowed but logged: OpenMP threads "
+        "that wait for a core slow down many times over", 0)
+    cpus: str = doc(
+        "cores this stage runs on, as Linux writes them (\"0-3,8\"); every thread of the process is pinned "
+        "to them at start-up; empty: leave the affinity as it is", "")
+    profile_at_startup: bool = doc(
+        "after loading, measure the stage profile (one decoder layer and the LM head against tokens and "
+        "context, a few seconds at most; it loads the last layer and the LM head for the while) and serve it "
+        "by GetStageInfo", True)
+    profile_file: str = doc("also write the start-up profile to this JSON file; empty: do not", "")
 
     def validate(self) -> None:
         if not self.model:
@@ -56,6 +71,14 @@ class StageWorkerConfig:
             raise ConfigError("config fields 'logits_ring_slots' and 'logits_ring_mib' must be >= 1")
         if self.num_threads < 0:
             raise ConfigError(f"config field 'num_threads'={self.num_threads} must be >= 0")
+        cpus_field("cpus", self.cpus)
+        if isinstance(self.stage_boundaries, str):
+            if self.stage_boundaries != "auto":
+                raise ConfigError(f"config field 'stage_boundaries'={self.stage_boundaries!r} must be a list of "
+                                  "layer indices or 'auto'")
+            if not self.stage_profile:
+                raise ConfigError("config field 'stage_profile' must name a profile file when stage_boundaries is "
+                                  "'auto' (python -m tandem.tools.profile_stage writes one)")
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from tandem.core.attention import AttentionMetadata, SequenceSlice
-from tandem.core.errors import InvalidArgumentError
+from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
+from tandem.core.profile import balanced_split, load_profile
 from tandem.core.stages import plan_stages
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1 import stage_worker_pb2 as pb
@@ -45,7 +46,8 @@ class StageExecutor:
     def __init__(self, config: StageWorkerConfig):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
-        ranges = plan_stages(self.model_config.num_hidden_layers, config.num_stages, config.stage_boundaries or None)
+        boundaries = stage_boundaries(config, self.model_config)
+        ranges = plan_stages(self.model_config.num_hidden_layers, config.num_stages, boundaries or None)
         self.layers = ranges[config.stage_index]
         self.model = StageModel.load(config.model, self.layers, config.device, config.dtype, self.model_config)
         self.cache = self.model.new_kv_cache(config.num_blocks, config.block_size)
@@ -152,6 +154,17 @@ class StageExecutor:
             tensor.record_stream(self._copy_stream)  # not reused by the allocator before the copy is done
         self._copy_stream.synchronize()
         return host
+
+
+def stage_boundaries(config: StageWorkerConfig, model: ModelConfig) -> tuple[int, ...]:
+    """The configured boundaries; with `auto`, the balanced split of the configured profile."""
+    if config.stage_boundaries != "auto":
+        return tuple(config.stage_boundaries)
+    profile = load_profile(config.stage_profile)
+    if profile.num_layers != model.num_hidden_layers:
+        raise ConfigError(f"config field 'stage_profile': {config.stage_profile} was measured on a model of "
+                          f"{profile.num_layers} layers, {config.model} has {model.num_hidden_layers}")
+    return balanced_split(profile, config.num_stages).boundaries
 
 
 def _slot_buffer(buffers: dict[str, torch.Tensor], name: str, shape: tuple[int, ...], dtype: torch.dtype,

@@ -7,12 +7,16 @@ import queue
 import threading
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import grpc
 import torch
 
 from tandem.core import codec
+from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
+from tandem.core.profiler import measure_profile
 from tandem.core.server import CHANNEL_OPTIONS, Server
 from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
@@ -43,14 +47,24 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
         self._ready_ns = 0
         self.local_sampler = None  # a CpuSamplerServicer when config.sample_on_stage
+        self.profile: StageProfile | None = None  # measured by load() when config.profile_at_startup
+        self._profile_json = ""
         # written by the executor thread only
         self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = self.compute_cpu_ns_total = 0
 
     def load(self) -> None:
-        """Load the stage's weights and start executing plans."""
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        self.executor = StageExecutor(self.config)
+        """Load the stage's weights, measure its profile, and start executing plans."""
+        c = self.config
+        executor = StageExecutor(c)
+        if c.profile_at_startup:
+            self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)
+            log.info("stage %d profile in %.1f s: one layer %.2f ms, LM head %.2f ms (%d tokens, context %d)",
+                     c.stage_index, self.profile.measure_s, self.profile.layer(BALANCE_TOKENS, BALANCE_CONTEXT),
+                     self.profile.head(BALANCE_TOKENS), BALANCE_TOKENS, BALANCE_CONTEXT)
+            self._profile_json = self.profile.to_json()
+            if c.profile_file:
+                Path(c.profile_file).write_text(self._profile_json)
+        self.executor = executor
         if self.config.next_stage:
             stub = pb_grpc.StageWorkerStub(self._channel(self.config.next_stage))
             layout = codec.layout(self.executor.dtype, [self.executor.model_config.hidden_size])
@@ -111,6 +125,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
     def GetStageInfo(self, request, context):
         e, c = self._ready(), self.config
+        placement = current_placement()
         return pb.GetStageInfoResponse(
             index=c.stage_index, layer_start=e.layers.start, layer_end=e.layers.end,
             num_layers=e.layers.num_layers, kv_blocks_total=c.num_blocks, kv_blocks_used=e.num_blocks_used,
@@ -118,6 +133,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             device=e.device.type, num_steps_total=e.num_steps, uptime_ns=time.perf_counter_ns() - self._ready_ns,
             busy_ns_total=self.busy_ns_total, wait_ns_total=self.wait_ns_total,
             compute_ns_total=self.compute_ns_total, compute_cpu_ns_total=self.compute_cpu_ns_total,
+            num_threads=placement.num_threads, num_interop_threads=placement.num_interop_threads,
+            cpus=placement.cpus, profile_json=self._profile_json,
             **self._traffic(),
         )
 
@@ -240,7 +257,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
 
 
 def serve(config: StageWorkerConfig) -> Server:
-    """Load the stage, start its server and mark it ready."""
+    """Take the stage's cores, load the stage, start its server and mark it ready."""
+    place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
     server = Server(config.host, config.port, config.max_workers)
     servicer = StageWorkerServicer(config)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, servicer, [SERVICE_NAME])
