@@ -96,7 +96,7 @@ class Launcher:
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
-           dtype: str = "auto") -> str:
+           dtype: str = "auto", balance_at: tuple[int, int] | None = None) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -104,7 +104,8 @@ class Launcher:
         equal share, see plan_cores); the samplers, coordinator and KV store share the cores left
         over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
-        the layers so that the stages take equal time, LM head included.
+        the layers so that the stages take equal time, LM head included, for a decode step of
+        `balance_at` (tokens, context; default: profile_stage's).
         """
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
@@ -112,7 +113,7 @@ class Launcher:
             self.say(line, warning=i > 0)
         others = () if plan.others_float else plan.others
         if stage_boundaries == AUTO:
-            stage_boundaries = self.balance(model, num_stages, device, plan, dtype)
+            stage_boundaries = self.balance(model, num_stages, device, plan, dtype, balance_at)
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
@@ -135,12 +136,14 @@ class Launcher:
         return self.start("coordinator", "coordinator", coordinator, cpus=others)
 
     def balance(self, model: str, num_stages: int, device: str, plan: CorePlan, dtype: str = "auto",
-                timeout_s: float = 600.0) -> tuple[int, ...]:
+                balance_at: tuple[int, int] | None = None, timeout_s: float = 600.0) -> tuple[int, ...]:
         """Profile one layer and the LM head with a stage's cores and threads (profile_stage, in a
         process of its own), and return the boundaries of the balanced split."""
         out = self.workdir / "stage-profile.json"
         cmd = [sys.executable, "-m", "tandem.tools.profile_stage", "--model", model, "--device", device,
                "--dtype", dtype, "--cpus", format_cpu_list(plan.stages[0]), "--threads", str(plan.stage_threads), "--out", str(out)]
+        if balance_at:
+            cmd += ["--balance-at", f"{balance_at[0]},{balance_at[1]}"]
         proc = self._spawn("profile-stage", cmd, (), stdout=subprocess.DEVNULL)
         try:
             code = proc.wait(timeout_s)
@@ -151,7 +154,7 @@ class Launcher:
         if code != 0:
             self.stop()
             raise RuntimeError(f"profiling the stages failed; see {self.log_dir / 'profile-stage.log'}")
-        split = balanced_split(load_profile(out), num_stages)
+        split = balanced_split(load_profile(out), num_stages, *(balance_at or ()))
         self.say(f"stage boundaries auto {list(split.boundaries)} from {out}: {split.describe()}")
         return split.boundaries
 

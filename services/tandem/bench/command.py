@@ -38,6 +38,7 @@ from tandem.presets import resolve
 TRANSFORMERS = "transformers"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_NUM_REQUESTS = 32
+MAX_NUM_SEQS = 64  # the coordinator's default rows per micro-batch
 # Sampling parameters sent on every request when given, by their client SDK names.
 SAMPLING = ("top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
@@ -286,16 +287,26 @@ def run_log_dir(args: argparse.Namespace, run: str) -> Path | None:
     return path
 
 
+def typical_decode_step(workload: Workload, num_stages: int) -> tuple[int, int]:
+    """(rows, context) of a decode micro-batch of this workload: the requests spread over the
+    stages + 1 micro-batches in flight, each sequence halfway through its output."""
+    n = len(workload.requests)
+    rows = max(1, min(MAX_NUM_SEQS, -(-n // (num_stages + 1))))
+    return rows, max(1, round((workload.prompt_tokens + workload.output_tokens / 2) / n))
+
+
 @contextmanager
-def deployment(args: argparse.Namespace, model: str, preset: str):
-    """A deployment of `preset` started for one run and stopped, every process of it, after."""
+def deployment(args: argparse.Namespace, model: str, preset: str, workload: Workload):
+    """A deployment of `preset` started for one run and stopped, every process of it, after. With
+    --stage-boundaries auto the layers are balanced for this workload's typical decode step."""
     from tandem.launcher import Launcher
 
     launcher = Launcher(log_dir=run_log_dir(args, preset), say=lambda line: _log(f"{preset}: {line}"))
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
-                               device=args.device, preset=preset, dtype=args.dtype)
+                               device=args.device, preset=preset, dtype=args.dtype,
+                               balance_at=typical_decode_step(workload, args.stages))
         _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
@@ -337,7 +348,7 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
         addresses = (args.stage_addresses, args.sampler_addresses)
         with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
             return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, target.name)
-    with deployment(args, model, target.name) as (endpoint, launcher), \
+    with deployment(args, model, target.name, workload) as (endpoint, launcher), \
             ServiceProbe(launcher.stages, launcher.samplers) as probe:
         watch = process_watch(args, target.name, {name: proc.pid for name, proc in launcher.children})
         m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
