@@ -12,12 +12,14 @@ import time
 import pytest
 
 from processes import alive, children_of
-from tandem.bench import stats
+from tandem.bench import command, flops, stats
 from tandem.bench.command import Target, plan_targets, sampling_options
 from tandem.bench.cputime import CpuClock, CpuWindow, cpu_by_process, parse_stat_cpu_ticks, process_cpu_s
 from tandem.bench.hf import generate_options, plan_batches
 from tandem.bench.metrics import Counters
+from tandem.bench.flops import Peak
 from tandem.bench.profiling import Profiler, find_py_spy, parse_collapsed, summarize
+from tandem.bench.repeats import alternate, median_figures, run_label
 from tandem.bench.report import compare, format_comparison, format_run, run_figures
 from tandem.bench.runner import Measurement, RequestRecord
 from tandem.bench.workload import (
@@ -325,6 +327,97 @@ def test_machine_bound_from_cpu_time_and_shared_memory_bytes():
     text = format_run(f)
     assert "2.00 s of CPU compute time" in text and "wall-clock 2.60 s" in text
     assert "7.62 KiB through shared memory" in text and "through shared memory" not in text.split("stage1->")[0]
+
+
+# --- repeats ---------------------------------------------------------------------------------
+
+
+def test_runs_alternate_and_every_repeat_is_labelled():
+    parse = build_parser().parse_args
+    targets = plan_targets(parse(["bench", "--compare", "baseline,full,transformers", "--repeats", "3"]))
+    order = [run_label(t.name, repeat, 3) for repeat, t in alternate(targets, 3)]
+    assert order == ["baseline.1", "full.1", "transformers.1", "baseline.2", "full.2", "transformers.2",
+                     "baseline.3", "full.3", "transformers.3"]
+    assert [(r, t.name) for r, t in alternate(targets[:1], 1)] == [(1, "baseline")]
+    assert run_label("full", 1, 1) == "full"  # one repeat: named as without --repeats
+    # A running server alone is measured again and again, in turn with a peer.
+    same = plan_targets(parse(["bench", "--endpoint", "h:1", "--peer-endpoint", "http://h:2", "--repeats", "2"]))
+    assert [(r, t.kind) for r, t in alternate(same, 2)] == [(1, "endpoint"), (1, "openai"), (2, "endpoint"),
+                                                            (2, "openai")]
+    assert parse(["bench"]).repeats == 1
+    for bad in ("0", "-1", "1.5"):
+        with pytest.raises(SystemExit):
+            parse(["bench", "--repeats", bad])
+    with pytest.raises(ValueError):
+        alternate(targets, 0)
+
+
+def repeat_figures(repeat: int, tps: float, ttft: float, bound: float | None = None, failed: int = 0,
+                   errors: tuple[str, ...] = (), busy: float = 0.5) -> dict:
+    return {"name": "full", "repeat": repeat, "num_requests": 4, "num_failed": failed, "output_tokens": 32,
+            "output_tokens_per_s": tps, "ttft_p50_s": ttft, "fraction_of_bound": bound,
+            "stages": [{"index": 0, "busy_fraction": busy}], "errors": list(errors)}
+
+
+def test_median_figures_over_repeats():
+    repeats = [repeat_figures(1, 30.0, 0.2, bound=0.3, busy=0.1),
+               repeat_figures(2, 10.0, 0.4, failed=1, errors=("boom",), busy=0.2),
+               repeat_figures(3, 20.0, 0.1, bound=0.5, busy=0.3)]
+    m = median_figures(repeats)
+    assert m["output_tokens_per_s"] == 20.0 and m["ttft_p50_s"] == 0.2  # each figure its own median
+    assert m["fraction_of_bound"] == pytest.approx(0.4)  # over the repeats that have one
+    assert m["median_repeat"] == 3 and m["stages"] == [{"index": 0, "busy_fraction": 0.3}]  # its details
+    assert (m["num_requests"], m["output_tokens"]) == (4, 32) and "repeat" not in m
+    assert m["num_failed"] == 1 and m["errors"] == ["boom"]  # a failure in any repeat counts
+    assert m["output_tokens_per_s_all"] == [30.0, 10.0, 20.0] and m["num_repeats"] == 3
+    assert m["repeats"] == repeats
+    even = median_figures(repeats[:2])
+    assert even["output_tokens_per_s"] == 20.0 and even["ttft_p50_s"] == pytest.approx(0.3)
+    assert even["median_repeat"] == 2 and even["stages"][0]["busy_fraction"] == 0.2  # the lower middle one
+    one = median_figures(repeats[:1])
+    assert {k: v for k, v in one.items() if k not in ("num_repeats", "median_repeat", "output_tokens_per_s_all",
+                                                      "repeats")} == {k: v for k, v in repeats[0].items()
+                                                                      if k != "repeat"}
+    with pytest.raises(ValueError):
+        median_figures([])
+    assert stats.median([3.0, None, 1.0]) == 2.0 and stats.median([None]) is None
+
+
+def test_bench_json_and_report_with_repeats(tmp_path, monkeypatch, capsys):
+    """Three alternating repeats of two runs, each measurement faked with a known wall time."""
+    walls = iter([1.0, 1.0, 4.0, 0.5, 2.0, 3.0])  # baseline 1, full 1, baseline 2, ...
+    labels = []
+
+    def fake_measure(target, args, model, workload, dtype, label):
+        labels.append(label)
+        records = [RequestRecord(r.index, r.prompt_len, r.output_len, sent_s=0.0, first_token_s=0.1, done_s=0.5,
+                                 output_tokens=r.output_len) for r in workload.requests]
+        return Measurement(records, wall_s=next(walls))
+
+    monkeypatch.setattr(command, "measure", fake_measure)
+    monkeypatch.setattr(flops, "measure_peak", lambda dtype, device: Peak(1e9, dtype, device, 2, 256))
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    assert main(["bench", "--compare", "baseline,full", "--repeats", "3", "--num-requests", "2", "--prompt-len", "4",
+                 "--output-len", "3", "--warmup", "0", "--json", str(out), "--plot", str(png)]) == 0
+    assert labels == ["baseline.1", "full.1", "baseline.2", "full.2", "baseline.3", "full.3"]
+    report = json.loads(out.read_text())
+    baseline, full = report["runs"]
+    assert (baseline["name"], full["name"]) == ("baseline", "full")
+    # 6 output tokens a repeat: baseline 6, 1.5, 3 tok/s; full 6, 12, 2.
+    assert baseline["output_tokens_per_s_all"] == [6.0, 1.5, 3.0] and baseline["output_tokens_per_s"] == 3.0
+    assert full["output_tokens_per_s_all"] == [6.0, 12.0, 2.0] and full["output_tokens_per_s"] == 6.0
+    assert full["wall_time_s"] == 1.0 and full["total_tokens_per_s"] == 14.0 and full["median_repeat"] == 1
+    assert full["fraction_of_peak"] == pytest.approx(full["model_flops_per_s"] / 1e9)
+    assert [r["repeat"] for r in full["repeats"]] == [1, 2, 3]
+    assert [r["output_tokens_per_s"] for r in full["repeats"]] == [6.0, 12.0, 2.0]
+    assert all(len(r["requests"]) == 2 and "repeats" not in r for r in full["repeats"])
+    assert report["ratios"]["full/baseline"]["output_tokens_per_s"] == 2.0  # of the medians
+    assert report["options"]["repeats"] == 3
+    text = capsys.readouterr().out
+    assert "== baseline, repeat 1 of 3 (" in text and "== full, repeat 3 of 3 (" in text
+    assert "medians of 3 alternating repeats" in text
+    assert "2.0..12.0   6.0, 12.0, 2.0" in text and "2.00x" in text
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 # --- processes -------------------------------------------------------------------------------

@@ -33,6 +33,11 @@ tandem.bench.hf) and prints every run's ratio to every other. Presets are `full`
 `full-SWITCH` (one technique off) and `baseline+SWITCH` (one on), see tandem.presets. generate
 has no frequency or presence penalty, so with either the transformers run is refused.
 
+`--repeats N` measures every run N times, alternating (A,B,C,A,B,C,... on the same requests,
+each on a deployment of its own), as throughput moves from run to run on a shared machine; each
+run's figures and the ratios are then medians over its repeats, beside the spread of its output
+tokens/s (tandem.bench.repeats).
+
 `vllm` and `vllm-ppN` in --compare run the real vLLM on the same requests (same token ids,
 lengths with ignore_eos, sampling parameters and seeds): its OpenAI server from a virtualenv of
 its own (`make peer-vllm`, or `--peer-python`), one engine on every core, or N pipeline stages

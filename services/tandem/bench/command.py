@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tandem.bench.peer import PEER_VENV, VLLM, core_groups, find_peer_python, pipeline_size, thread_binding
 from tandem.bench.profiling import ProcessWatch, Profiler, find_py_spy
+from tandem.bench.repeats import alternate, median_figures, run_label
 from tandem.bench.workload import (
     Workload,
     build_workload,
@@ -102,6 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             f"and/or '{TRANSFORMERS}' (Hugging Face generate), '{VLLM}' (the real vLLM's server on "
                             f"every core) and '{VLLM}-ppN' (vLLM, N pipeline stages, the cores split between them), "
                             f"e.g. baseline,full,{TRANSFORMERS},{VLLM},{VLLM}-pp2")
+    where.add_argument("--repeats", type=_positive(int), default=1,
+                       help="measurements of each run, alternating (A,B,A,B,... for --compare A,B), each on a "
+                            "deployment of its own; the report gives medians and the spread (default: 1)")
     where.add_argument("--stages", type=_positive(int), default=2, help="pipeline stages (default: 2)")
     where.add_argument("--samplers", type=_positive(int), default=2, help="CPU sampler replicas (default: 2)")
     where.add_argument("--device", default="cpu", help="device of the stages and of the transformers run")
@@ -296,18 +300,19 @@ def typical_decode_step(workload: Workload, num_stages: int) -> tuple[int, int]:
 
 
 @contextmanager
-def deployment(args: argparse.Namespace, model: str, preset: str, workload: Workload):
-    """A deployment of `preset` started for one run and stopped, every process of it, after. With
-    --stage-boundaries auto the layers are balanced for this workload's typical decode step."""
+def deployment(args: argparse.Namespace, model: str, preset: str, label: str, workload: Workload):
+    """A deployment of `preset` started for one run, `label` (tandem.bench.repeats), and stopped, every
+    process of it, after. With --stage-boundaries auto the layers are balanced for this workload's
+    typical decode step."""
     from tandem.launcher import Launcher
 
-    launcher = Launcher(log_dir=run_log_dir(args, preset), say=lambda line: _log(f"{preset}: {line}"))
+    launcher = Launcher(log_dir=run_log_dir(args, label), say=lambda line: _log(f"{label}: {line}"))
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                                device=args.device, preset=preset, dtype=args.dtype,
                                balance_at=typical_decode_step(workload, args.stages))
-        _log(f"{preset}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
+        _log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
         launcher.stop()
@@ -319,8 +324,10 @@ def process_watch(args: argparse.Namespace, run: str, pids: dict[str, int]) -> P
     return ProcessWatch(pids, Profiler(find_py_spy(), args.profile, run, pids) if args.profile else None)
 
 
-def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload, dtype: str | None):
-    """Run `target` on the workload; `dtype` is the resolved one ("float32", ...), None without a model."""
+def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload, dtype: str | None,
+            label: str):
+    """Run `target` on the workload; `dtype` is the resolved one ("float32", ...), None without a model;
+    `label` names the run's logs, profiles and progress bar (tandem.bench.repeats.run_label)."""
     from tandem.bench.metrics import ServiceProbe
     from tandem.bench.openai_api import measure_openai
     from tandem.bench.runner import SendOptions, measure_endpoint
@@ -329,13 +336,13 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
     if target.kind == VLLM:
         from tandem.bench.peer import VllmServer
 
-        with VllmServer(args.peer_python, model, pipeline_size(target.name), dtype, run_log_dir(args, target.name),
+        with VllmServer(args.peer_python, model, pipeline_size(target.name), dtype, run_log_dir(args, label),
                         args.vllm_args) as server:
-            _log(f"{target.name}: vLLM ready on {server.url} (log in {server.log_path})")
-            watch = process_watch(args, target.name, server.pids())
-            return measure_openai(server.url, workload.requests, workload.warmup, options, target.name, watch)
+            _log(f"{label}: vLLM ready on {server.url} (log in {server.log_path})")
+            watch = process_watch(args, label, server.pids())
+            return measure_openai(server.url, workload.requests, workload.warmup, options, label, watch)
     if target.kind == "openai":
-        return measure_openai(args.peer_endpoint, workload.requests, workload.warmup, options, target.name)
+        return measure_openai(args.peer_endpoint, workload.requests, workload.warmup, options, label)
     if target.kind == TRANSFORMERS:
         from tandem.bench.hf import measure_transformers
 
@@ -343,15 +350,15 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
             _log(f"{TRANSFORMERS}: runs offline; --request-rate and --max-concurrency do not apply to it")
         return measure_transformers(model, workload.requests, workload.warmup, sampling=options.sampling,
                                     seed=args.seed, device=args.device, batch_size=args.hf_batch_size,
-                                    dtype=args.dtype, watch=process_watch(args, target.name, {}))
+                                    dtype=args.dtype, watch=process_watch(args, label, {}))
     if target.kind == "endpoint":  # service figures only for the services whose addresses were given
         addresses = (args.stage_addresses, args.sampler_addresses)
         with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
-            return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, target.name)
-    with deployment(args, model, target.name, workload) as (endpoint, launcher), \
+            return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, label)
+    with deployment(args, model, target.name, label, workload) as (endpoint, launcher), \
             ServiceProbe(launcher.stages, launcher.samplers) as probe:
-        watch = process_watch(args, target.name, {name: proc.pid for name, proc in launcher.children})
-        m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, target.name, watch)
+        watch = process_watch(args, label, {name: proc.pid for name, proc in launcher.children})
+        m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, label, watch)
         m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
         return m
 
@@ -403,7 +410,8 @@ def peak_flops(dtype: str | None, device: str, machine: dict) -> float | None:
 
 
 def run(args: argparse.Namespace, bundled_model: str) -> int:
-    """Measure every run the options ask for, print the report, write --json and --plot."""
+    """Measure every run the options ask for, --repeats times in turn, print the report (each repeat,
+    then the runs' medians), write --json and --plot."""
     import grpc
 
     from tandem.bench import report
@@ -428,19 +436,21 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
          f"tokens, {w['num_warmup']} warm-up; {machine['num_cores']} cores")
     peak = peak_flops(dtype, args.device, machine)
 
-    runs = []
-    for target in targets:
-        _log(f"{target.name}: {target.description}")
+    repeats: dict[str, list[dict]] = {t.name: [] for t in targets}
+    for repeat, target in alternate(targets, args.repeats):
+        label = run_label(target.name, repeat, args.repeats)
+        _log(f"{label}: {target.description}")
         try:
-            m = measure(target, args, model, workload, dtype)
+            m = measure(target, args, model, workload, dtype, label)
         except (RuntimeError, ClientError, grpc.RpcError) as e:  # a service failed to start or to answer
-            print(f"tandem bench: {target.name}: {e}", file=sys.stderr)
+            print(f"tandem bench: {label}: {e}", file=sys.stderr)
             return 1
         figures = report.run_figures(target.name, m, machine["num_cores"], model=config, peak_flops_per_s=peak,
-                                     kind=target.kind, description=target.description)
-        runs.append(figures)
-        print(report.format_run(figures), flush=True)
+                                     kind=target.kind, description=target.description, repeat=repeat)
+        repeats[target.name].append(figures)
+        print(report.format_run(figures, args.repeats), flush=True)
         print()
+    runs = [median_figures(figures) for figures in repeats.values()]
     ratios = report.compare(runs)
     print(report.format_comparison(runs, ratios))
 

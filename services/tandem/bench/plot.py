@@ -14,7 +14,8 @@ LATENCIES = (("ttft_p50_s", "TTFT p50"), ("ttft_p99_s", "TTFT p99"), ("tpot_p50_
 
 
 def plot_runs(runs: Sequence[Mapping], path: str | Path) -> None:
-    """Left: output tokens/s per run, with the machine bound outlined where known. Right: latencies in ms."""
+    """Left: output tokens/s per run, with the machine bound outlined where known and, for runs measured
+    more than once, the min..max of their repeats as an error bar. Right: latencies in ms."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
@@ -27,7 +28,11 @@ def plot_runs(runs: Sequence[Mapping], path: str | Path) -> None:
     left, right = fig.subplots(1, 2)
 
     x = range(len(runs))
-    bars = left.bar(x, [r["output_tokens_per_s"] or 0 for r in runs], color=[f"C{i}" for i in x], label="measured")
+    heights = [r["output_tokens_per_s"] or 0 for r in runs]
+    spreads = [[v for v in r.get("output_tokens_per_s_all", []) if v is not None] or [h] for r, h in zip(runs, heights)]
+    errors = [[h - min(s) for h, s in zip(heights, spreads)], [max(s) - h for h, s in zip(heights, spreads)]] \
+        if any(len(s) > 1 for s in spreads) else None
+    bars = left.bar(x, heights, yerr=errors, capsize=4, color=[f"C{i}" for i in x], label="measured")
     left.bar_label(bars, fmt="%.0f")
     bounds = [(i, r.get("machine_bound_output_tokens_per_s")) for i, r in enumerate(runs)]
     bounds = [(i, b) for i, b in bounds if b is not None]

@@ -149,9 +149,10 @@ def _bytes(n: float | None) -> str:
     raise AssertionError("unreachable")
 
 
-def format_run(f: Mapping) -> str:
-    """A run's figures as an indented block of text."""
-    lines = [f"== {f['name']} ({f.get('description', f.get('kind', ''))}) ==",
+def format_run(f: Mapping, num_repeats: int = 1) -> str:
+    """A run's figures as an indented block of text; with several repeats, its title names f["repeat"]."""
+    title = f["name"] + (f", repeat {f['repeat']} of {num_repeats}" if num_repeats > 1 else "")
+    lines = [f"== {title} ({f.get('description', f.get('kind', ''))}) ==",
              (f"  requests     {f['num_requests'] - f['num_failed']} done, {f['num_failed']} failed; "
               f"{f['prompt_tokens']} prompt + {f['output_tokens']} output tokens in {f['wall_time_s']:.2f} s"),
              (f"  throughput   {_num(f['output_tokens_per_s'])} output tok/s, {_num(f['total_tokens_per_s'])} "
@@ -217,7 +218,8 @@ def _format_profiles(f: Mapping) -> list[str]:
 
 
 def format_comparison(runs: Sequence[Mapping], ratios: Mapping[str, Mapping]) -> str:
-    """One row per run, then the output tokens/s ratio of every run (row) to every other (column)."""
+    """One row per run, then the output tokens/s ratio of every run (row) to every other (column); with
+    repeats (tandem.bench.repeats), the rows and ratios are of medians, and the spread of each run follows."""
     names = [r["name"] for r in runs]
     width = max(12, *(len(n) for n in names)) + 2
     head = ("output tok/s", "total tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "bound", "of bound",
@@ -229,9 +231,25 @@ def format_comparison(runs: Sequence[Mapping], ratios: Mapping[str, Mapping]) ->
                  _num(r.get("machine_bound_output_tokens_per_s")), _pct(r.get("fraction_of_bound")),
                  _pct(r.get("fraction_of_peak")))
         lines.append(r["name"].ljust(width) + "".join(c.rjust(14) for c in cells))
+    lines += _format_spread(runs, width)
     if len(runs) > 1:
         lines += ["", "output tokens/s, row / column:", " " * width + "".join(n.rjust(width) for n in names)]
         for a in names:
             cells = ("-" if a == b else _num(ratios[f"{a}/{b}"]["output_tokens_per_s"], ".2f", "x") for b in names)
             lines.append(a.ljust(width) + "".join(c.rjust(width) for c in cells))
     return "\n".join(lines)
+
+
+def _format_spread(runs: Sequence[Mapping], width: int) -> list[str]:
+    """Min..max and every repeat's output tokens/s, for runs measured more than once."""
+    repeated = [r for r in runs if r.get("num_repeats", 1) > 1]
+    if not repeated:
+        return []
+    lines = ["", f"medians of {repeated[0]['num_repeats']} alternating repeats; output tok/s min..max, then each "
+                 "repeat's in order:"]
+    for r in repeated:
+        values = [v for v in r["output_tokens_per_s_all"] if v is not None]
+        spread = f"{_num(min(values))}..{_num(max(values))}" if values else "-"
+        each = ", ".join(_num(v) for v in r["output_tokens_per_s_all"])
+        lines.append(r["name"].ljust(width) + spread.rjust(14) + f"   {each}")
+    return lines

@@ -25,6 +25,12 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (rank - lo)
 
 
+def median(values: Sequence[float | None]) -> float | None:
+    """The median of the values that are not None (the mean of the middle two for an even count);
+    None if there are none."""
+    return percentile([v for v in values if v is not None], 50)
+
+
 def ratio(numerator: float | None, denominator: float | None) -> float | None:
     """numerator / denominator, or None when either is missing or the denominator is 0."""
     if numerator is None or denominator is None or denominator == 0:
