@@ -108,7 +108,8 @@ def _up(args: argparse.Namespace) -> int:
     try:
         address = launcher.up(model, args.stages, args.samplers, args.port, num_blocks=args.num_blocks,
                               kv_store=not args.no_kv_store, device=args.device, preset=args.preset,
-                              stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries)
+                              stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
+                              max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs)
         print(f"tandem ready on {address}", flush=True)
         while not stop.wait(0.5):
             if (dead := launcher.first_exited()) is not None:

@@ -96,7 +96,8 @@ class Launcher:
     def up(self, model: str, num_stages: int, num_samplers: int, port: int, host: str = "127.0.0.1",
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
-           dtype: str = "auto", balance_at: tuple[int, int] | None = None) -> str:
+           dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
+           max_num_seqs: int = 64) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -105,7 +106,8 @@ class Launcher:
         over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
-        `balance_at` (tokens, context; default: profile_stage's).
+        `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
+        `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig).
         """
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
@@ -132,6 +134,7 @@ class Launcher:
         self.stages, self.samplers = stages, list(samplers)
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
+                                        max_in_flight=max_in_flight, max_num_seqs=max_num_seqs,
                                         **techniques.coordinator_options())
         return self.start("coordinator", "coordinator", coordinator, cpus=others)
 

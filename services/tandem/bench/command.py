@@ -39,7 +39,6 @@ from tandem.presets import resolve
 TRANSFORMERS = "transformers"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_NUM_REQUESTS = 32
-MAX_NUM_SEQS = 64  # the coordinator's default rows per micro-batch
 # Sampling parameters sent on every request when given, by their client SDK names.
 SAMPLING = ("top_p", "top_k", "repetition_penalty", "frequency_penalty", "presence_penalty")
 
@@ -70,7 +69,8 @@ def _within(kind: type, low: float, high: float, low_open: bool = False) -> Call
 
 
 def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--stage-boundaries and --stage-threads, as `tandem up` and `tandem bench` take them (see Launcher.up)."""
+    """--stage-boundaries, --stage-threads and the micro-batch shape, as `tandem up` and `tandem bench`
+    take them (see Launcher.up)."""
     def boundaries(text: str) -> tuple[int, ...] | str:
         try:
             return parse_boundaries(text)
@@ -84,6 +84,9 @@ def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--stage-threads", type=int, default=0,
                         help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
                              "cores; the rest go to the samplers, coordinator and KV store)")
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="micro-batches in flight through the pipeline (default: 0, the number of stages + 1)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
 
 
 def _addresses(text: str) -> list[str]:
@@ -291,11 +294,12 @@ def run_log_dir(args: argparse.Namespace, run: str) -> Path | None:
     return path
 
 
-def typical_decode_step(workload: Workload, num_stages: int) -> tuple[int, int]:
+def typical_decode_step(workload: Workload, num_stages: int, max_in_flight: int = 0,
+                        max_num_seqs: int = 64) -> tuple[int, int]:
     """(rows, context) of a decode micro-batch of this workload: the requests spread over the
-    stages + 1 micro-batches in flight, each sequence halfway through its output."""
+    micro-batches in flight (0: stages + 1), each sequence halfway through its output."""
     n = len(workload.requests)
-    rows = max(1, min(MAX_NUM_SEQS, -(-n // (num_stages + 1))))
+    rows = max(1, min(max_num_seqs, -(-n // (max_in_flight or num_stages + 1))))
     return rows, max(1, round((workload.prompt_tokens + workload.output_tokens / 2) / n))
 
 
@@ -310,8 +314,10 @@ def deployment(args: argparse.Namespace, model: str, preset: str, label: str, wo
     try:
         endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
+                               max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
                                device=args.device, preset=preset, dtype=args.dtype,
-                               balance_at=typical_decode_step(workload, args.stages))
+                               balance_at=typical_decode_step(workload, args.stages, args.max_in_flight,
+                                                              args.max_num_seqs))
         _log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
