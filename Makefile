@@ -10,10 +10,15 @@ STAMP         := $(VENV)/.tandem-installed
 PROTOS        := $(shell find protos -name '*.proto')
 GENERATED     := services/tandem/v1/.generated
 PYTEST_ARGS   ?=
+PROTOC_ARGS   := -Iprotos --python_out=services --pyi_out=services --grpc_python_out=services $(PROTOS)
+# `make gpu-bench GPU_PY=python3` runs it with a Python that already has the dependencies, no .venv.
+GPU_PY        ?= $(PY)
+GPU_BENCH_OUT ?= gpu-bench-out
+GPU_BENCH_ARGS ?=
 
 IMAGE_TAG     ?= dev
 
-.PHONY: all install protos demo test images clean peer-vllm
+.PHONY: all install protos demo test gpu-bench images clean peer-vllm
 
 all: install
 
@@ -29,8 +34,7 @@ $(STAMP): $(PY) pyproject.toml setup.py
 install: $(STAMP) $(GENERATED)
 
 $(GENERATED): $(STAMP) $(PROTOS)
-	$(PY) -m grpc_tools.protoc -Iprotos --python_out=services --pyi_out=services \
-		--grpc_python_out=services $(PROTOS)
+	$(PY) -m grpc_tools.protoc $(PROTOC_ARGS)
 	touch $@
 
 protos: $(GENERATED)
@@ -40,6 +44,19 @@ demo: install
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# One NVIDIA GPU, under 8 minutes: the gpu-marked tests, then `tandem bench --device cuda` with 2 and
+# 4 stages on a random ~0.85B-parameter Llama; figures and summary.md in $(GPU_BENCH_OUT)
+# (tandem.tools.gpu_bench; GPU_BENCH_ARGS=--quick for a first check). The protos are generated
+# with GPU_PY when it has grpc_tools, else the generated modules already in services/tandem/v1 serve.
+gpu-bench: $(if $(filter $(PY),$(GPU_PY)),install)
+	@if $(GPU_PY) -c 'import grpc_tools' 2>/dev/null; then \
+		$(GPU_PY) -m grpc_tools.protoc $(PROTOC_ARGS); \
+	else \
+		echo "gpu-bench: no grpc_tools in $(GPU_PY): using the generated modules in services/tandem/v1"; \
+	fi
+	PYTHONPATH=$(CURDIR)/services$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PY) -m tandem.tools.gpu_bench \
+		--out $(GPU_BENCH_OUT) $(GPU_BENCH_ARGS)
 
 # The real vLLM for `tandem bench --compare ...,vllm,vllm-pp2`, in a virtualenv of its own (it pins its
 # own torch). pip drags in CUDA builds of torchvision, torchaudio and torchcodec that stop vLLM from
