@@ -219,7 +219,7 @@ def plan_targets(args: argparse.Namespace) -> list[Target]:
             continue
         if (size := pipeline_size(name)) is not None:
             cores = thread_binding(core_groups(size))
-            targets.append(Target(name, VLLM, f"vLLM's OpenAI server, eager, pipeline size {size}, "
+            targets.append(Target(name, VLLM, f"vLLM's OpenAI server, compiled, pipeline size {size}, "
                                               f"threads bound to cores {cores}"))
             continue
         try:

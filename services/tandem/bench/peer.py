@@ -12,11 +12,13 @@ server, and is stopped (SIGTERM, then SIGKILL for whatever of it is left).
 - `vllm-ppN`: pipeline parallel size N, the cores cut into N contiguous groups, one per stage
   (`0|1` for two stages on two cores).
 
-Both run eager (`--enforce-eager`, as Tandem's stages do), in the bench's dtype, with
+Both run as vLLM runs by default (its model compiled with torch.compile at start-up; pass
+`--vllm-args=--enforce-eager` for eager), in the bench's dtype, with
 KV_CACHE_GIB GiB of KV cache per worker (VLLM_CPU_KVCACHE_SPACE) and their traffic on loopback
 (VLLM_HOST_IP, --host). `--vllm-args` adds to the server's command line.
 
-A fix for vLLM 0.32 at pipeline size > 1: in eager mode the CPU worker skips its warm-up pass, so
+A fix for vLLM 0.32 at pipeline size > 1 (needed when eager; harmless when compiled): in eager
+mode the CPU worker skips its warm-up pass, so
 a later stage's buffer for the activations it receives is never allocated and the first request
 fails an assertion. After start-up the bench has every worker run `execute_dummy_batch` once
 through the server's /collective_rpc, which allocates it as the warm-up would. That route is only
@@ -140,7 +142,7 @@ class VllmServer:
 
     def command(self) -> list[str]:
         cmd = [self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", self.model, "--host", HOST,
-               "--port", str(self.port), "--dtype", self.dtype, "--enforce-eager"]
+               "--port", str(self.port), "--dtype", self.dtype]
         if self.pipeline_size > 1:
             cmd += ["--pipeline-parallel-size", str(self.pipeline_size)]
         return cmd + list(self.extra_args)
