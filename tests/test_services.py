@@ -128,6 +128,38 @@ def test_abort_and_disconnect_free_everything(cluster2):
     assert_all_released(cluster2.endpoint)
 
 
+def test_concurrent_requests_with_one_id_run_exactly_once(llama, reference_model, cluster2):
+    """Ten Generates with the same request id at once: one runs to its full output, every other
+    is refused ALREADY_EXISTS at once, and the refusals do not abort the one that runs."""
+    num_calls, rounds = 10, 3
+    want = reference(reference_model(llama), PROMPTS[2], 24)
+    for r in range(rounds):
+        barrier, outcomes = threading.Barrier(num_calls), [None] * num_calls
+
+        def one(i: int) -> None:
+            with TandemClient(cluster2.endpoint, timeout_s=60) as client:
+                barrier.wait()
+                try:
+                    outcomes[i] = client.generate(prompt_ids=PROMPTS[2], max_tokens=24, ignore_eos=True,
+                                                  temperature=0.0, request_id=f"same-id-{r}")
+                except client_errors.ClientError as e:
+                    outcomes[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(num_calls)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        finished = [o for o in outcomes if not isinstance(o, Exception)]
+        refused = [o for o in outcomes if isinstance(o, client_errors.AlreadyExistsError)]
+        assert len(finished) == 1 and len(refused) == num_calls - 1, outcomes
+        assert finished[0].token_ids == want and finished[0].finish_reason == "length"
+    # The id is free again once its request ended.
+    with TandemClient(cluster2.endpoint, timeout_s=60) as client:
+        assert client.generate(prompt_ids=PROMPTS[1], max_tokens=3, request_id="same-id-0").token_ids
+    assert_all_released(cluster2.endpoint)
+
+
 @pytest.mark.parametrize("with_kv_store", [True, False], ids=["swap", "recompute"])
 def test_preemption_gives_identical_output(llama, reference_model, with_kv_store):
     prompts = [list(range(10 + i, 22 + i)) for i in range(4)]

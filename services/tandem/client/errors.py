@@ -32,6 +32,10 @@ class NotFoundError(ClientError, LookupError):
     """The named request or resource does not exist (NOT_FOUND)."""
 
 
+class AlreadyExistsError(ClientError):
+    """A request with that id is still running: use another id, or wait for it to end."""
+
+
 class ResourceExhaustedError(ClientError):
     """The server is overloaded or a queue or cache is full; retry later (RESOURCE_EXHAUSTED)."""
 
@@ -68,6 +72,7 @@ ERROR_OF: dict[grpc.StatusCode, type[ClientError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidArgumentError,
     grpc.StatusCode.OUT_OF_RANGE: InvalidArgumentError,
     grpc.StatusCode.NOT_FOUND: NotFoundError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,

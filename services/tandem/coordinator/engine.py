@@ -21,7 +21,7 @@ import grpc
 from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler, Sequence, Status, Step
-from tandem.core.errors import ResourceExhaustedError, TandemError, UnavailableError
+from tandem.core.errors import AlreadyExistsError, ResourceExhaustedError, TandemError, UnavailableError
 from tandem.core.server import CHANNEL_OPTIONS
 from tandem.core.streams import StreamSender
 from tandem.v1 import common_pb2, cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
@@ -76,6 +76,8 @@ class Engine:
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
         self.sample_plans = sample_plans
         self.requests: dict[str, Request] = {}
+        self._ids_lock = threading.Lock()
+        self._live_ids: set[str] = set()  # ids submitted and not yet finished; see submit
         self.pending: dict[int, _PendingStep] = {}
         self._events: queue.Queue = queue.Queue()
         self._stopping = threading.Event()
@@ -96,8 +98,14 @@ class Engine:
     # --- called from servicer threads ---------------------------------------------------
 
     def submit(self, request: Request, params: common_pb2.SamplingParams) -> None:
-        if self.scheduler.num_waiting + self._events.qsize() >= self.max_queue:
-            raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        """Queue a request, its id reserved until it ends: a second live request with the same id
+        is refused here, whichever servicer thread comes first."""
+        with self._ids_lock:
+            if request.request_id in self._live_ids:
+                raise AlreadyExistsError(f"request id {request.request_id!r} is already in use")
+            if self.scheduler.num_waiting + self._events.qsize() >= self.max_queue:
+                raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self._live_ids.add(request.request_id)
         self._events.put(("add", request, params))
 
     def abort(self, request_id: str, finish_reason: int = common_pb2.FINISH_REASON_ABORTED) -> None:
@@ -265,6 +273,8 @@ class Engine:
                 self._finish(seq.request_id)
 
     def _finish(self, request_id: str) -> None:
+        with self._ids_lock:
+            self._live_ids.discard(request_id)
         request = self.requests.pop(request_id, None)
         seq = self.scheduler.seqs.get(request_id)
         if request is None or seq is None:

@@ -38,8 +38,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     def Generate(self, request: pb.GenerateRequest, context):
         req, params = self._new_request(request)
-        context.add_callback(lambda: self.engine.abort(req.request_id))
-        self.engine.submit(req, params)
+        self.engine.submit(req, params)  # AlreadyExistsError for a live id: nothing of the other is touched
+        if not context.add_callback(lambda: self.engine.abort(req.request_id)):
+            self.engine.abort(req.request_id)  # the client left before the callback was in place
         end: Output | None = None
         while end is None:
             merged = [req.outputs.get()]
@@ -126,8 +127,6 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         options = SamplingOptions.from_proto(params, self.model.vocab_size, max_tokens_limit=room)
         request_id = request.request_id or uuid.uuid4().hex
-        if request_id in self.engine.requests:
-            raise InvalidArgumentError(f"request id {request_id!r} is already in use")
         seed = options.seed if options.seed is not None else secrets.randbits(63)
         req = Request(
             request_id=request_id, prompt_ids=prompt_ids, options=options, seed=seed, max_tokens=options.max_tokens,

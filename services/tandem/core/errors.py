@@ -16,6 +16,10 @@ class NotFoundError(TandemError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class AlreadyExistsError(TandemError):
+    """Something with that name exists already, such as a live request id (gRPC ALREADY_EXISTS)."""
+
+
 class ResourceExhaustedError(TandemError):
     """A bounded resource (queue, KV blocks) is full (gRPC RESOURCE_EXHAUSTED)."""
 
