@@ -198,6 +198,16 @@ def test_bad_requests_are_refused_and_serving_goes_on(cluster2, kwargs, match):
         assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
 
 
+def test_any_int64_seed_is_served_and_reproducible(cluster2):
+    """A negative seed once left its request waiting forever (the samplers' seeds are uint64)."""
+    with TandemClient(cluster2.endpoint, timeout_s=60) as client:
+        for seed in (-1, -(2**63), 2**63 - 1):
+            runs = [client.generate(prompt_ids=PROMPTS[0], max_tokens=8, ignore_eos=True, temperature=1.0,
+                                    seed=seed) for _ in range(2)]
+            assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 8
+    assert_all_released(cluster2.endpoint)
+
+
 def test_abort_of_unknown_request_is_not_found(cluster2):
     with TandemClient(cluster2.endpoint) as client:
         with pytest.raises(client_errors.NotFoundError, match="no-such-request"):

@@ -21,7 +21,13 @@ import grpc
 from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler, Sequence, Status, Step
-from tandem.core.errors import AlreadyExistsError, ResourceExhaustedError, TandemError, UnavailableError
+from tandem.core.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    TandemError,
+    UnavailableError,
+)
 from tandem.core.server import CHANNEL_OPTIONS
 from tandem.core.streams import StreamSender
 from tandem.v1 import common_pb2, cpu_sampler_pb2, cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
@@ -143,10 +149,17 @@ class Engine:
 
     def _on_add(self, request: Request, params: common_pb2.SamplingParams) -> None:
         seq = Sequence(request.request_id, list(request.prompt_ids), request.max_tokens)
-        self._specs[request.request_id] = cpu_sampler_pb2.SamplerSequence(
-            request_id=request.request_id, params=params, seed=request.seed, prompt_ids=request.prompt_ids,
-            min_tokens_blocked_ids=sorted(request.eos_token_ids | set(request.options.stop_token_ids)),
-        )
+        try:
+            spec = cpu_sampler_pb2.SamplerSequence(
+                request_id=request.request_id, params=params, seed=request.seed, prompt_ids=request.prompt_ids,
+                min_tokens_blocked_ids=sorted(request.eos_token_ids | set(request.options.stop_token_ids)),
+            )
+        except (TypeError, ValueError) as e:  # a value the wire cannot carry: the request ends, nothing waits
+            request.fail(common_pb2.FINISH_REASON_ERROR, InvalidArgumentError(f"request {request.request_id!r}: {e}"))
+            with self._ids_lock:
+                self._live_ids.discard(request.request_id)
+            return
+        self._specs[request.request_id] = spec
         self.requests[request.request_id] = request
         self.scheduler.add(seq)  # it waits, unscheduled, until a replica holds it
         self._assign([seq])

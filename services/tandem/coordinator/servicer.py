@@ -127,7 +127,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             )
         options = SamplingOptions.from_proto(params, self.model.vocab_size, max_tokens_limit=room)
         request_id = request.request_id or uuid.uuid4().hex
-        seed = options.seed if options.seed is not None else secrets.randbits(63)
+        # Any int64 seed is accepted; the samplers take it modulo 2**64 (their seeds are uint64).
+        seed = options.seed % 2**64 if options.seed is not None else secrets.randbits(63)
         req = Request(
             request_id=request_id, prompt_ids=prompt_ids, options=options, seed=seed, max_tokens=options.max_tokens,
             eos_token_ids=frozenset(self.model.eos_token_ids), detokenizer=self.tokenizer.detokenizer(prompt_ids),
