@@ -12,9 +12,8 @@ and that as a fraction of the machine's peak (the fastest dense matmul it runs i
 and thread count, measured first).
 
 With `--peer-python`, the Python of a virtualenv holding vLLM (`make peer-vllm`), vLLM runs the
-same model, batch, context, dtype and cores offline, and its time a decode step is taken from
-two generations that differ only in output length (the difference over the extra steps), so
-prefill and start-up drop out. This is a benchmark, not a test: nothing is held to a time.
+same model, batch, context, dtype and cores offline, and its model runner's forward and
+sampling calls of each decode step are timed (tools/peer_vllm_step.py). This is a benchmark, not a test: nothing is held to a time.
 """
 
 from __future__ import annotations
@@ -67,18 +66,18 @@ def time_steps(model_dir: str, dtype: str, batch: int, context: int, steps: int)
 
 def peer_step_time(peer_python: str, model_dir: str, dtype: str, batch: int, context: int, threads: int,
                    vocab: int) -> float:
-    """vLLM's seconds a decode step on the same batch, from the peer virtualenv."""
+    """vLLM's seconds of a decode step's forward pass and logits (its `execute_model`, which also
+    prepares the step's inputs) on the same batch, from the peer virtualenv."""
     cores = sorted(os.sched_getaffinity(0))[:threads]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
            "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}", "VLLM_CPU_KVCACHE_SPACE": "2"}
-    spec = {"model": model_dir, "dtype": dtype, "batch": batch, "context": context, "short": 8, "long": 72,
-            "repeats": 3, "vocab": vocab}
+    spec = {"model": model_dir, "dtype": dtype, "batch": batch, "context": context, "steps": 40, "vocab": vocab}
     done = subprocess.run([peer_python, str(PEER_SCRIPT), json.dumps(spec)], env=env, capture_output=True,
                           text=True, timeout=900)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT "):])["step_s"]
+    return json.loads(lines[-1][len("RESULT "):])["forward_s"]
 
 
 def main(argv: list[str] | None = None) -> None:
