@@ -70,10 +70,13 @@ def peer_step_time(peer_python: str, model_dir: str, dtype: str, batch: int, con
     prepares the step's inputs) on the same batch, from the peer virtualenv."""
     cores = sorted(os.sched_getaffinity(0))[:threads]
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_HOST_IP": "127.0.0.1",
-           "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}", "VLLM_CPU_KVCACHE_SPACE": "2"}
+           "VLLM_CPU_OMP_THREADS_BIND": f"{cores[0]}-{cores[-1]}", "VLLM_CPU_KVCACHE_SPACE": "2",
+           "OMP_NUM_THREADS": str(threads)}
     spec = {"model": model_dir, "dtype": dtype, "batch": batch, "context": context, "steps": 40, "vocab": vocab}
+    # The whole process on those cores: vLLM's thread binding alone left it using both cores
+    # when asked for one.
     done = subprocess.run([peer_python, str(PEER_SCRIPT), json.dumps(spec)], env=env, capture_output=True,
-                          text=True, timeout=900)
+                          text=True, timeout=900, preexec_fn=lambda: os.sched_setaffinity(0, cores))
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode or not lines:
         raise SystemExit(f"vLLM run failed ({done.returncode}):\n{done.stderr[-3000:]}")
