@@ -274,3 +274,15 @@ def test_peak_is_a_positive_matmul_rate_measured_once():
     peak = measure_peak("float32", "cpu", 0.2)
     assert peak.flops_per_s > 1e8 and peak.dtype == "float32" and peak.matrix_size in flops.CPU_SIZES
     assert measure_peak("float32", "cpu", 0.2) is peak  # cached for the invocation
+
+
+def test_a_stopped_vllm_leaves_no_shared_memory_behind(tmp_path):
+    from tandem.bench.peer import remove_new_shm, shm_entries
+
+    (tmp_path / "vllm_dist_old-cpushm_0").write_bytes(b"x")  # another server's, there before
+    (tmp_path / "tandem-logits-1").write_bytes(b"x")  # not vLLM's
+    before = shm_entries(tmp_path)
+    for name in ("vllm_dist_new-pp:0-[0-1]-cpushm_0", "vllm_dist_new-pp:0-[0-1]-cpushm_1"):
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_new_shm(before, tmp_path) == ["vllm_dist_new-pp:0-[0-1]-cpushm_0", "vllm_dist_new-pp:0-[0-1]-cpushm_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tandem-logits-1", "vllm_dist_old-cpushm_0"]

