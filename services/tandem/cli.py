@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="the service's YAML configuration")
     serve.set_defaults(func=_serve)
 
-    from tandem.bench.command import add_layout_arguments
+    from tandem.launcher import add_layout_arguments
 
     up = sub.add_parser("up", help="start every service on loopback and stop them all on Ctrl-C")
     up.add_argument("--model", help="Hugging Face model directory (default: the bundled tiny model)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import os
 import signal
@@ -17,7 +18,7 @@ from typing import Any
 from tandem.core.config import dump_config
 from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
 from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import AUTO
+from tandem.core.stages import AUTO, parse_boundaries
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
@@ -25,6 +26,27 @@ from tandem.presets import resolve
 from tandem.stage_worker.config import StageWorkerConfig
 
 READY_PREFIX = "tandem-service-ready "
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--stage-boundaries, --stage-threads and the micro-batch shape, as `tandem up` and `tandem bench`
+    take them (see Launcher.up)."""
+    def boundaries(text: str) -> tuple[int, ...] | str:
+        try:
+            return parse_boundaries(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parser.add_argument("--stage-boundaries", type=boundaries, default=(),
+                        help="first layer of stages 1..N-1, comma-separated, or 'auto': profile the model first and "
+                             "split the layers so that the stages take equal time, LM head included (default: an "
+                             "even split of the layers)")
+    parser.add_argument("--stage-threads", type=int, default=0,
+                        help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
+                             "cores; the rest go to the samplers, coordinator and KV store)")
+    parser.add_argument("--max-in-flight", type=int, default=0,
+                        help="micro-batches in flight through the pipeline (default: 0, the number of stages + 1)")
+    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
 
 
 def die_with_parent() -> None:

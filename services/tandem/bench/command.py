@@ -33,7 +33,7 @@ from tandem.bench.workload import (
     synthetic_entries,
 )
 from tandem.core.model_config import ModelConfig
-from tandem.core.stages import parse_boundaries
+from tandem.launcher import add_layout_arguments
 from tandem.presets import resolve
 
 TRANSFORMERS = "transformers"
@@ -66,27 +66,6 @@ def _within(kind: type, low: float, high: float, low_open: bool = False) -> Call
             raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low}, {high}], got {text}")
         return value
     return convert
-
-
-def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--stage-boundaries, --stage-threads and the micro-batch shape, as `tandem up` and `tandem bench`
-    take them (see Launcher.up)."""
-    def boundaries(text: str) -> tuple[int, ...] | str:
-        try:
-            return parse_boundaries(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    parser.add_argument("--stage-boundaries", type=boundaries, default=(),
-                        help="first layer of stages 1..N-1, comma-separated, or 'auto': profile the model first and "
-                             "split the layers so that the stages take equal time, LM head included (default: an "
-                             "even split of the layers)")
-    parser.add_argument("--stage-threads", type=int, default=0,
-                        help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
-                             "cores; the rest go to the samplers, coordinator and KV store)")
-    parser.add_argument("--max-in-flight", type=int, default=0,
-                        help="micro-batches in flight through the pipeline (default: 0, the number of stages + 1)")
-    parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
 
 
 def _addresses(text: str) -> list[str]:

@@ -32,7 +32,7 @@ class PackedLinear(nn.Module):
 
     def __init__(self, linears: Sequence[nn.Linear]):
         super().__init__()
-        weight = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else linears[0].weight.detach()
+        weight = torch.cat([lin.weight.detach() for lin in linears])
         biases = [lin.bias for lin in linears]
         if any(b is not None for b in biases):
             bias = torch.cat([b.detach() if b is not None else weight.new_zeros(lin.out_features)

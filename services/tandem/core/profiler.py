@@ -67,7 +67,7 @@ def measure_profile(model_dir: str | Path, device: str = "cpu", dtype: str = "au
         hidden = torch.randn(tokens, config.hidden_size, device=dev, dtype=torch_dtype)
         row = []
         for context in grid.contexts:
-            meta = _step_metadata(tokens, num_seqs, context, max_blocks, dev, config.sliding_window)
+            meta = step_metadata(tokens, num_seqs, context, max_blocks, dev, config.sliding_window)
             if n == 1:  # a one-layer model's only stage is also the first: it takes token ids
                 row.append(timer.median_ms(lambda: model(ids, meta, cache)))
             else:
@@ -92,7 +92,7 @@ def _embedding_table(model_dir: str | Path, config: ModelConfig, device: torch.d
     return table.to(device=device, dtype=dtype)
 
 
-def _step_metadata(tokens: int, num_seqs: int, context: int, max_blocks: int, device: torch.device,
+def step_metadata(tokens: int, num_seqs: int, context: int, max_blocks: int, device: torch.device,
                    sliding_window: int | None) -> AttentionMetadata:
     """`tokens` new tokens shared evenly by `num_seqs` sequences, each `context` tokens long after
     the step (or as long as its new tokens, when they are more), in blocks of its own."""

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
+from tandem.core.stages import AUTO
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ class StageWorkerConfig:
             raise ConfigError(f"config field 'num_threads'={self.num_threads} must be >= 0")
         cpus_field("cpus", self.cpus)
         if isinstance(self.stage_boundaries, str):
-            if self.stage_boundaries != "auto":
+            if self.stage_boundaries != AUTO:
                 raise ConfigError(f"config field 'stage_boundaries'={self.stage_boundaries!r} must be a list of "
                                   "layer indices or 'auto'")
             if not self.stage_profile:

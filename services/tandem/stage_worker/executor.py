@@ -13,7 +13,7 @@ from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
 from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import plan_stages
+from tandem.core.stages import AUTO, plan_stages
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1 import stage_worker_pb2 as pb
 
@@ -55,7 +55,6 @@ class StageExecutor:
         self.device = torch.device(config.device)
         self.blocks_of: dict[str, list[int]] = {}  # live request -> its block table
         self.num_steps = 0
-        self._copy_stream = None  # CUDA stream of device-to-host copies, made on first use
 
     @property
     def num_blocks_used(self) -> int:
@@ -141,24 +140,16 @@ class StageExecutor:
         return StepOutput(hidden=self._to_host(out), logits=None)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
-        """`tensor` in host memory. From a GPU: into pinned memory (the fast copy engine path) on a
-        stream of its own, so the copy does not queue behind work issued after it."""
+        """`tensor` in host memory; from a GPU through pinned memory, which the copy engine reads
+        and writes directly (a pageable destination takes a staging copy on the way)."""
         if tensor.device.type == "cpu":
             return tensor
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream(tensor.device)
-        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-        self._copy_stream.wait_stream(torch.cuda.current_stream(tensor.device))
-        with torch.cuda.stream(self._copy_stream):
-            host.copy_(tensor, non_blocking=True)
-            tensor.record_stream(self._copy_stream)  # not reused by the allocator before the copy is done
-        self._copy_stream.synchronize()
-        return host
+        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
 
 
 def stage_boundaries(config: StageWorkerConfig, model: ModelConfig) -> tuple[int, ...]:
     """The configured boundaries; with `auto`, the balanced split of the configured profile."""
-    if config.stage_boundaries != "auto":
+    if config.stage_boundaries != AUTO:
         return tuple(config.stage_boundaries)
     profile = load_profile(config.stage_profile)
     if profile.num_layers != model.num_hidden_layers:

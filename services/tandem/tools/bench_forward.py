@@ -30,12 +30,11 @@ from pathlib import Path
 import torch
 
 from tandem.bench.flops import matmul_parameters, measure_peak
-from tandem.core.attention import AttentionMetadata, SequenceSlice
 from tandem.core.model import DTYPES, StageModel
 from tandem.core.model_config import ModelConfig
+from tandem.core.profiler import BLOCK_SIZE, step_metadata
 from tandem.core.stages import LayerRange
 
-BLOCK_SIZE = 16
 PEER_SCRIPT = Path(__file__).with_name("peer_vllm_step.py")
 
 
@@ -52,8 +51,7 @@ def time_steps(model_dir: str, dtype: str, batch: int, context: int, steps: int)
                             dtype, config)
     blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
     cache = model.new_kv_cache(batch * blocks_per_seq, BLOCK_SIZE)
-    slices = [SequenceSlice(context, 1, range(i * blocks_per_seq, (i + 1) * blocks_per_seq)) for i in range(batch)]
-    meta = AttentionMetadata.build(slices, BLOCK_SIZE)
+    meta = step_metadata(batch, batch, context + 1, blocks_per_seq, torch.device("cpu"), config.sliding_window)
     ids = torch.randint(0, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0))
     times = []
     for i in range(steps + 3):
