@@ -388,7 +388,7 @@ def test_bench_json_and_report_with_repeats(tmp_path, monkeypatch, capsys):
     walls = iter([1.0, 1.0, 4.0, 0.5, 2.0, 3.0])  # baseline 1, full 1, baseline 2, ...
     labels = []
 
-    def fake_measure(target, args, model, workload, dtype, label):
+    def fake_measure(target, args, model, workload, dtype, label, sampling):
         labels.append(label)
         records = [RequestRecord(r.index, r.prompt_len, r.output_len, sent_s=0.0, first_token_s=0.1, done_s=0.5,
                                  output_tokens=r.output_len) for r in workload.requests]
@@ -584,7 +584,7 @@ def test_bench_compares_full_with_transformers(tmp_path):
 
 
 def test_auto_split_balances_the_workloads_decode_step():
-    from tandem.bench.command import typical_decode_step
+    from tandem.bench.measure import typical_decode_step
     from tandem.bench.workload import Request, Workload
 
     requests = tuple(Request(i, tuple(range(32)), 128) for i in range(64))

@@ -1,4 +1,5 @@
-"""The `tandem bench` command: its options, and the order in which runs happen.
+"""The `tandem bench` command: its options, and the order in which runs happen (each one is
+measured by measure.py).
 
 Each run is measured first and printed after (report.py), so that the JSON, the text and the
 plot all show the same numbers.
@@ -16,13 +17,12 @@ import platform
 import shlex
 import sys
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from tandem.bench.measure import TRANSFORMERS, Target, log, measure
 from tandem.bench.peer import PEER_VENV, VLLM, core_groups, find_peer_python, pipeline_size, thread_binding
-from tandem.bench.profiling import ProcessWatch, Profiler, find_py_spy
+from tandem.bench.profiling import find_py_spy
 from tandem.bench.repeats import alternate, median_figures, run_label
 from tandem.bench.workload import (
     Workload,
@@ -36,7 +36,6 @@ from tandem.core.model_config import ModelConfig
 from tandem.launcher import add_layout_arguments
 from tandem.presets import resolve
 
-TRANSFORMERS = "transformers"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEFAULT_NUM_REQUESTS = 32
 # Sampling parameters sent on every request when given, by their client SDK names.
@@ -162,15 +161,6 @@ def sampling_options(args: argparse.Namespace) -> dict[str, float | int]:
     return {"temperature": args.temperature, **given}
 
 
-@dataclass(frozen=True)
-class Target:
-    """What a run measures and how to describe it."""
-
-    name: str
-    kind: str  # "tandem" (a started deployment), "endpoint", "transformers", "vllm" or "openai" (--peer-endpoint)
-    description: str
-
-
 def plan_targets(args: argparse.Namespace) -> list[Target]:
     """The runs the options ask for, in order; ValueError if they contradict each other."""
     peer = [Target(args.peer_name, "openai", f"the OpenAI-compatible server at {args.peer_endpoint}")] \
@@ -260,94 +250,6 @@ def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[
                           request_rate=args.request_rate, tokenize=tokenize, description=description)
 
 
-def _log(message: str) -> None:
-    print(f"# {message}", file=sys.stderr, flush=True)
-
-
-def run_log_dir(args: argparse.Namespace, run: str) -> Path | None:
-    """--log-dir/RUN, made; one folder per run, as services of the same name would overwrite each other's logs."""
-    if not args.log_dir:
-        return None
-    path = Path(args.log_dir) / run
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def typical_decode_step(workload: Workload, num_stages: int, max_in_flight: int = 0,
-                        max_num_seqs: int = 64) -> tuple[int, int]:
-    """(rows, context) of a decode micro-batch of this workload: the requests spread over the
-    micro-batches in flight (0: stages + 1), each sequence halfway through its output."""
-    n = len(workload.requests)
-    rows = max(1, min(max_num_seqs, -(-n // (max_in_flight or num_stages + 1))))
-    return rows, max(1, round((workload.prompt_tokens + workload.output_tokens / 2) / n))
-
-
-@contextmanager
-def deployment(args: argparse.Namespace, model: str, preset: str, label: str, workload: Workload):
-    """A deployment of `preset` started for one run, `label` (tandem.bench.repeats), and stopped, every
-    process of it, after. With --stage-boundaries auto the layers are balanced for this workload's
-    typical decode step."""
-    from tandem.launcher import Launcher
-
-    launcher = Launcher(log_dir=run_log_dir(args, label), say=lambda line: _log(f"{label}: {line}"))
-    try:
-        endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
-                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
-                               max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
-                               device=args.device, preset=preset, dtype=args.dtype,
-                               balance_at=typical_decode_step(workload, args.stages, args.max_in_flight,
-                                                              args.max_num_seqs))
-        _log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
-        yield endpoint, launcher
-    finally:
-        launcher.stop()
-
-
-def process_watch(args: argparse.Namespace, run: str, pids: dict[str, int]) -> ProcessWatch:
-    """CPU time (and with --profile, py-spy profiles) of a run's processes and of this one, "bench"."""
-    pids = {**pids, "bench": os.getpid()}
-    return ProcessWatch(pids, Profiler(find_py_spy(), args.profile, run, pids) if args.profile else None)
-
-
-def measure(target: Target, args: argparse.Namespace, model: str | None, workload: Workload, dtype: str | None,
-            label: str):
-    """Run `target` on the workload; `dtype` is the resolved one ("float32", ...), None without a model;
-    `label` names the run's logs, profiles and progress bar (tandem.bench.repeats.run_label)."""
-    from tandem.bench.metrics import ServiceProbe
-    from tandem.bench.openai_api import measure_openai
-    from tandem.bench.runner import SendOptions, measure_endpoint
-
-    options = SendOptions(sampling_options(args), args.seed, args.max_concurrency, args.timeout)
-    if target.kind == VLLM:
-        from tandem.bench.peer import VllmServer
-
-        with VllmServer(args.peer_python, model, pipeline_size(target.name), dtype, run_log_dir(args, label),
-                        args.vllm_args) as server:
-            _log(f"{label}: vLLM ready on {server.url} (log in {server.log_path})")
-            watch = process_watch(args, label, server.pids())
-            return measure_openai(server.url, workload.requests, workload.warmup, options, label, watch)
-    if target.kind == "openai":
-        return measure_openai(args.peer_endpoint, workload.requests, workload.warmup, options, label)
-    if target.kind == TRANSFORMERS:
-        from tandem.bench.hf import measure_transformers
-
-        if args.request_rate != math.inf or args.max_concurrency:
-            _log(f"{TRANSFORMERS}: runs offline; --request-rate and --max-concurrency do not apply to it")
-        return measure_transformers(model, workload.requests, workload.warmup, sampling=options.sampling,
-                                    seed=args.seed, device=args.device, batch_size=args.hf_batch_size,
-                                    dtype=args.dtype, watch=process_watch(args, label, {}))
-    if target.kind == "endpoint":  # service figures only for the services whose addresses were given
-        addresses = (args.stage_addresses, args.sampler_addresses)
-        with ServiceProbe(*addresses) if any(addresses) else nullcontext() as probe:
-            return measure_endpoint(args.endpoint, workload.requests, workload.warmup, options, probe, label)
-    with deployment(args, model, target.name, label, workload) as (endpoint, launcher), \
-            ServiceProbe(launcher.stages, launcher.samplers) as probe:
-        watch = process_watch(args, label, {name: proc.pid for name, proc in launcher.children})
-        m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, label, watch)
-        m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
-        return m
-
-
 def model_facts(args: argparse.Namespace, model: str | None
                 ) -> tuple[ModelConfig | None, int, int, Callable[[str], list[int]]]:
     """The model's configuration (None when only a deployment knows it), vocabulary size, longest
@@ -389,7 +291,7 @@ def peak_flops(dtype: str | None, device: str, machine: dict) -> float | None:
 
     peak = measure_peak(dtype, device)
     machine.update({f"peak_{key}": value for key, value in peak.as_dict().items()})
-    _log(f"peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s, {dtype} matmul ({peak.matrix_size}x{peak.matrix_size}) on "
+    log(f"peak: {peak.flops_per_s / 1e9:.1f} GFLOP/s, {dtype} matmul ({peak.matrix_size}x{peak.matrix_size}) on "
          f"{peak.device}" + (f", {peak.num_threads} threads" if peak.num_threads else ""))
     return peak.flops_per_s
 
@@ -417,16 +319,16 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
         return 2
     machine = machine_info() | ({"vllm": peer_version} if peer_version else {})
     w = workload.description
-    _log(f"workload: {w['num_requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output "
+    log(f"workload: {w['num_requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output "
          f"tokens, {w['num_warmup']} warm-up; {machine['num_cores']} cores")
     peak = peak_flops(dtype, args.device, machine)
 
     repeats: dict[str, list[dict]] = {t.name: [] for t in targets}
     for repeat, target in alternate(targets, args.repeats):
         label = run_label(target.name, repeat, args.repeats)
-        _log(f"{label}: {target.description}")
+        log(f"{label}: {target.description}")
         try:
-            m = measure(target, args, model, workload, dtype, label)
+            m = measure(target, args, model, workload, dtype, label, sampling_options(args))
         except (RuntimeError, ClientError, grpc.RpcError) as e:  # a service failed to start or to answer
             print(f"tandem bench: {label}: {e}", file=sys.stderr)
             return 1
@@ -445,12 +347,12 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
                     "options": {k: (v.spec() if hasattr(v, "spec") else v) for k, v in vars(args).items()
                                 if k != "func" and not (isinstance(v, float) and math.isinf(v))}}
         Path(args.json).write_text(json.dumps(document, indent=2) + "\n")
-        _log(f"figures written to {args.json}")
+        log(f"figures written to {args.json}")
     if args.plot:
         from tandem.bench.plot import plot_runs
 
         plot_runs(runs, args.plot)
-        _log(f"plot written to {args.plot}")
+        log(f"plot written to {args.plot}")
     failed = sum(r["num_failed"] for r in runs)
     if failed:
         print(f"tandem bench: {failed} requests failed", file=sys.stderr)
