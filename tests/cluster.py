@@ -31,9 +31,11 @@ class Cluster:
 
 def start_cluster(
     model: Path, num_stages: int = 2, num_samplers: int = 2, num_blocks: int = 128, block_size: int = 4,
-    with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, preset: str = "full", **coordinator_options,
+    with_kv_store: bool = True, kv_capacity_bytes: int = 1 << 30, preset: str = "full", device: str = "cpu",
+    **coordinator_options,
 ) -> Cluster:
-    """`preset` as `tandem up --preset`: with `baseline` the last stage samples (num_samplers is ignored)."""
+    """`preset` as `tandem up --preset`: with `baseline` the last stage samples (num_samplers is ignored).
+    `device`: the stages' torch device (in float32 on any device)."""
     techniques = resolve(preset)
     if not techniques.cpu_sampling:
         num_samplers = 0
@@ -50,7 +52,7 @@ def start_cluster(
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
-                                    num_blocks=num_blocks, block_size=block_size,
+                                    num_blocks=num_blocks, block_size=block_size, device=device, dtype="float32",
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             server = stage_worker.serve(cfg)
             c._servers.append(server)

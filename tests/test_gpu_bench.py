@@ -11,7 +11,8 @@ import torch
 
 from tandem.cli import build_parser
 from tandem.tools import gpu_bench
-from tandem.tools.gpu_bench import FULL, QUICK, Step, bench_command, format_summary, parse_pytest_counts
+from tandem.tools.gpu_bench import (FULL, QUICK, Step, bench_command, format_summary, forward_command,
+                                    parse_pytest_counts)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,6 +91,24 @@ def test_summary_of_two_benches():
     assert "| 2 | baseline | 1000.0 | 50.5 ms | 19.25 ms | 50% / 75% | 1.23% |" in text
     assert "| 4 | full (2 failed) | 1500.0 | 50.5 ms | 19.25 ms | 25% / 25% / 25% / 25% | 1.23% |" in text
     assert "750.0 TFLOP/s (bfloat16 matmul, 8192x8192); host 16 cores" in text
+
+
+def test_summary_of_the_forward_pass():
+    runs = [{"dtype": "bfloat16", "mode": mode, "batch": 128, "context": 256, "step_ms": ms, "tokens_per_s": 128e3 / ms,
+             "fraction_of_peak": 0.01} for mode, ms in (("eager", 3.0), ("graphs", 1.2))]
+    text = format_summary({}, [], {}, {2: None}, {"runs": runs})
+    assert "| bfloat16 | graphs | 128 | 256 | 1.20 ms | 106667 | 1.0% |" in text
+    assert "CUDA graphs: 2.50x the eager step." in text
+    assert "## Forward pass alone\n\nNo figures" in format_summary({}, [], {}, {2: None})
+
+
+def test_forward_command_is_a_valid_bench_forward(tmp_path):
+    from tandem.tools import bench_forward
+
+    cmd = forward_command(tmp_path / "model", tmp_path)
+    assert cmd[1:3] == ["-m", "tandem.tools.bench_forward"]
+    args = bench_forward.parse_args(cmd[3:])
+    assert (args.device, args.graphs, args.dtype, args.batch) == ("cuda", True, ["bfloat16"], 128)
 
 
 def test_summary_without_figures():

@@ -114,3 +114,40 @@ def test_cuda_matches_transformers(checkpoint, reference_model):
     got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=()).output_ids
     for prompt, ids in zip(PROMPTS, got):
         assert ids == reference_generate(reference_model(path), prompt)[0]
+
+
+# Decode steps through core.cuda_graphs: batches padded to the next graph size, contexts to the next
+# power of two of blocks, padded rows writing only the spare block. On CPU the padded path runs
+# eagerly, which checks the padding; on CUDA the graphs are captured and replayed.
+GRAPH_PROMPTS = [*PROMPTS, [1, 2]]  # five sequences: a batch padded to six
+
+
+def check_decode_graphs(pipe: LocalPipeline, path, reference_model) -> None:
+    got = pipe.generate(GRAPH_PROMPTS, MAX_NEW_TOKENS, stop_token_ids=(), keep_logits=True)
+    for prompt, ids, logits in zip(GRAPH_PROMPTS, got.output_ids, got.logits):
+        want_ids, want_logits = reference_generate(reference_model(path), prompt)
+        assert ids == want_ids, f"prompt of {len(prompt)} tokens diverged"
+        torch.testing.assert_close(logits, want_logits, atol=2e-4, rtol=1e-4)
+    for graphs in pipe.graphs:
+        assert graphs.num_replays == MAX_NEW_TOKENS - 1  # every decode step, none of the prefill
+        assert {batch for batch, _ in graphs.graphs} == {6}
+        assert {blocks for _, blocks in graphs.graphs} == {8, 16}  # longest context 28..40 tokens: 7..10 blocks of 4
+    assert pipe.allocator.num_free == 96
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_padded_decode_path_matches_transformers(arch, checkpoint, reference_model):
+    path = checkpoint(arch)
+    pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=96, decode_graphs=True)
+    check_decode_graphs(pipe, path, reference_model)
+    assert all(entry.graph is None for g in pipe.graphs for entry in g.graphs.values())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graphs_match_transformers(checkpoint, reference_model):
+    path = checkpoint("llama")
+    pipe = LocalPipeline(path, num_stages=2, device="cuda", dtype="float32", block_size=4, num_blocks=96,
+                         decode_graphs=True)
+    check_decode_graphs(pipe, path, reference_model)
+    assert all(entry.graph is not None for g in pipe.graphs for entry in g.graphs.values())

@@ -81,6 +81,21 @@ def test_greedy_matches_transformers_under_concurrency(llama, reference_model, n
         c.stop()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("preset", ["full", "baseline"])
+def test_greedy_on_cuda_matches_transformers(llama, reference_model, preset):
+    # Stages on the GPU: inputs copied on the stages' own streams, decode steps from CUDA graphs.
+    c = start_cluster(llama, num_stages=2, num_samplers=2, preset=preset, device="cuda")
+    try:
+        results = run_concurrently(c.endpoint, PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+        for prompt, r in zip(PROMPTS, results):
+            assert list(r.token_ids) == reference(reference_model(llama), prompt)
+        assert_all_released(c.endpoint)
+    finally:
+        c.stop()
+
+
 def test_seeded_sampling_is_independent_of_topology(llama, cluster2):
     sampling = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True,
                     repetition_penalty=1.1, presence_penalty=0.2)

@@ -96,16 +96,25 @@ class AttentionMetadata:
         seq_of_token = torch.arange(num_seqs)[:, None].expand(num_seqs, max_q)[is_real]
         slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         last_token_indices = torch.cumsum(qlens, 0) - 1
-        common = dict(positions=positions.to(device), slot_mapping=slot_mapping.to(device),
-                      last_token_indices=last_token_indices.to(device), max_query_len=max_q,
+        device = torch.device(device)
+        common = dict(positions=_to(positions, device), slot_mapping=_to(slot_mapping, device),
+                      last_token_indices=_to(last_token_indices, device), max_query_len=max_q,
                       block_size=block_size, num_seqs=num_seqs)
         if max_q == 1:
             key_bias = torch.zeros(mask.shape[0], mask.shape[2]).masked_fill_(~mask[:, 0], float("-inf"))
-            return cls(**common, block_tables=tables.flatten().to(device), key_bias=key_bias.to(device))
+            return cls(**common, block_tables=_to(tables.flatten(), device), key_bias=_to(key_bias, device))
         key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
         query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
-        return cls(**common, key_slots=key_slots.to(device), mask=mask[:, None].to(device),
-                   query_index=query_index.to(device))
+        return cls(**common, key_slots=_to(key_slots, device), mask=_to(mask[:, None], device),
+                   query_index=_to(query_index, device))
+
+
+def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU through pinned memory, without waiting for the copy (it is
+    ordered on the current stream, and torch keeps the pinned source until the copy is done)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from tandem.core.attention import AttentionMetadata, SequenceSlice
+from tandem.core.cuda_graphs import DecodeGraphs
 from tandem.core.kv_cache import BlockAllocator
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
@@ -58,21 +59,30 @@ class LocalPipeline:
         dtype: str = "auto",
         num_blocks: int = 256,
         block_size: int = 16,
+        decode_graphs: bool = False,
+        graph_max_batch: int = 64,
     ):
+        """`decode_graphs`: run decode steps through core.cuda_graphs (captured on CUDA, the same
+        padded path run eagerly elsewhere)."""
         self.config = ModelConfig.from_dir(model_dir)
         self.device = torch.device(device)
         self.block_size = block_size
         self.layer_ranges = plan_stages(self.config.num_hidden_layers, num_stages, stage_boundaries)
         self.stages = [StageModel.load(model_dir, r, self.device, dtype, self.config) for r in self.layer_ranges]
-        self.kv_caches = [s.new_kv_cache(num_blocks, block_size) for s in self.stages]
+        spare = 1 if decode_graphs else 0  # the graphs' spare block, never handed out
+        self.kv_caches = [s.new_kv_cache(num_blocks + spare, block_size) for s in self.stages]
         self.allocator = BlockAllocator(num_blocks)
+        self.graphs = [DecodeGraphs(s, c, graph_max_batch, self.config.max_position_embeddings,
+                                    capture=self.device.type == "cuda")
+                       for s, c in zip(self.stages, self.kv_caches)] if decode_graphs else []
 
     def step(self, slices: Sequence[SequenceSlice], input_ids: torch.Tensor) -> torch.Tensor:
         """Run one batched step through every stage -> logits [B, vocab] of each sequence's last token."""
         meta = AttentionMetadata.build(slices, self.block_size, self.device, self.config.sliding_window)
         x = input_ids.to(self.device)
-        for stage, cache in zip(self.stages, self.kv_caches):
-            x = stage(x, meta, cache)
+        for i, (stage, cache) in enumerate(zip(self.stages, self.kv_caches)):
+            out = self.graphs[i].run(x, meta) if self.graphs else None
+            x = stage(x, meta, cache) if out is None else out
         return self.stages[-1].compute_logits(x, meta)
 
     def generate(

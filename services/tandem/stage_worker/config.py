@@ -30,6 +30,11 @@ class StageWorkerConfig:
     num_blocks: int = doc("KV cache blocks on this stage", 512)
     block_size: int = doc("tokens per KV block", 16)
     max_workers: int = doc("gRPC server threads", 16)
+    cuda_graphs: bool = doc(
+        "on CUDA, run decode steps from CUDA graphs captured once per padded shape (batch and context); "
+        "steps they do not cover run eagerly", True)
+    cuda_graph_max_batch: int = doc("largest decode batch run from a CUDA graph", 256)
+    cuda_graph_max_context: int = doc("longest context (tokens) of a decode step run from a CUDA graph", 4096)
     overlap_input_prep: bool = doc(
         "build the next step's input tensors while this one computes, in two alternating buffers "
         "(token-safe: a buffer is reused only after the step that read it finished); off: in series", True)
@@ -80,6 +85,8 @@ class StageWorkerConfig:
             if not self.stage_profile:
                 raise ConfigError("config field 'stage_profile' must name a profile file when stage_boundaries is "
                                   "'auto' (python -m tandem.tools.profile_stage writes one)")
+        if self.cuda_graph_max_batch < 1 or self.cuda_graph_max_context < 1:
+            raise ConfigError("config fields 'cuda_graph_max_batch' and 'cuda_graph_max_context' must be >= 1")
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1

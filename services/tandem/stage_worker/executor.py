@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from tandem.core.attention import AttentionMetadata, SequenceSlice
+from tandem.core.cuda_graphs import DecodeGraphs
 from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
@@ -30,6 +31,7 @@ class StepInputs:
     meta: AttentionMetadata
     input_ids: torch.Tensor | None  # [T] token ids on stage 0 (a view of a slot buffer), else None
     hidden: torch.Tensor | None = None  # [T, hidden] device buffer the activations are copied into (GPU stages)
+    ready: torch.cuda.Event | None = None  # GPU stages: recorded after the input copies, on the preparing stream
 
     @property
     def num_tokens(self) -> int:
@@ -50,9 +52,18 @@ class StageExecutor:
         ranges = plan_stages(self.model_config.num_hidden_layers, config.num_stages, boundaries or None)
         self.layers = ranges[config.stage_index]
         self.model = StageModel.load(config.model, self.layers, config.device, config.dtype, self.model_config)
-        self.cache = self.model.new_kv_cache(config.num_blocks, config.block_size)
         self.dtype = next(self.model.parameters()).dtype
         self.device = torch.device(config.device)
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and config.cuda_graphs:  # the cache's last block is the graphs' spare
+            self.cache = self.model.new_kv_cache(config.num_blocks + 1, config.block_size)
+            self.graphs = DecodeGraphs(self.model, self.cache, config.cuda_graph_max_batch,
+                                       min(config.cuda_graph_max_context, self.model_config.max_position_embeddings))
+        else:
+            self.cache = self.model.new_kv_cache(config.num_blocks, config.block_size)
+        # GPU stages copy a step's inputs on a stream of their own, so that they need not wait for
+        # the step computing on the default stream (see stage_worker.inputs).
+        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.blocks_of: dict[str, list[int]] = {}  # live request -> its block table
         self.num_steps = 0
 
@@ -108,12 +119,21 @@ class StageExecutor:
         if not plan.sequences:
             return None
         slices = self.check_plan(plan)
+        if self._copy_stream is None:
+            return self._prepare(plan, slices, buffers)
+        with torch.cuda.stream(self._copy_stream):
+            inputs = self._prepare(plan, slices, buffers)
+            ready = torch.cuda.Event()
+            ready.record()
+        return StepInputs(inputs.slices, inputs.meta, inputs.input_ids, inputs.hidden, ready)
+
+    def _prepare(self, plan: pb.StepPlan, slices: list[SequenceSlice], buffers: dict[str, torch.Tensor]) -> StepInputs:
         meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
         input_ids = hidden = None
         if self.layers.is_first:
             ids = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64)
             input_ids = _slot_buffer(buffers, "input_ids", (ids.numel(),), torch.int64, self.device)
-            input_ids.copy_(ids)
+            input_ids.copy_(ids.pin_memory() if self._copy_stream else ids, non_blocking=True)
         elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
             shape = (sum(s.num_new_tokens for s in slices), self.model_config.hidden_size)
             hidden = _slot_buffer(buffers, "hidden", shape, self.dtype, self.device)
@@ -122,6 +142,8 @@ class StageExecutor:
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
         """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
         num_tokens = inputs.num_tokens
+        if inputs.ready is not None:
+            torch.cuda.current_stream(self.device).wait_event(inputs.ready)
         if self.layers.is_first:
             x = inputs.input_ids
         else:
@@ -133,7 +155,9 @@ class StageExecutor:
         meta = inputs.meta
         for s in plan.sequences:
             self.blocks_of[s.request_id] = list(s.block_table)
-        out = self.model(x, meta, self.cache)
+        out = self.graphs.run(x, meta) if self.graphs is not None else None
+        if out is None:
+            out = self.model(x, meta, self.cache)
         self.num_steps += 1
         if self.layers.is_last:
             return StepOutput(hidden=None, logits=self._to_host(self.model.compute_logits(out, meta)))

@@ -9,11 +9,15 @@ that fails or runs out of time written down and the next one run anyway:
 2. the `gpu`-marked tests, `pytest -m gpu -q` on the test modules that have any, to DIR/gpu-tests.txt;
 3. a random-weight Llama checkpoint of about 0.85B parameters (tandem.tools.random_model), to
    DIR/model-*, unless --model names one (kept between invocations: a rerun reuses it);
-4. `tandem bench --device cuda --dtype bfloat16 --compare baseline,full` with 2 and then 4 stage
+4. the forward pass alone (tandem.tools.bench_forward: every layer in one process, a decode step of
+   FORWARD_BATCH sequences at FORWARD_CONTEXT tokens, bf16), eager and through CUDA graphs, to
+   DIR/forward.{json,txt};
+5. `tandem bench --device cuda --dtype bfloat16 --compare baseline,full` with 2 and then 4 stage
    processes sharing the GPU, samplers on the host cores, to DIR/bench-{2,4}stages.{json,txt}
    and the services' logs to DIR/logs-{2,4}stages/;
-5. DIR/summary.md: the GPU, torch, the test counts, and per stage count the output tokens/s of
-   baseline and full, their ratio, TTFT and TPOT p50, the stages' busy shares and "of peak".
+6. DIR/summary.md: the GPU, torch, the test counts, the forward pass's step time in each mode, and
+   per stage count the output tokens/s of baseline and full, their ratio, TTFT and TPOT p50, the
+   stages' busy shares and "of peak".
 
 Without a CUDA device it stops at once with exit status 2. --quick is a smaller model and
 workload, to check that everything runs before spending minutes on the real figures.
@@ -39,6 +43,7 @@ SERVICES_DIR = Path(__file__).resolve().parents[2]  # what PYTHONPATH must hold:
 REPO_DIR = SERVICES_DIR.parent
 STAGE_COUNTS = (2, 4)
 RUNS = ("baseline", "full")
+FORWARD_BATCH, FORWARD_CONTEXT = 128, 256
 MIN_STEP_S = 20.0  # a step with less time than this left in --budget-s is skipped
 # Module -> the pip package that provides it, for what the services, tests and bench import.
 MODULES = {"grpc": "grpcio", "grpc_health.v1.health": "grpcio-health-checking",
@@ -77,9 +82,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, required=True, help="folder of every output (made if missing)")
     p.add_argument("--model", type=Path, help="Hugging Face model directory to benchmark instead of a random one")
     p.add_argument("--quick", action="store_true", help="a ~0.16B-parameter model and a small workload")
-    p.add_argument("--budget-s", type=float, default=470.0, help="seconds for every step together (default: 470)")
+    p.add_argument("--budget-s", type=float, default=480.0, help="seconds for every step together (default: 480)")
     p.add_argument("--tests-s", type=float, default=150.0, help="time limit of the GPU tests (default: 150)")
     p.add_argument("--model-s", type=float, default=120.0, help="time limit of writing the model (default: 120)")
+    p.add_argument("--forward-s", type=float, default=90.0, help="time limit of the forward pass (default: 90)")
     p.add_argument("--bench-s", type=float, default=240.0, help="time limit of each bench (default: 240)")
     args = p.parse_args(argv)
     args.out = args.out.resolve()
@@ -101,6 +107,13 @@ def bench_command(model: Path, num_stages: int, out: Path, size: Size) -> list[s
             "--dtype", "bfloat16", "--compare", ",".join(RUNS), "--stages", str(num_stages), "--samplers", "4",
             *size.bench_args, "--json", str(out / f"bench-{num_stages}stages.json"),
             "--log-dir", str(out / f"logs-{num_stages}stages")]
+
+
+def forward_command(model: Path, out: Path) -> list[str]:
+    """tandem.tools.bench_forward on the GPU, eager and through CUDA graphs, writing out/forward.json."""
+    return [sys.executable, "-m", "tandem.tools.bench_forward", "--model", str(model), "--device", "cuda",
+            "--graphs", "--dtype", "bfloat16", "--batch", str(FORWARD_BATCH), "--context", str(FORWARD_CONTEXT),
+            "--steps", "50", "--json", str(out / "forward.json")]
 
 
 def gpu_test_files(tests_dir: Path) -> list[str]:
@@ -161,9 +174,23 @@ def _bench_lines(benches: Mapping[int, Mapping | None]) -> list[str]:
     return lines
 
 
+def _forward_lines(forward: Mapping | None) -> list[str]:
+    runs = (forward or {}).get("runs", [])
+    if not runs:
+        return ["No figures (see the steps above)."]
+    lines = ["| dtype | mode | batch | context | step | tok/s | of peak |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['dtype']} | {r['mode']} | {r['batch']} | {r['context']} | {_num(r['step_ms'], '.2f', unit=' ms')} | "
+              f"{_num(r['tokens_per_s'], '.0f')} | {_num(r['fraction_of_peak'], '.1f', 100, '%')} |" for r in runs]
+    ms = {r["mode"]: r["step_ms"] for r in runs}
+    if "eager" in ms and "graphs" in ms:
+        lines += ["", f"CUDA graphs: {ms['eager'] / ms['graphs']:.2f}x the eager step."]
+    return lines
+
+
 def format_summary(facts: Mapping[str, str], steps: Sequence[Step], tests: Mapping[str, int] | None,
-                   benches: Mapping[int, Mapping | None]) -> str:
-    """summary.md from the machine's facts, the steps, pytest's counts and each bench's JSON (None: none)."""
+                   benches: Mapping[int, Mapping | None], forward: Mapping | None = None) -> str:
+    """summary.md from the machine's facts, the steps, pytest's counts, the forward pass's JSON and
+    each bench's JSON (None: none)."""
     lines = ["# Tandem GPU benchmark", ""]
     lines += [f"- {key}: {value}" for key, value in facts.items()]
     lines += ["", "## Steps", "", "| step | status | seconds | detail |", "| --- | --- | --- | --- |"]
@@ -175,6 +202,7 @@ def format_summary(facts: Mapping[str, str], steps: Sequence[Step], tests: Mappi
                      f" ({tests.get('deselected', 0)} deselected; details in gpu-tests.txt)")
     else:
         lines.append("No counts (see gpu-tests.txt, if it was written).")
+    lines += ["", "## Forward pass alone", "", *_forward_lines(forward)]
     lines += ["", "## Throughput and latency", "", *_bench_lines(benches)]
     return "\n".join(lines) + "\n"
 
@@ -287,6 +315,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                            *args.size.model_args], args.out / "model.txt", limit(args.model_s), env))
     has_model = steps[-1].status == "ok" and (model / "config.json").exists()
 
+    forward_json = args.out / "forward.json"
+    forward_json.unlink(missing_ok=True)
+    if has_model:
+        steps.append(run_command("forward", forward_command(model, args.out), args.out / "forward.txt",
+                                 limit(args.forward_s), env))
+    else:
+        steps.append(Step("forward", "skipped", 0, f"no model at {model}"))
+
     benches: dict[int, dict | None] = {}
     for n in STAGE_COUNTS:
         name, json_path = f"bench, {n} stages", args.out / f"bench-{n}stages.json"
@@ -298,7 +334,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps.append(Step(name, "skipped", 0, f"no model at {model}"))
         benches[n] = _read_json(json_path)
 
-    summary = format_summary(facts, steps, tests, benches)
+    summary = format_summary(facts, steps, tests, benches, _read_json(forward_json))
     (args.out / "summary.md").write_text(summary)
     print(summary)
     return 0 if all(s.status == "ok" for s in steps) else 1
