@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import os
 import signal
 import subprocess
@@ -26,6 +27,9 @@ from tandem.presets import resolve
 from tandem.stage_worker.config import StageWorkerConfig
 
 READY_PREFIX = "tandem-service-ready "
+# A stage on a GPU uses its cores to launch kernels and move frames; its host-side tensor work is
+# small, and more OpenMP threads would only spin on cores its other threads need.
+GPU_STAGE_THREADS = 1
 
 
 def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
@@ -124,7 +128,7 @@ class Launcher:
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
         Each stage gets cores of its own and as many torch threads (`stage_threads` each, 0: an
-        equal share, see plan_cores); the samplers, coordinator and KV store share the cores left
+        equal share, see plan_cores), or GPU_STAGE_THREADS on a GPU; the samplers, coordinator and KV store share the cores left
         over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
@@ -133,6 +137,8 @@ class Launcher:
         """
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
+        if device != "cpu":
+            plan = dataclasses.replace(plan, stage_threads=GPU_STAGE_THREADS)
         for i, line in enumerate(plan.describe()):
             self.say(line, warning=i > 0)
         others = () if plan.others_float else plan.others

@@ -16,12 +16,19 @@ a GPU tests the padding, which is the part of this that can be wrong.
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
 
 from tandem.core.attention import AttentionMetadata
 from tandem.core.kv_cache import PagedKVCache
+
+log = logging.getLogger(__name__)
+# One capture at a time in a process: entering a capture synchronizes the whole device, which a
+# capture under way in another thread (two stages in one process) does not allow.
+_CAPTURE_LOCK = threading.Lock()
 
 BATCH_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
@@ -122,14 +129,23 @@ class DecodeGraphs:
         entry = self.graphs[shape] = _Graph(meta)
         if not self.capture:
             return entry
+        try:
+            with _CAPTURE_LOCK:
+                self._record(entry, shape)
+        except RuntimeError as e:  # this shape runs eagerly (entry.graph None) rather than failing steps
+            entry.graph = None
+            log.warning("decode steps of shape %s run without a CUDA graph: capture failed: %s", shape, e)
+        return entry
+
+    def _record(self, entry: _Graph, shape: tuple[int, int]) -> None:
+        batch = shape[0]
         self._pad(shape, 0)  # warm-up and capture see only padding: they write nothing but the spare block
         side = torch.cuda.Stream(self.inputs.device)
         side.wait_stream(torch.cuda.current_stream(self.inputs.device))
         with torch.cuda.stream(side):  # the first run of a shape sets up the libraries' handles off the graph
-            self.model(self.inputs[:batch], meta, self.cache)
+            self.model(self.inputs[:batch], entry.meta, self.cache)
         torch.cuda.current_stream(self.inputs.device).wait_stream(side)
         entry.graph = torch.cuda.CUDAGraph()
         # thread_local: the stage's input-preparing thread goes on copying on its own stream meanwhile
         with torch.cuda.graph(entry.graph, pool=self._pool, capture_error_mode="thread_local"):
-            entry.output = self.model(self.inputs[:batch], meta, self.cache)
-        return entry
+            entry.output = self.model(self.inputs[:batch], entry.meta, self.cache)

@@ -165,10 +165,16 @@ class StageExecutor:
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:
         """`tensor` in host memory; from a GPU through pinned memory, which the copy engine reads
-        and writes directly (a pageable destination takes a staging copy on the way)."""
+        and writes directly (a pageable destination takes a staging copy on the way). The thread
+        sleeps until the copy is done instead of spinning on a core the stage's other threads need."""
         if tensor.device.type == "cpu":
             return tensor
-        return torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor)
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        done = torch.cuda.Event(blocking=True)
+        done.record()
+        done.synchronize()
+        return host
 
 
 def stage_boundaries(config: StageWorkerConfig, model: ModelConfig) -> tuple[int, ...]:

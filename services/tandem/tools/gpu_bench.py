@@ -85,6 +85,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=480.0, help="seconds for every step together (default: 480)")
     p.add_argument("--tests-s", type=float, default=150.0, help="time limit of the GPU tests (default: 150)")
     p.add_argument("--model-s", type=float, default=120.0, help="time limit of writing the model (default: 120)")
+    p.add_argument("--stage-counts", type=int, nargs="+", default=list(STAGE_COUNTS),
+                   help="stage processes of each bench (default: 2 4)")
+    p.add_argument("--tests", nargs="*", help="test files to run (default: every module with gpu-marked tests)")
     p.add_argument("--forward-s", type=float, default=90.0, help="time limit of the forward pass (default: 90)")
     p.add_argument("--bench-s", type=float, default=240.0, help="time limit of each bench (default: 240)")
     args = p.parse_args(argv)
@@ -301,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tests_txt = args.out / "gpu-tests.txt"
     tests_txt.unlink(missing_ok=True)
     pytest = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider",
-              *gpu_test_files(REPO_DIR / "tests")]
+              *(args.tests or gpu_test_files(REPO_DIR / "tests"))]
     steps.append(run_command("gpu tests", pytest, tests_txt, limit(args.tests_s), env))
     tests = parse_pytest_counts(tests_txt.read_text(errors="replace")) if tests_txt.exists() else None
 
@@ -324,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         steps.append(Step("forward", "skipped", 0, f"no model at {model}"))
 
     benches: dict[int, dict | None] = {}
-    for n in STAGE_COUNTS:
+    for n in args.stage_counts:
         name, json_path = f"bench, {n} stages", args.out / f"bench-{n}stages.json"
         json_path.unlink(missing_ok=True)  # no figures of an earlier invocation in this summary
         if has_model:
