@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import dump_config
 from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
 from tandem.core.profile import balanced_split, load_profile
 from tandem.core.stages import AUTO, parse_boundaries
-from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
 from tandem.presets import resolve

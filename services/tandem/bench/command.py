@@ -128,7 +128,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts, arrivals and sampling")
     load.add_argument("--request-rate", type=_positive(float), default=math.inf,
                       help="Poisson arrivals per second (default: inf, every request at once)")
-    load.add_argument("--max-concurrency", type=_positive(int), help="most requests in flight (default: no limit; a coordinator refuses requests "
+    load.add_argument("--max-concurrency", type=_positive(int),
+                      help="most requests in flight (default: no limit; a coordinator refuses requests "
                            "beyond its queue, 256 waiting by default)")
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per run (default: 2)")
     load.add_argument("--timeout", type=_positive(float), help="seconds a request may take (default: no limit)")
