@@ -22,6 +22,7 @@ import torch
 
 from tandem.core import codec
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.model_config import config_sha256
 from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
 from tandem.core.profiler import measure_profile
 from tandem.stage_worker.config import StageWorkerConfig
@@ -75,6 +76,7 @@ class StageRunner:
         self.ready_ns = 0
         self.profile: StageProfile | None = None  # measured by load() when config.profile_at_startup
         self.profile_json = ""
+        self.model_config_sha256 = ""  # set by load()
         # written by the executor thread only
         self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = self.compute_cpu_ns_total = 0
 
@@ -82,6 +84,7 @@ class StageRunner:
         """Load the stage's weights, measure its profile, and start executing plans."""
         c = self.config
         executor = StageExecutor(c)
+        self.model_config_sha256 = config_sha256(c.model)
         if c.profile_at_startup:
             self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)
             log.info("stage %d profile in %.1f s: one layer %.2f ms, LM head %.2f ms (%d tokens, context %d)",

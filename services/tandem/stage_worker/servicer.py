@@ -68,7 +68,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             busy_ns_total=r.busy_ns_total, wait_ns_total=r.wait_ns_total,
             compute_ns_total=r.compute_ns_total, compute_cpu_ns_total=r.compute_cpu_ns_total,
             num_threads=placement.num_threads, num_interop_threads=placement.num_interop_threads,
-            cpus=placement.cpus, profile_json=r.profile_json,
+            cpus=placement.cpus, profile_json=r.profile_json, model_config_sha256=r.model_config_sha256,
+            structured_streams=c.structured_streams, sample_on_stage=r.sample is not None,
             **r.peers.traffic(),
         )
 
