@@ -42,11 +42,12 @@ protos: $(GENERATED)
 demo: install
 	$(VENV)/bin/tandem demo
 
-# The import contracts (no service imports another; core imports no service) and the linter, as
-# configured in pyproject.toml.
+# The import contracts (no service imports another; core imports no service), the linter and the
+# type checker, as configured in pyproject.toml.
 lint: install
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/mypy
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tandem.bench.measure import TRANSFORMERS, Target, log, measure
 from tandem.bench.peer import PEER_VENV, VLLM, core_groups, find_peer_python, pipeline_size, thread_binding
@@ -241,7 +242,7 @@ def machine_info() -> dict:
 def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[[str], list[int]]) -> Workload:
     if args.dataset:
         entries = read_dataset(args.dataset)[:args.num_requests]
-        description = {"dataset": str(args.dataset)}
+        description: dict[str, Any] = {"dataset": str(args.dataset)}
     else:
         entries = synthetic_entries(args.num_requests or DEFAULT_NUM_REQUESTS, args.prompt_len, args.output_len,
                                     args.seed)

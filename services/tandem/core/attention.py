@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -96,7 +97,7 @@ class AttentionMetadata:
         seq_of_token = torch.arange(num_seqs)[:, None].expand(num_seqs, max_q)[is_real]
         slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         last_token_indices = torch.cumsum(qlens, 0) - 1
-        common = dict(positions=positions.to(device), slot_mapping=slot_mapping.to(device),
+        common: dict[str, Any] = dict(positions=positions.to(device), slot_mapping=slot_mapping.to(device),
                       last_token_indices=last_token_indices.to(device), max_query_len=max_q,
                       block_size=block_size, num_seqs=num_seqs)
         if max_q == 1:

@@ -62,7 +62,7 @@ class GrpcPeers:
         return codec.decode(self._kv.GetBlocks(req, timeout=60).blocks)
 
     def traffic(self) -> dict[str, int]:
-        streams = [s for s in [self._next, *list(self._samplers.values())] if s is not None]
+        streams = self._streams()
         return {
             "frames_out_total": sum(s.traffic.frames for s in streams),
             "wire_bytes_out_total": sum(s.traffic.wire_bytes for s in streams),
@@ -71,11 +71,13 @@ class GrpcPeers:
         }
 
     def close(self) -> None:
-        for sender in [self._next, *self._samplers.values()]:
-            if sender is not None:
-                sender.close()
+        for stream in self._streams():
+            stream.close()
         for channel in self._channels:
             channel.close()
+
+    def _streams(self) -> list[ActivationStream | LogitsStream]:
+        return [*self._samplers.values(), *([self._next] if self._next is not None else [])]
 
     def _channel(self, address: str) -> grpc.Channel:
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
