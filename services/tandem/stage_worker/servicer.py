@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
+import torch
 
 from tandem.core import codec
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
@@ -18,6 +19,7 @@ from tandem.stage_worker.peers import GrpcPeers
 from tandem.stage_worker.runner import Arrived, Sample, StageRunner
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+from tandem.v1 import tensor_pb2
 
 SERVICE_NAME = "tandem.v1.StageWorker"
 # Another service the stage's server also hosts: (add_*Servicer_to_server, servicer, service names)
@@ -74,7 +76,9 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         )
 
 
-def _activations(frame: pb.ActivationFrame, layout, dtype, hidden_size: int) -> Arrived:
+def _activations(frame: pb.ActivationFrame, layout: tensor_pb2.TensorLayout | None, dtype: torch.dtype,
+                 hidden_size: int) -> Arrived:
+    """One frame's activations: a checked tensor, or raw bytes with the stream's layout."""
     if frame.HasField("hidden"):
         hidden = codec.decode(frame.hidden, expected_dtype=dtype)
         if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
