@@ -18,7 +18,7 @@ GPU_BENCH_ARGS ?=
 
 IMAGE_TAG     ?= dev
 
-.PHONY: all install protos demo test gpu-bench images clean peer-vllm
+.PHONY: all install protos demo lint test gpu-bench images clean peer-vllm
 
 all: install
 
@@ -42,7 +42,14 @@ protos: $(GENERATED)
 demo: install
 	$(VENV)/bin/tandem demo
 
-test: install
+# The import contracts (no service imports another; core imports no service), the linter and the
+# type checker, as configured in pyproject.toml.
+lint: install
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check services tests
+	$(VENV)/bin/mypy
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 # One NVIDIA GPU, under 8 minutes: the gpu-marked tests, then `tandem bench --device cuda` with 2 and

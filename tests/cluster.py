@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tandem import compose
 from tandem.coordinator import servicer as coordinator
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.cpu_sampler import servicer as cpu_sampler
@@ -12,7 +13,6 @@ from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store import servicer as kv_store
 from tandem.kv_store.config import KvStoreConfig
 from tandem.presets import resolve
-from tandem.stage_worker import servicer as stage_worker
 from tandem.stage_worker.config import StageWorkerConfig
 
 
@@ -54,7 +54,7 @@ def start_cluster(
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
                                     num_blocks=num_blocks, block_size=block_size, device=device, dtype="float32",
                                     **techniques.stage_options(is_last=index == num_stages - 1))
-            server = stage_worker.serve(cfg)
+            server = compose.serve_stage_worker(cfg)
             c._servers.append(server)
             c.stages.insert(0, server.address)
         c.samplers = c.samplers or [c.stages[-1]]

@@ -10,6 +10,7 @@ import sys
 import grpc
 import pytest
 
+from processes import wait_gone
 from tandem.core.config import load_config
 from tandem.core.cpus import format_cpu_list, parse_cpu_list, place_process, plan_cores
 from tandem.core.errors import ConfigError
@@ -17,8 +18,6 @@ from tandem.cpu_sampler.config import SamplerConfig
 from tandem.launcher import Launcher
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc
-
-from processes import wait_gone
 
 CORES = sorted(os.sched_getaffinity(0))
 

@@ -16,9 +16,8 @@ from tandem.core import codec
 from tandem.core.sampling import SamplingOptions, SequenceState, sample
 from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
 from tandem.cpu_sampler.servicer import CpuSamplerServicer
-from tandem.v1 import common_pb2, tensor_pb2
+from tandem.v1 import common_pb2, cpu_sampler_pb2_grpc, tensor_pb2
 from tandem.v1 import cpu_sampler_pb2 as pb
-from tandem.v1 import cpu_sampler_pb2_grpc
 
 VOCAB = 64
 LIMIT = 1000

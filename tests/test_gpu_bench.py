@@ -11,8 +11,7 @@ import torch
 
 from tandem.cli import build_parser
 from tandem.tools import gpu_bench
-from tandem.tools.gpu_bench import (FULL, QUICK, Step, bench_command, format_summary, forward_command,
-                                    parse_pytest_counts)
+from tandem.tools.gpu_bench import FULL, QUICK, Step, bench_command, format_summary, forward_command, parse_pytest_counts
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,11 +15,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-import pytest
-import yaml
-
 import helm_python as helm  # the real Helm v4 library, installed by `make` (test extras)
 import kubernetes_validate
+import pytest
+import yaml
 
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import load_config

@@ -10,8 +10,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.core.codec import decode, encode
-from tandem.core.errors import ConfigError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from tandem.core.config import load_config
+from tandem.core.errors import ConfigError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
 from tandem.kv_store import SERVICE_NAME, BlockStore, KvStoreConfig, serve
 from tandem.v1 import kv_store_pb2, kv_store_pb2_grpc, tensor_pb2
 

@@ -12,8 +12,7 @@ import torch
 from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.client import errors as client_errors
-from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc
-from tandem.v1 import stage_worker_pb2, stage_worker_pb2_grpc, tensor_pb2
+from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc, tensor_pb2
 
 PROMPTS = [[5, 7, 9, 11, 13, 200, 3], [100, 4, 40], list(range(20, 47)), [300, 17]]
 MAX_TOKENS = 10

@@ -9,11 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers  # noqa: E402 - a test dependency, always installed
 from safetensors import safe_open
 
 from tandem.core.tokenizer import Tokenizer
-
-import transformers  # noqa: E402 - a test dependency, always installed
 
 TINY_DIR = Path(str(importlib.resources.files("tandem.assets") / "tiny"))
 MAX_SIZE_BYTES = 20 * 1000 * 1000

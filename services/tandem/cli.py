@@ -8,6 +8,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
+from tandem import compose
 from tandem.presets import SWITCHES, resolve
 
 BUNDLED_MODEL = "tiny"
@@ -57,15 +58,11 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
-
-
 def _say(line: str) -> None:
     print(f"tandem: {line}", file=sys.stderr, flush=True)
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import importlib
     import signal
     import threading
 
@@ -76,15 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
     limit_interop_threads()  # before the service runs any torch work
 
     service = args.service.replace("-", "_")
-    config_cls = {
-        "coordinator": ("tandem.coordinator.config", "CoordinatorConfig"),
-        "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
-        "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
-        "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
-    }[service]
-    config = load_config(getattr(importlib.import_module(config_cls[0]), config_cls[1]), args.config)
-    module = importlib.import_module(f"tandem.{service}.servicer")
-    server = module.serve(config)
+    server = compose.serve(service, load_config(compose.config_class(service), args.config))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -172,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     serve = sub.add_parser("serve", help="run one service (what the containers run)")
-    serve.add_argument("service", choices=[*SERVICES, *(n.replace("_", "-") for n in SERVICES)])
+    serve.add_argument("service", choices=[*compose.SERVICES, *(n.replace("_", "-") for n in compose.SERVICES)])
     serve.add_argument("--config", required=True, help="the service's YAML configuration")
     serve.set_defaults(func=_serve)
 

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import dump_config
 from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
 from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import AUTO, parse_boundaries
-from tandem.coordinator.config import CoordinatorConfig
+from tandem.core.stages import parse_boundaries
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.kv_store.config import KvStoreConfig
 from tandem.presets import resolve
@@ -68,7 +68,7 @@ class Launcher:
     shared by stages, the layer split); `notes` and `warnings` keep them for reports.
     """
 
-    def __init__(self, workdir: str | None = None, log_dir: str | None = None,
+    def __init__(self, workdir: str | None = None, log_dir: str | Path | None = None,
                  say: Callable[[str], None] = lambda line: None):
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="tandem-up-"))
         self.children: list[tuple[str, subprocess.Popen]] = []
@@ -142,7 +142,7 @@ class Launcher:
         for i, line in enumerate(plan.describe()):
             self.say(line, warning=i > 0)
         others = () if plan.others_float else plan.others
-        if stage_boundaries == AUTO:
+        if isinstance(stage_boundaries, str):  # AUTO
             stage_boundaries = self.balance(model, num_stages, device, plan, dtype, balance_at)
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,17 @@ class Techniques:
     """A sampler on the same host as the last stage reads logits from a shared-memory ring and
     only a slot handle crosses gRPC (off, or on another host: logits bytes go over the stream)."""
 
-    def sampler_options(self) -> dict[str, bool]:
+    def sampler_options(self) -> dict[str, Any]:
         """The SamplerConfig fields of a sampler replica."""
         return {"fast_sampler": self.fast_sampler}
 
-    def stage_options(self, is_last: bool) -> dict[str, bool]:
+    def stage_options(self, is_last: bool) -> dict[str, Any]:
         """The StageWorkerConfig fields of a stage; without CPU sampling the last one samples."""
         return {"sample_on_stage": is_last and not self.cpu_sampling, "fast_sampler": self.fast_sampler,
                 "overlap_input_prep": self.token_safe_prep, "structured_streams": self.structured_streams,
                 "shared_memory_logits": self.shared_memory_logits}
 
-    def coordinator_options(self) -> dict[str, bool]:
+    def coordinator_options(self) -> dict[str, Any]:
         """The CoordinatorConfig fields: samplers get row plans only with structured streams."""
         return {"sample_plans": self.cpu_sampling and self.structured_streams}
 

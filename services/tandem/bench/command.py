@@ -19,6 +19,7 @@ import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tandem.bench.measure import TRANSFORMERS, Target, log, measure
 from tandem.bench.peer import PEER_VENV, VLLM, core_groups, find_peer_python, pipeline_size, thread_binding
@@ -128,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts, arrivals and sampling")
     load.add_argument("--request-rate", type=_positive(float), default=math.inf,
                       help="Poisson arrivals per second (default: inf, every request at once)")
-    load.add_argument("--max-concurrency", type=_positive(int), help="most requests in flight (default: no limit; a coordinator refuses requests "
+    load.add_argument("--max-concurrency", type=_positive(int),
+                      help="most requests in flight (default: no limit; a coordinator refuses requests "
                            "beyond its queue, 256 waiting by default)")
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per run (default: 2)")
     load.add_argument("--timeout", type=_positive(float), help="seconds a request may take (default: no limit)")
@@ -240,7 +242,7 @@ def machine_info() -> dict:
 def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[[str], list[int]]) -> Workload:
     if args.dataset:
         entries = read_dataset(args.dataset)[:args.num_requests]
-        description = {"dataset": str(args.dataset)}
+        description: dict[str, Any] = {"dataset": str(args.dataset)}
     else:
         entries = synthetic_entries(args.num_requests or DEFAULT_NUM_REQUESTS, args.prompt_len, args.output_len,
                                     args.seed)

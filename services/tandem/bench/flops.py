@@ -14,8 +14,9 @@ Embedding lookups, norms, rotary embeddings and softmax are left out (a few per 
 The peak is measured, not taken from a data sheet: dense matmuls in the run's dtype on square
 matrices of a few cache-friendly sizes, through torch.mm and (on CPU) through the oneDNN kernel
 the stages' projections use (core/linear.py), whichever is faster, with every core of this
-process's affinity mask (or `num_threads` of them; or on the CUDA device), the best rate over short repeated windows, a few seconds in all, once per dtype and
-device in a process. "of peak" is a run's model FLOPs per second as a fraction of it.
+process's affinity mask (or `num_threads` of them; or on the CUDA device), the best rate over
+short repeated windows, a few seconds in all, once per dtype and device in a process. "of peak" is a run's
+model FLOPs per second as a fraction of it.
 """
 
 from __future__ import annotations

@@ -235,8 +235,8 @@ def format_comparison(runs: Sequence[Mapping], ratios: Mapping[str, Mapping]) ->
     if len(runs) > 1:
         lines += ["", "output tokens/s, row / column:", " " * width + "".join(n.rjust(width) for n in names)]
         for a in names:
-            cells = ("-" if a == b else _num(ratios[f"{a}/{b}"]["output_tokens_per_s"], ".2f", "x") for b in names)
-            lines.append(a.ljust(width) + "".join(c.rjust(width) for c in cells))
+            ratio_cells = ("-" if a == b else _num(ratios[f"{a}/{b}"]["output_tokens_per_s"], ".2f", "x") for b in names)
+            lines.append(a.ljust(width) + "".join(c.rjust(width) for c in ratio_cells))
     return "\n".join(lines)
 
 

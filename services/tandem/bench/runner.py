@@ -15,9 +15,10 @@ import asyncio
 import functools
 import sys
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from typing import Any
 
 from tandem.bench.cputime import CpuWindow
 from tandem.bench.metrics import Counters, ServiceProbe
@@ -67,7 +68,7 @@ class SendOptions:
 # seconds from `start`, a time.perf_counter() reading. The caller sets sent_s and done_s around it.
 SendOne = Callable[[Request, RequestRecord, float], Awaitable[None]]
 # Sends a list of requests (showing progress or not); returns their records and the wall time.
-SendAll = Callable[[Sequence[Request], bool], Awaitable[tuple[list[RequestRecord], float]]]
+SendAll = Callable[[Sequence[Request], bool], Coroutine[Any, Any, tuple[list[RequestRecord], float]]]
 
 
 def measure_endpoint(endpoint: str, requests: Sequence[Request], warmup: Sequence[Request], options: SendOptions,

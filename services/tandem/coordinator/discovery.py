@@ -13,7 +13,7 @@ import logging
 import threading
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from tandem.core.errors import ConfigError
 
@@ -82,7 +82,7 @@ class EndpointSliceDiscovery:
         self.version: str | None = None  # the last resourceVersion seen; None: list first
         self._announced: frozenset[str] | None = None
         self._stopping = threading.Event()
-        self._watch = None
+        self._watch: Any = None  # a kubernetes.watch.Watch while following
         self._thread: threading.Thread | None = None
         self._on_change: OnChange = lambda _: None
 
@@ -120,7 +120,7 @@ class EndpointSliceDiscovery:
                 self._stopping.wait(self.retry_s)
 
     def _list(self) -> None:
-        response = self.api.list_namespaced_endpoint_slice(
+        response: Any = self.api.list_namespaced_endpoint_slice(  # raw: _preload_content=False
             self.namespace, label_selector=self._selector, _preload_content=False, _request_timeout=30)
         listing = json.loads(response.data)
         self._slices = {s["metadata"]["name"]: slice_addresses(s, self.port_name) for s in listing.get("items") or []}

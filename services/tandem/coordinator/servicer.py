@@ -12,7 +12,7 @@ import grpc
 import torch
 
 from tandem import __version__
-from tandem.coordinator import discovery
+from tandem.coordinator import checks, discovery
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine
 from tandem.coordinator.requests import Output, Request
@@ -178,6 +178,7 @@ def serve(config: CoordinatorConfig) -> Server:
     tokenizer = Tokenizer.from_dir(config.model)
     for address in config.stages:
         wait_ready(address, "tandem.v1.StageWorker")
+    checks.check_stages(config)
     if config.sampler_discovery == "static":
         for address in config.samplers:
             wait_ready(address, "tandem.v1.CpuSampler")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -97,9 +98,9 @@ class AttentionMetadata:
         slot_mapping = tables[seq_of_token, positions // block_size] * block_size + positions % block_size
         last_token_indices = torch.cumsum(qlens, 0) - 1
         device = torch.device(device)
-        common = dict(positions=_to(positions, device), slot_mapping=_to(slot_mapping, device),
-                      last_token_indices=_to(last_token_indices, device), max_query_len=max_q,
-                      block_size=block_size, num_seqs=num_seqs)
+        common: dict[str, Any] = dict(positions=_to(positions, device), slot_mapping=_to(slot_mapping, device),
+                                      last_token_indices=_to(last_token_indices, device), max_query_len=max_q,
+                                      block_size=block_size, num_seqs=num_seqs)
         if max_q == 1:
             key_bias = torch.zeros(mask.shape[0], mask.shape[2]).masked_fill_(~mask[:, 0], float("-inf"))
             return cls(**common, block_tables=_to(tables.flatten(), device), key_bias=_to(key_bias, device))

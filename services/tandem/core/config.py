@@ -47,7 +47,7 @@ def _build(cls: type[T], data: Any, prefix: str) -> T:
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(typing.cast(Any, cls))}
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(f"unknown config field {prefix}{unknown[0]!r}; known: {', '.join(fields)}")
@@ -75,7 +75,7 @@ def _convert(hint: Any, value: Any, name: str) -> Any:
             except ConfigError:
                 continue
         return _convert(inner[-1], value, name)
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         return _build(hint, value, prefix=f"{name}.")
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):

@@ -24,6 +24,7 @@ import torch
 
 from tandem.core.attention import AttentionMetadata
 from tandem.core.kv_cache import PagedKVCache
+from tandem.core.model import StageModel
 
 log = logging.getLogger(__name__)
 # One capture at a time in a process: entering a capture synchronizes the whole device, which a
@@ -47,7 +48,7 @@ class DecodeGraphs:
     is a view of the graph's output buffer, valid until the next `run`.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: PagedKVCache, max_batch: int, max_context: int,
+    def __init__(self, model: StageModel, cache: PagedKVCache, max_batch: int, max_context: int,
                  capture: bool = True):
         self.model, self.cache, self.capture = model, cache, capture
         self.block_size = bs = cache.block_size
@@ -55,8 +56,7 @@ class DecodeGraphs:
         self.max_batch, self.max_blocks = max_batch, -(-max_context // bs)
         self.batch_sizes = [b for b in BATCH_SIZES if b < max_batch] + [max_batch]
         device, dtype = cache.data.device, cache.data.dtype
-        first = getattr(model, "embed_tokens", None) is not None
-        self.inputs = (torch.zeros(max_batch, dtype=torch.int64, device=device) if first
+        self.inputs = (torch.zeros(max_batch, dtype=torch.int64, device=device) if model.embed_tokens is not None
                        else torch.zeros(max_batch, model.config.hidden_size, dtype=dtype, device=device))
         self.positions = torch.zeros(max_batch, dtype=torch.int64, device=device)
         self.slots = torch.zeros(max_batch, dtype=torch.int64, device=device)

@@ -50,6 +50,7 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from tandem.core.errors import InvalidArgumentError
+from tandem.core.penalty_history import PenaltyHistory
 from tandem.core.sampling import (
     FLOAT32_MAX,
     GREEDY_TEMPERATURE,
@@ -61,7 +62,6 @@ from tandem.core.sampling import (
     sample_key,
     truncated_probs,
 )
-from tandem.core.penalty_history import PenaltyHistory
 from tandem.core.top_p_candidates import (
     MASS_MARGIN,
     MassHistogram,

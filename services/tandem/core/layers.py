@@ -7,6 +7,8 @@ PackedLinear each and drops the originals. A layer runs only once packed.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,7 +41,7 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.o_proj: nn.Module = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
 
     def forward(
         self,
@@ -61,7 +63,7 @@ class Attention(nn.Module):
 
     def pack(self) -> None:
         self.qkv_proj = PackedLinear([self.q_proj, self.k_proj, self.v_proj])
-        self.o_proj = PackedLinear([self.o_proj])
+        self.o_proj = PackedLinear([typing.cast(nn.Linear, self.o_proj)])
         del self.q_proj, self.k_proj, self.v_proj
 
 
@@ -71,7 +73,7 @@ class MLP(nn.Module):
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.down_proj: nn.Module = nn.Linear(i, h, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(self.gate_up_proj(x))
@@ -79,7 +81,7 @@ class MLP(nn.Module):
 
     def pack(self) -> None:
         self.gate_up_proj = PackedLinear([self.gate_proj, self.up_proj])
-        self.down_proj = PackedLinear([self.down_proj])
+        self.down_proj = PackedLinear([typing.cast(nn.Linear, self.down_proj)])
         del self.gate_proj, self.up_proj
 
 

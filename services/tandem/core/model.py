@@ -7,6 +7,7 @@ embeddings (stage 0) and the final norm and LM head (last stage).
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import torch
@@ -42,7 +43,7 @@ class StageModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in layers)
         if layers.is_last:
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+            self.lm_head: nn.Module | None = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         else:
             self.norm = self.lm_head = None
         self.rotary: RotaryEmbedding | None = None
@@ -98,9 +99,9 @@ class StageModel(nn.Module):
     def pack(self) -> None:
         """Lay the loaded weights out for inference (see layers.py); called once by `load`."""
         for layer in self.layers:
-            layer.pack()
+            typing.cast(DecoderLayer, layer).pack()
         if self.lm_head is not None:
-            self.lm_head = PackedLinear([self.lm_head])
+            self.lm_head = PackedLinear([typing.cast(nn.Linear, self.lm_head)])
 
     def new_kv_cache(self, num_blocks: int, block_size: int) -> PagedKVCache:
         p = next(self.parameters())

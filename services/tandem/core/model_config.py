@@ -6,6 +6,7 @@ Supported: Llama 2 and 3 (llama3 rope scaling), Mistral, Qwen2. Both the older
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,11 @@ from tandem.core.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def config_sha256(model_dir: str | Path) -> str:
+    """SHA-256, in hex, of a model directory's config.json: services that agree on it load the same model."""
+    return hashlib.sha256((Path(model_dir) / "config.json").read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)

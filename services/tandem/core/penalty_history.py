@@ -12,7 +12,7 @@ class _Growable:
 
     def __init__(self, dtype: type, initial: np.ndarray | None = None):
         n = 0 if initial is None else len(initial)
-        self.data = np.empty(max(16, 2 * n), dtype=dtype)
+        self.data: np.ndarray = np.empty(max(16, 2 * n), dtype=dtype)
         if n:
             self.data[:n] = initial
         self.size = n

@@ -56,9 +56,10 @@ class MassHistogram:
     def __init__(self, ws: Workspace, probs: torch.Tensor, rows: list[int]):
         self.probs = ws.rows("histogram_probs", probs, rows)  # [rows, vocab]
         self.index = {row: j for j, row in enumerate(rows)}
+        num_rows, vocab = self.probs.shape
         shifted = torch.bitwise_right_shift(self.probs.view(torch.int32), self.SHIFT,
-                                            out=ws.get("histogram_shifted", *self.probs.shape, torch.int32))
-        buckets = ws.get("histogram_buckets", *self.probs.shape, torch.int64).copy_(shifted)
+                                            out=ws.get("histogram_shifted", num_rows, vocab, torch.int32))
+        buckets = ws.get("histogram_buckets", num_rows, vocab, torch.int64).copy_(shifted)
         mass = torch.zeros(len(rows), 2 ** (31 - self.SHIFT)).scatter_add_(1, buckets, self.probs)
         self.mass_from = mass.flip(1).cumsum(dim=1).flip(1)  # [rows, buckets]: mass at or above each
 

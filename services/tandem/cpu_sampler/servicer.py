@@ -15,8 +15,8 @@ from tandem.core import codec
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError
 from tandem.core.sampling import SamplingOptions, SequenceState
-from tandem.core.shm_ring import RingReader
 from tandem.core.server import Server
+from tandem.core.shm_ring import RingReader
 from tandem.cpu_sampler.config import MAX_TOKEN_ID_BOUND, SamplerConfig
 from tandem.cpu_sampler.engine import FrameResult, SamplerEngine
 from tandem.v1 import cpu_sampler_pb2 as pb

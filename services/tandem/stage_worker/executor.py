@@ -14,7 +14,7 @@ from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
 from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import AUTO, plan_stages
+from tandem.core.stages import plan_stages
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1 import stage_worker_pb2 as pb
 
@@ -179,7 +179,7 @@ class StageExecutor:
 
 def stage_boundaries(config: StageWorkerConfig, model: ModelConfig) -> tuple[int, ...]:
     """The configured boundaries; with `auto`, the balanced split of the configured profile."""
-    if config.stage_boundaries != AUTO:
+    if not isinstance(config.stage_boundaries, str):  # validate(): a str is AUTO
         return tuple(config.stage_boundaries)
     profile = load_profile(config.stage_profile)
     if profile.num_layers != model.num_hidden_layers:

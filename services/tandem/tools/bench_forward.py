@@ -51,15 +51,15 @@ def time_steps(model_dir: str, dtype: str, batch: int, context: int, steps: int,
                graphs: bool = False) -> list[float]:
     """Seconds of each of `steps` decode steps (forward and logits) after a warm-up; with `graphs`,
     through core.cuda_graphs."""
-    config, device = ModelConfig.from_dir(model_dir), torch.device(device)
-    model = StageModel.load(model_dir, LayerRange(0, config.num_hidden_layers, config.num_hidden_layers), device,
+    config, dev = ModelConfig.from_dir(model_dir), torch.device(device)
+    model = StageModel.load(model_dir, LayerRange(0, config.num_hidden_layers, config.num_hidden_layers), dev,
                             dtype, config)
     blocks_per_seq = -(-(context + 1) // BLOCK_SIZE)
     cache = model.new_kv_cache(batch * blocks_per_seq + (1 if graphs else 0), BLOCK_SIZE)  # + the graphs' spare
-    meta = step_metadata(batch, batch, context + 1, blocks_per_seq, device, config.sliding_window)
-    ids = torch.randint(0, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0)).to(device)
-    runner = DecodeGraphs(model, cache, batch, context + 1, capture=device.type == "cuda") if graphs else None
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    meta = step_metadata(batch, batch, context + 1, blocks_per_seq, dev, config.sliding_window)
+    ids = torch.randint(0, config.vocab_size, (batch,), generator=torch.Generator().manual_seed(0)).to(dev)
+    runner = DecodeGraphs(model, cache, batch, context + 1, capture=dev.type == "cuda") if graphs else None
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     times = []
     for i in range(steps + 3):
         sync()

@@ -1,0 +1,51 @@
+"""Where services are composed into servers: `tandem serve SERVICE` starts one through here.
+
+Service packages never import each other; what one service needs of another is wired here.
+One case so far: a last stage that also samples (StageWorkerConfig.sample_on_stage, the
+baseline preset) hosts a CpuSampler service in its own server and hands it its logits in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tandem.core.server import Server
+    from tandem.stage_worker.config import StageWorkerConfig
+
+SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
+CONFIG_CLASSES = {
+    "coordinator": ("tandem.coordinator.config", "CoordinatorConfig"),
+    "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
+    "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
+    "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
+}
+
+
+def config_class(service: str) -> type:
+    """The configuration dataclass of `service` (one of SERVICES)."""
+    module, name = CONFIG_CLASSES[service]
+    return getattr(importlib.import_module(module), name)
+
+
+def serve(service: str, config: Any) -> Server:
+    """Start `service` (one of SERVICES) with `config` and mark it ready; the caller stops it."""
+    if service == "stage_worker":
+        return serve_stage_worker(config)
+    return importlib.import_module(f"tandem.{service}.servicer").serve(config)
+
+
+def serve_stage_worker(config: StageWorkerConfig) -> Server:
+    """A stage worker; with sample_on_stage, together with the sampler it feeds in-process."""
+    from tandem.stage_worker import servicer as stage_worker
+
+    if not config.sample_on_stage:
+        return stage_worker.serve(config)
+    from tandem.cpu_sampler import servicer as cpu_sampler
+    from tandem.cpu_sampler.config import SamplerConfig
+    from tandem.v1 import cpu_sampler_pb2_grpc
+
+    sampler = cpu_sampler.CpuSamplerServicer(SamplerConfig(fast_sampler=config.fast_sampler))
+    hosted = (cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, sampler, [cpu_sampler.SERVICE_NAME])
+    return stage_worker.serve(config, sample=sampler.sample, hosted=[hosted])

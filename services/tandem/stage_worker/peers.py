@@ -1,0 +1,85 @@
+"""A stage's gRPC clients: the next stage, the samplers its logits go to, the KV store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+import torch
+
+from tandem.core import codec
+from tandem.core.server import CHANNEL_OPTIONS
+from tandem.stage_worker.config import StageWorkerConfig
+from tandem.stage_worker.executor import StageExecutor
+from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions
+from tandem.v1 import cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
+from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+
+
+class GrpcPeers:
+    """The StagePeers of stage_worker.runner over gRPC; a sampler's stream opens on its first logits."""
+
+    def __init__(self, config: StageWorkerConfig):
+        self.config = config
+        self._channels: list[grpc.Channel] = []
+        self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
+        self.has_kv_store = self._kv is not None
+        self._next: ActivationStream | None = None  # set by connect() on every stage but the last
+        self._samplers: dict[str, LogitsStream] = {}
+        self._vocab_size = 0  # set by connect()
+
+    def connect(self, executor: StageExecutor) -> None:
+        c = self.config
+        self._vocab_size = executor.model_config.vocab_size
+        if c.next_stage:
+            stub = pb_grpc.StageWorkerStub(self._channel(c.next_stage))
+            layout = codec.layout(executor.dtype, [executor.model_config.hidden_size])
+            self._next = ActivationStream(stub, f"activations->{c.next_stage}", layout, c.structured_streams)
+
+    def send_hidden(self, step_id: int, hidden: torch.Tensor) -> None:
+        assert self._next is not None, "only the last stage has no next stage, and it sends logits"
+        self._next.send(step_id, hidden)
+
+    def send_logits(self, address: str, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
+                    logits: torch.Tensor) -> None:
+        if address not in self._samplers:
+            c = self.config
+            ring = None
+            if c.shared_memory_logits:
+                ring = RingOptions(c.logits_ring_slots, c.logits_ring_mib * 2**20 // c.logits_ring_slots,
+                                   c.logits_ring_wait_s)
+            stub = cpu_sampler_pb2_grpc.CpuSamplerStub(self._channel(address))
+            self._samplers[address] = LogitsStream(stub, address, self._vocab_size, c.structured_streams, ring)
+        self._samplers[address].send(step_id, request_ids, sample_indices, logits)
+
+    def put_blocks(self, request_id: str, blocks: torch.Tensor) -> None:
+        req = kv_store_pb2.PutBlocksRequest(request_id=request_id, stage=self.config.stage_index,
+                                            blocks=codec.encode(blocks))
+        self._kv.PutBlocks(req, timeout=60)
+
+    def get_blocks(self, request_id: str) -> torch.Tensor:
+        req = kv_store_pb2.GetBlocksRequest(request_id=request_id, stage=self.config.stage_index)
+        return codec.decode(self._kv.GetBlocks(req, timeout=60).blocks)
+
+    def traffic(self) -> dict[str, int]:
+        streams = self._streams()
+        return {
+            "frames_out_total": sum(s.traffic.frames for s in streams),
+            "wire_bytes_out_total": sum(s.traffic.wire_bytes for s in streams),
+            "tensor_bytes_out_total": sum(s.traffic.tensor_bytes for s in streams),
+            "shm_bytes_out_total": sum(s.traffic.shm_bytes for s in streams),
+        }
+
+    def close(self) -> None:
+        for stream in self._streams():
+            stream.close()
+        for channel in self._channels:
+            channel.close()
+
+    def _streams(self) -> list[ActivationStream | LogitsStream]:
+        return [*self._samplers.values(), *([self._next] if self._next is not None else [])]
+
+    def _channel(self, address: str) -> grpc.Channel:
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channels.append(channel)
+        return channel

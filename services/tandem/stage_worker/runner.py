@@ -1,0 +1,203 @@
+"""One stage at work, gRPC-free: plans in, activations in, activations or logits out.
+
+A `StageRunner` loads the stage, prepares each plan's inputs (stage_worker.inputs), waits for
+the step's activations, runs the executor and hands the outputs to its `StagePeers` (the next
+stage, the samplers, the KV store; stage_worker.peers reaches them over gRPC). A last stage
+given a `sample` function samples in-process instead of sending logits (the baseline preset;
+tandem.compose wires it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from tandem.core import codec
+from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.model_config import config_sha256
+from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
+from tandem.core.profiler import measure_profile
+from tandem.stage_worker.config import StageWorkerConfig
+from tandem.stage_worker.executor import StageExecutor
+from tandem.stage_worker.inputs import InputPreparer, Prepared
+from tandem.v1 import stage_worker_pb2 as pb
+from tandem.v1 import tensor_pb2
+
+log = logging.getLogger(__name__)
+
+# (step_id, request_ids, sample_indices, logits [rows, vocab] float32) -> None: sample the rows here
+Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor], None]
+# Activations as they arrived: a tensor [tokens, hidden], or raw bytes and the stream's layout
+Arrived = torch.Tensor | tuple[bytes, tensor_pb2.TensorLayout]
+
+
+class StagePeers(Protocol):
+    """Where a stage's outputs go and its swapped blocks live."""
+
+    has_kv_store: bool
+
+    def connect(self, executor: StageExecutor) -> None:
+        """Open the outgoing streams, once the stage is loaded (their layouts need its shapes)."""
+
+    def send_hidden(self, step_id: int, hidden: torch.Tensor) -> None:
+        """Queue a step's activations [tokens, hidden] for the next stage."""
+
+    def send_logits(self, address: str, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
+                    logits: torch.Tensor) -> None:
+        """Queue logits rows [rows, vocab] float32 for the sampler at `address`."""
+
+    def put_blocks(self, request_id: str, blocks: torch.Tensor) -> None: ...
+
+    def get_blocks(self, request_id: str) -> torch.Tensor: ...
+
+    def traffic(self) -> dict[str, int]:
+        """Frames and bytes sent so far: GetStageInfoResponse's *_out_total fields."""
+
+    def close(self) -> None: ...
+
+
+class StageRunner:
+    def __init__(self, config: StageWorkerConfig, peers: StagePeers, sample: Sample | None = None):
+        self.config, self.peers, self.sample = config, peers, sample
+        self.executor: StageExecutor | None = None  # set by load()
+        self._inputs: InputPreparer | None = None  # set by load()
+        self._done: queue.Queue[pb.StepDone] = queue.Queue()
+        self._activations: dict[int, Arrived] = {}
+        self._arrived = threading.Condition()
+        self._stopping = False
+        self.ready_ns = 0
+        self.profile: StageProfile | None = None  # measured by load() when config.profile_at_startup
+        self.profile_json = ""
+        self.model_config_sha256 = ""  # set by load()
+        # written by the executor thread only
+        self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = self.compute_cpu_ns_total = 0
+
+    def load(self) -> None:
+        """Load the stage's weights, measure its profile, and start executing plans."""
+        c = self.config
+        executor = StageExecutor(c)
+        self.model_config_sha256 = config_sha256(c.model)
+        if c.profile_at_startup:
+            self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)
+            log.info("stage %d profile in %.1f s: one layer %.2f ms, LM head %.2f ms (%d tokens, context %d)",
+                     c.stage_index, self.profile.measure_s, self.profile.layer(BALANCE_TOKENS, BALANCE_CONTEXT),
+                     self.profile.head(BALANCE_TOKENS), BALANCE_TOKENS, BALANCE_CONTEXT)
+            self.profile_json = self.profile.to_json()
+            if c.profile_file:
+                Path(c.profile_file).write_text(self.profile_json)
+        self.peers.connect(executor)
+        self.executor = executor
+        self._inputs = InputPreparer(lambda plan, slot: executor.prepare(plan, slot.buffers),
+                                     overlap=c.overlap_input_prep)
+        self.ready_ns = time.perf_counter_ns()
+        threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
+
+    def ready(self) -> StageExecutor:
+        if self.executor is None:
+            raise UnavailableError("stage is still loading its weights")
+        return self.executor
+
+    def open_steps(self) -> queue.Queue[pb.StepDone]:
+        """A fresh queue of finished steps for a new coordinator stream; the newest wins."""
+        self.ready()
+        self._done = queue.Queue()
+        return self._done
+
+    def submit(self, plan: pb.StepPlan) -> None:
+        self._inputs.submit(plan)
+
+    def arrive(self, step_id: int, hidden: Arrived) -> None:
+        with self._arrived:
+            self._activations[step_id] = hidden
+            self._arrived.notify_all()
+
+    @property
+    def is_stopping(self) -> bool:
+        return self._stopping
+
+    def close(self) -> None:
+        self._stopping = True
+        if self._inputs is not None:
+            self._inputs.close()
+        self.peers.close()
+
+    # --- execution ----------------------------------------------------------------------
+
+    def _execute_loop(self) -> None:
+        while (prepared := self._inputs.next()) is not None:
+            plan = prepared.plan
+            done = pb.StepDone(step_id=plan.step_id)
+            start = time.perf_counter_ns()
+            try:
+                self._execute(prepared, done)
+            except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
+                if not isinstance(e, InvalidArgumentError):
+                    log.exception("step %d failed", plan.step_id)
+                done.error = str(e) or type(e).__name__
+            finally:
+                self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
+            self.busy_ns_total += time.perf_counter_ns() - start - done.wait_ns
+            self.wait_ns_total += done.wait_ns
+            self.compute_ns_total += done.forward_ns
+            self._done.put(done)
+
+    def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
+        ex, plan = self.executor, prepared.plan
+        ex.forget(plan.finished_request_ids)
+        t0 = time.perf_counter_ns()
+        if plan.swap_out or plan.swap_in:
+            if not self.peers.has_kv_store:
+                raise InvalidArgumentError(f"step {plan.step_id}: plan moves blocks but this stage has no KV store")
+            ex.swap_out(plan, self.peers.put_blocks)
+            ex.swap_in(plan, self.peers.get_blocks)
+        done.swap_ns = time.perf_counter_ns() - t0
+        if prepared.error is not None:
+            raise prepared.error
+        if prepared.inputs is None:  # no sequences: only housekeeping
+            return
+        t1 = time.perf_counter_ns()
+        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id, prepared.inputs.num_tokens)
+        t2, cpu = time.perf_counter_ns(), time.process_time_ns()
+        out = ex.run(plan, prepared.inputs, hidden)
+        done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
+        self.compute_cpu_ns_total += time.process_time_ns() - cpu
+        if out.hidden is not None:
+            self.peers.send_hidden(plan.step_id, out.hidden)
+        else:
+            self._send_logits(plan, out.logits)
+
+    def _wait_activations(self, step_id: int, num_tokens: int) -> torch.Tensor | None:
+        """The step's activations, shaped by the plan when they came as raw bytes."""
+        with self._arrived:
+            while step_id not in self._activations and not self._stopping:
+                self._arrived.wait(timeout=0.5)
+            hidden = self._activations.pop(step_id, None)
+        if isinstance(hidden, tuple):
+            data, layout = hidden
+            try:
+                hidden = codec.decode_rows(data, layout, num_tokens)
+            except CodecError as e:
+                raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
+        return hidden
+
+    def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
+        if self.sample is not None:  # sample here, in series (baseline)
+            self.sample(plan.step_id, [s.request_id for s in plan.sequences],
+                        [s.sample_index for s in plan.sequences], logits)
+            return
+        rows: dict[str, list[int]] = defaultdict(list)
+        for i, s in enumerate(plan.sequences):
+            rows[s.sampler].append(i)
+        for address, idx in rows.items():
+            seqs = [plan.sequences[i] for i in idx]
+            rows_logits = logits if len(idx) == len(plan.sequences) else logits[idx]
+            self.peers.send_logits(address, plan.step_id, [s.request_id for s in seqs],
+                                   [s.sample_index for s in seqs], rows_logits)
