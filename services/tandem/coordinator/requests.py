@@ -1,4 +1,5 @@
-"""One request's life on the coordinator: committed tokens, text, stop rules, output queue."""
+"""One request's life on the coordinator, in one record: the scheduler's sequence (tokens,
+blocks, sampler) plus what the client sees (text, stop rules, output queue, timings)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import queue
 import time
 from dataclasses import dataclass, field
 
+from tandem.coordinator.scheduler import Sequence
 from tandem.core.sampling import SamplingOptions
 from tandem.core.tokenizer import IncrementalDetokenizer
-from tandem.v1 import common_pb2
+from tandem.v1 import common_pb2, cpu_sampler_pb2
 
 
 @dataclass
@@ -20,22 +22,23 @@ class Output:
     logprobs: list[common_pb2.SampleLogprobs]
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     error: Exception | None = None
+    num_output_tokens: int = 0  # output tokens of the request so far, these included
 
 
-@dataclass
-class Request:
-    request_id: str
-    prompt_ids: list[int]
+@dataclass(eq=False, kw_only=True)
+class Request(Sequence):
+    """A request and its sequence. The loop thread owns it once submitted; the servicer thread
+    that made it reads only its `outputs`, and the rest after the end comes out of them."""
+
+    params: common_pb2.SamplingParams
     options: SamplingOptions
     seed: int
-    max_tokens: int
     eos_token_ids: frozenset[int]
     detokenizer: IncrementalDetokenizer
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
-    output_ids: list[int] = field(default_factory=list)
     logprobs: list[common_pb2.SampleLogprobs] = field(default_factory=list)
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     outputs: queue.Queue[Output] = field(default_factory=queue.Queue)
@@ -50,11 +53,20 @@ class Request:
     def text(self) -> str:
         return self._text
 
-    def commit(self, token_id: int, logprobs: common_pb2.SampleLogprobs | None) -> None:
-        """Take one sampled token, apply the stop rules, and queue what the client may see."""
-        now = time.monotonic()
-        self.first_token_time = self.first_token_time or now
-        self.output_ids.append(token_id)
+    def sampler_sequence(self, pending_token: int | None = None) -> cpu_sampler_pb2.SamplerSequence:
+        """The request as a sampler replica holds it: its outputs so far, plus a token sampled
+        in a step not committed yet. TypeError or ValueError for a value the wire cannot carry."""
+        output_ids = self.output_ids if pending_token is None else [*self.output_ids, pending_token]
+        return cpu_sampler_pb2.SamplerSequence(
+            request_id=self.request_id, params=self.params, seed=self.seed, prompt_ids=self.prompt_ids,
+            output_ids=output_ids, min_tokens_blocked_ids=sorted(self.eos_token_ids | set(self.options.stop_token_ids)),
+        )
+
+    def emit(self, logprobs: common_pb2.SampleLogprobs | None) -> None:
+        """Take the token the scheduler just committed (the last of `output_ids`), apply the
+        stop rules, and queue what the client may see."""
+        token_id = self.output_ids[-1]
+        self.first_token_time = self.first_token_time or time.monotonic()
         if logprobs is not None:
             self.logprobs.append(logprobs)
         opts = self.options
@@ -72,7 +84,8 @@ class Request:
         visible = len(self._text) if self.is_finished else len(self._text) - self._holdback()
         delta = self._text[self._emitted : max(visible, self._emitted)]
         self._emitted = max(visible, self._emitted)
-        self.outputs.put(Output([token_id], delta, [logprobs] if logprobs is not None else []))
+        logprobs_list = [logprobs] if logprobs is not None else []
+        self.outputs.put(Output([token_id], delta, logprobs_list, num_output_tokens=len(self.output_ids)))
         if self.is_finished:
             self._end(self.finish_reason)
 
@@ -84,7 +97,7 @@ class Request:
 
     def _end(self, finish_reason: int, error: Exception | None = None) -> None:
         self.finish_time = time.monotonic()
-        self.outputs.put(Output([], "", [], finish_reason, error))
+        self.outputs.put(Output([], "", [], finish_reason, error, len(self.output_ids)))
 
     def _match_stop_string(self) -> bool:
         # Only text that could contain a new match is searched.
