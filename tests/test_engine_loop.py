@@ -21,7 +21,8 @@ from tandem.coordinator.events import (
     StepFailed,
     TokensSampled,
 )
-from tandem.coordinator.requests import Output, Request
+from tandem.coordinator.front import TextStream
+from tandem.coordinator.requests import End, Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.core.errors import (
     AlreadyExistsError,
@@ -38,7 +39,7 @@ FINISH = common_pb2
 
 
 def token(request_id: str, index: int) -> int:
-    return 3 + (sum(map(ord, request_id)) * 31 + index * 7) % 300
+    return 300 + (sum(map(ord, request_id)) * 31 + index * 7) % 3000  # word pieces of the tiny vocabulary
 
 
 class FakeStage:
@@ -127,8 +128,7 @@ class Rig:
         sampling = common_pb2.SamplingParams(max_tokens=max_tokens, **params)
         options = SamplingOptions.from_proto(sampling, TOKENIZER.vocab_size, max_tokens_limit=100)
         request = Request(request_id=rid, prompt_ids=list(prompt), max_tokens=max_tokens, params=sampling,
-                          options=options, seed=1, eos_token_ids=frozenset({EOS}),
-                          detokenizer=TOKENIZER.detokenizer(list(prompt)))
+                          options=options, seed=1, eos_token_ids=frozenset({EOS}))
         self.engine.submit(request)
         return request
 
@@ -157,7 +157,8 @@ class Rig:
                 self.answer(plan)
 
 
-def outputs(request: Request) -> list[Output]:
+def outputs(request: Request) -> list:
+    """What the request's queue holds: (token id, logprobs) pairs, then an End."""
     out = []
     while True:
         try:
@@ -167,7 +168,7 @@ def outputs(request: Request) -> list[Output]:
 
 
 def tokens(request: Request) -> list[int]:
-    return [t for o in outputs(request) for t in o.token_ids]
+    return [o[0] for o in outputs(request) if not isinstance(o, End)]
 
 
 def expected(rid: str, n: int) -> list[int]:
@@ -216,8 +217,7 @@ def test_abort_ends_a_request_in_flight_and_its_step_still_commits_the_others():
     rig.answer(step, skip={"a"})  # a's row is still out when the client leaves
     assert rig.engine.abort("a") and not rig.engine.abort("no-such-id")
     rig.run()
-    ends = [o for o in outputs(a) if o.finish_reason]
-    assert [o.finish_reason for o in ends] == [FINISH.FINISH_REASON_ABORTED] and a.output_ids == []
+    assert outputs(a) == [End(FINISH.FINISH_REASON_ABORTED)] and a.output_ids == []
     assert tokens(b) == expected("b", 3)
     assert rig.samplers["s0"].released.count("a") == 1
     assert not rig.engine.abort("a")  # ended: the id is free again
@@ -372,3 +372,30 @@ def test_a_full_queue_refuses_with_resource_exhausted():
         rig.request("c")
     rig.run()
     rig.request("c")
+
+
+def test_the_front_makes_the_text_and_a_stop_string_it_finds_ends_the_request_in_the_engine():
+    rig = Rig(samplers=("s0",))
+    free = rig.request("x", max_tokens=8)
+    rig.run()
+    whole = TextStream(free, TOKENIZER.detokenizer([5, 6, 7]))
+    streamed = ""
+    while not whole.is_finished:
+        streamed += whole.read().text
+    assert whole.output_ids == expected("x", 8) and streamed == whole.text
+    assert whole.finish_reason == FINISH.FINISH_REASON_LENGTH and whole.text == TOKENIZER.decode(
+        [5, 6, 7] + whole.output_ids)[len(TOKENIZER.decode([5, 6, 7])):]
+    stop = next(s for s in (whole.text[i:i + 2] for i in range(2, len(whole.text))) if s.strip() and s in whole.text)
+
+    request = rig.request("x", max_tokens=8, stop=[stop])  # the id is free again: the same tokens
+    text = TextStream(request, TOKENIZER.detokenizer([5, 6, 7]))
+    seen = ""
+    while not text.is_finished:
+        rig.run(max_turns=1)
+        rig.turn()  # commits the answers: the next token is out
+        seen += text.read().text
+    assert text.finish_reason == FINISH.FINISH_REASON_STOP_SEQUENCE, (whole.text, stop, text.text, seen)
+    assert seen == text.text == whole.text[: whole.text.index(stop)]
+    assert rig.engine.abort("x", FINISH.FINISH_REASON_STOP_SEQUENCE)  # what the servicer does then
+    rig.run()
+    assert_all_released(rig)

@@ -35,7 +35,8 @@ from tandem.coordinator.events import (
 from tandem.coordinator.pool import SamplerPool
 from tandem.coordinator.ports import KvStorePort, SamplerPort, StagePort
 from tandem.coordinator.requests import Request
-from tandem.coordinator.scheduler import Commit, Sampled, Scheduler, Status, Step
+from tandem.coordinator.scheduler import Scheduler
+from tandem.coordinator.steps import Commit, Sampled, Status, Step
 from tandem.core.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -174,13 +175,13 @@ class Engine:
             stage.send(plan)
 
     def _commit(self, commits: list[Commit]) -> None:
-        """Hand committed tokens to their requests; a request its stop rules end is finished,
+        """Hand committed tokens to their requests; a request its token rules end is finished,
         and what that completes of its step is committed in turn."""
         i = 0
         while i < len(commits):
             request = self._requests.get(commits[i][0].request_id)
             if request is not None:
-                request.emit(commits[i][1].logprobs)
+                request.commit(commits[i][1].logprobs)
                 if request.is_finished:
                     commits += self._end(request.request_id, request.finish_reason)
             i += 1

@@ -16,90 +16,22 @@ to the KV store when it has room, else its blocks are freed and it is recomputed
 
 from __future__ import annotations
 
-import enum
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
 
+from tandem.coordinator.steps import (
+    Commit,
+    InFlight,
+    Sampled,
+    ScheduledSequence,
+    Sequence,
+    Status,
+    Step,
+)
 from tandem.core.kv_cache import BlockAllocator
 
-
-class Status(enum.Enum):
-    WAITING = "waiting"  # needs prefill (new, or preempted for recompute)
-    READY = "ready"  # has its last token committed, waits for a step
-    IN_FLIGHT = "in_flight"
-    SWAPPED = "swapped"  # its KV is in the KV store
-    FINISHED = "finished"
-
-
-@dataclass(eq=False)
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    sampler: str = ""  # the replica that holds its sampling state; empty: none yet, and it is not scheduled
-    output_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-    step_id: int = 0  # the in-flight step it is in; 0: none
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-    def tokens_from(self, start: int) -> list[int]:
-        """token_ids[start:], without copying the whole history (a decode needs one token)."""
-        num_prompt = len(self.prompt_ids)
-        if start >= num_prompt:
-            return self.output_ids[start - num_prompt :]
-        return self.prompt_ids[start:] + self.output_ids
-
-
-@dataclass(frozen=True)
-class ScheduledSequence:
-    request_id: str
-    num_computed_tokens: int
-    input_ids: list[int]
-    block_table: list[int]
-    sample_index: int
-    sampler: str
-
-
-@dataclass
-class Step:
-    step_id: int
-    sequences: list[ScheduledSequence]
-    finished_request_ids: list[str]
-    swap_out: list[tuple[str, list[int]]]
-    swap_in: list[tuple[str, list[int]]]
-
-
-@dataclass(frozen=True)
-class Sampled:
-    """A sampler's answer for one row: the token, and its logprobs for the client (unread here)."""
-
-    token_id: int
-    logprobs: Any = None
-
-
-Commit = tuple[Sequence, Sampled]
-
-
-@dataclass
-class InFlight:
-    """A step sent and not yet committed: its rows in plan order, each None until answered."""
-
-    step_id: int
-    sent_time: float
-    rows: dict[str, Sampled | None]
-    num_answered: int = 0
-
-    @property
-    def is_complete(self) -> bool:
-        return self.num_answered == len(self.rows)
+__all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
 
 
 class Scheduler:
@@ -289,6 +221,8 @@ class Scheduler:
     def _grow(self, seq: Sequence, num_new: int, step: Step) -> bool:
         """Give `seq` blocks for `num_new` more tokens, preempting idle sequences if needed."""
         needed = self._blocks_needed(seq, num_new)
+        if needed == 0:  # most decode steps
+            return True
         while not self.blocks.can_allocate(needed):
             if not self._preempt_one(step, exclude=seq):
                 return False

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import uuid
 from pathlib import Path
@@ -14,8 +13,9 @@ from tandem import __version__
 from tandem.coordinator import discovery, ports
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
+from tandem.coordinator.front import TextStream
 from tandem.coordinator.info import ServiceProbe
-from tandem.coordinator.requests import Output, Request
+from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.model_config import ModelConfig
@@ -37,25 +37,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
 
     def Generate(self, request: pb.GenerateRequest, context):
-        req = self._new_request(request)
+        req, text = self._new_request(request)
         self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
         if not context.add_callback(lambda: self.engine.abort(req.request_id)):
             self.engine.abort(req.request_id)  # the client left before the callback was in place
-        end: Output | None = None
-        while end is None:
-            merged = [req.outputs.get()]
-            while not merged[-1].finish_reason:  # what has accumulated goes out as one chunk
-                try:
-                    merged.append(req.outputs.get_nowait())
-                except queue.Empty:
-                    break
-            if merged[-1].finish_reason:
-                end = merged.pop()
-            if merged:
-                yield pb.GenerateResponse(request_id=req.request_id, chunk=self._chunk(req, merged))
-        if end.error is not None:
-            raise end.error
-        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req))
+        while not text.is_finished:
+            chunk = text.read()  # what has accumulated goes out as one chunk
+            if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
+                self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
+            if chunk.token_ids:
+                yield pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
+                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
+                    prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
+            if chunk.end is not None and chunk.end.error is not None:
+                raise chunk.end.error
+        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req, text))
 
     def Abort(self, request: pb.AbortRequest, context):
         if not self.engine.abort(request.request_id):
@@ -92,7 +88,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _new_request(self, request: pb.GenerateRequest) -> Request:
+    def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, TextStream]:
         which = request.WhichOneof("input")
         if which == "text":
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
@@ -118,11 +114,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         request_id = request.request_id or uuid.uuid4().hex
         # Any int64 seed is accepted; the samplers take it modulo 2**64 (their seeds are uint64).
         seed = options.seed % 2**64 if options.seed is not None else secrets.randbits(63)
-        return Request(
-            request_id=request_id, prompt_ids=prompt_ids, max_tokens=options.max_tokens, params=params,
-            options=options, seed=seed, eos_token_ids=frozenset(self.model.eos_token_ids),
-            detokenizer=self.tokenizer.detokenizer(prompt_ids),
-        )
+        req = Request(request_id=request_id, prompt_ids=prompt_ids, max_tokens=options.max_tokens, params=params,
+                      options=options, seed=seed, eos_token_ids=frozenset(self.model.eos_token_ids))
+        return req, TextStream(req, self.tokenizer.detokenizer(prompt_ids))
 
     def _check_ids(self, ids: list[int], field: str) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
@@ -130,20 +124,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InvalidArgumentError(f"{field} has ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
         return ids
 
-    def _chunk(self, req: Request, outs: list[Output]) -> pb.GenerateChunk:
-        return pb.GenerateChunk(
-            token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
-            logprobs=[lp for o in outs for lp in o.logprobs], prompt_tokens=len(req.prompt_ids),
-            completion_tokens=outs[-1].num_output_tokens,
-        )
-
-    def _complete(self, req: Request) -> pb.GenerateComplete:
+    def _complete(self, req: Request, text: TextStream) -> pb.GenerateComplete:
         start = req.arrival_time
         return pb.GenerateComplete(
-            output_ids=req.output_ids, text=req.text, finish_reason=req.finish_reason, logprobs=req.logprobs,
-            usage=common_pb2.TokenUsage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)),
-            time_to_first_token_s=(req.first_token_time or start) - start,
-            e2e_latency_s=(req.finish_time or start) - start,
+            output_ids=text.output_ids, text=text.text, finish_reason=text.finish_reason, logprobs=text.logprobs,
+            usage=common_pb2.TokenUsage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)),
+            time_to_first_token_s=(text.first_token_time or start) - start,
+            e2e_latency_s=(text.finish_time or start) - start,
             queue_time_s=(req.scheduled_time or start) - start,
         )
 
