@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tandem.coordinator.scheduler import Scheduler, Sequence, Status
+from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
 
 
 def scheduler(**options) -> Scheduler:
@@ -14,13 +14,17 @@ def seq(rid: str, prompt_len: int = 5, sampler: str = "s0") -> Sequence:
     return Sequence(rid, list(range(1, prompt_len + 1)), max_tokens=100, sampler=sampler)
 
 
+def rows(**tokens: int) -> dict[str, Sampled]:
+    return {rid: Sampled(token) for rid, token in tokens.items()}
+
+
 def test_a_sequence_is_in_one_step_at_a_time_and_decodes_after_its_commit():
     s = scheduler()
     s.add(seq("a"))
     first = s.schedule()
     assert [x.input_ids for x in first.sequences] == [[1, 2, 3, 4, 5]]
     assert s.schedule() is None  # a's token is not committed yet: it cannot run again
-    s.complete(first.step_id, {"a": 42})
+    assert s.update(first.step_id, rows(a=42))[0][0].output_ids == [42]
     second = s.schedule()
     assert [(x.input_ids, x.num_computed_tokens, x.sample_index) for x in second.sequences] == [([42], 5, 1)]
 
@@ -38,25 +42,25 @@ def test_retried_rows_run_the_same_tokens_again():
     s.add(seq("a"))
     s.add(seq("b"))
     prefill = s.schedule()
-    s.complete(prefill.step_id, {"a": 7, "b": 8})
+    s.update(prefill.step_id, rows(a=7, b=8))
     decode = s.schedule()
     assert sorted(x.request_id for x in decode.sequences) == ["a", "b"]
-    s.retry(decode.step_id, ["b"])  # b's sampler went away before answering
+    assert s.retry(["b"]) == []  # b's sampler went away before answering
     s.max_in_flight = 2
     again = s.schedule()
     assert [(x.request_id, x.input_ids, x.sample_index, x.block_table) for x in again.sequences] == [
         ("b", [8], 1, [x for x in decode.sequences if x.request_id == "b"][0].block_table)]
-    assert s.complete(decode.step_id, {"a": 9})[0].output_ids == [7, 9]
-    assert s.complete(again.step_id, {"b": 10})[0].output_ids == [8, 10]
+    assert s.update(decode.step_id, rows(a=9))[0][0].output_ids == [7, 9]
+    assert s.update(again.step_id, rows(b=10))[0][0].output_ids == [8, 10]
 
 
 def test_a_retried_prefill_queues_again_first_and_keeps_its_blocks():
     s = scheduler()
     s.add(seq("a", prompt_len=6))
-    step = s.schedule()
+    s.schedule()
     blocks = list(s.seqs["a"].block_table)
     s.add(seq("b"))
-    s.retry(step.step_id, ["a"])
+    s.retry(["a"])
     assert s.seqs["a"].status == Status.WAITING
     again = s.schedule()
     assert [x.request_id for x in again.sequences] == ["a", "b"]
@@ -69,7 +73,35 @@ def test_preemption_swaps_when_the_host_has_room_else_recomputes():
     s.add(seq("a", prompt_len=8))  # 2 blocks
     s.add(seq("b", prompt_len=8))  # 2 blocks
     step = s.schedule()
-    s.complete(step.step_id, {"a": 1, "b": 2})
+    s.update(step.step_id, rows(a=1, b=2))
     grown = s.schedule()  # a needs a third block: b (the newest idle) is swapped out
     assert grown.swap_out == [("b", [2, 3])] and s.seqs["b"].status == Status.SWAPPED
     assert s.num_preemptions == 1
+
+
+def test_a_step_commits_once_every_row_is_in_and_an_ended_row_does_not_hold_it():
+    s = scheduler(max_in_flight=1)
+    for rid in "abc":
+        s.add(seq(rid))
+    step = s.schedule()
+    assert s.update(step.step_id, rows(a=1)) == []  # one sampler answered; the other has not
+    assert s.update(step.step_id, rows(a=99)) == []  # a row answered twice keeps its first token
+    assert s.sampled_token("a") == 1 and s.unanswered(step.step_id) == ["b", "c"]
+    assert s.finish("c") == []  # c ended (aborted): the step no longer waits for it
+    commits = s.update(step.step_id, rows(b=2, c=3))
+    assert [(q.request_id, q.output_ids, row.token_id) for q, row in commits] == [("a", [1], 1), ("b", [2], 2)]
+    assert s.in_flight == {} and s.schedule().finished_request_ids == ["c"]
+
+
+def test_finishing_the_last_unanswered_row_commits_the_rest_and_a_lost_step_returns_its_rows():
+    s = scheduler(max_in_flight=2)
+    s.add(seq("a"))
+    s.add(seq("b"))
+    first = s.schedule()
+    s.update(first.step_id, rows(a=1))
+    assert [q.request_id for q, _ in s.finish("b")] == ["a"]
+    s.add(seq("c"))
+    second = s.schedule()
+    assert sorted(x.request_id for x in second.sequences) == ["a", "c"]
+    assert s.expired(sent_before=0.0) == [] and s.expired(sent_before=float("inf")) == [second.step_id]
+    assert s.fail(second.step_id) == [x.request_id for x in second.sequences] and s.in_flight == {}

@@ -54,16 +54,32 @@ def cluster2(llama):
     c.stop()
 
 
-def assert_all_released(endpoint: str, timeout_s: float = 10.0) -> None:
+def assert_all_released(cluster, timeout_s: float = 10.0) -> None:
+    """Nothing is held anywhere: as the coordinator reports it (its figures of the other services
+    are refreshed in the background) and as each stage and sampler answers when asked directly."""
     deadline = time.monotonic() + timeout_s
-    with TandemClient(endpoint) as client:
+    with TandemClient(cluster.endpoint) as client:
         while True:
             info = client.server_info()
             used = [info.kv_blocks_used] + [s.kv_blocks_used for s in info.stages] + [s.num_sequences for s in info.samplers]
+            used += direct_figures(cluster)
             if not any(used) and info.num_requests_running == 0:
                 return
-            assert time.monotonic() < deadline, f"resources still held: {info}"
+            assert time.monotonic() < deadline, f"resources still held: {info} {used}"
             time.sleep(0.1)
+
+
+def direct_figures(cluster) -> list[int]:
+    figures = []
+    for address in cluster.stages:
+        with grpc.insecure_channel(address) as ch:
+            stub = stage_worker_pb2_grpc.StageWorkerStub(ch)
+            figures.append(stub.GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=10).kv_blocks_used)
+    for address in cluster.samplers:
+        with grpc.insecure_channel(address) as ch:
+            stub = cpu_sampler_pb2_grpc.CpuSamplerStub(ch)
+            figures.append(stub.GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(), timeout=10).num_sequences)
+    return figures
 
 
 @pytest.mark.parametrize("preset", ["full", "baseline"])
@@ -75,7 +91,7 @@ def test_greedy_matches_transformers_under_concurrency(llama, reference_model, n
         for prompt, r in zip(PROMPTS, results):
             assert list(r.token_ids) == reference(reference_model(llama), prompt)
             assert r.finish_reason == "length" and r.usage.completion_tokens == MAX_TOKENS
-        assert_all_released(c.endpoint)
+        assert_all_released(c)
     finally:
         c.stop()
 
@@ -90,7 +106,7 @@ def test_greedy_on_cuda_matches_transformers(llama, reference_model, preset):
         results = run_concurrently(c.endpoint, PROMPTS, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
         for prompt, r in zip(PROMPTS, results):
             assert list(r.token_ids) == reference(reference_model(llama), prompt)
-        assert_all_released(c.endpoint)
+        assert_all_released(c)
     finally:
         c.stop()
 
@@ -139,7 +155,7 @@ def test_abort_and_disconnect_free_everything(cluster2):
         assert aborted and getattr(aborted[0], "finish_reason", None) == "aborted"
         for _ in range(6):
             client.generate(prompt_ids=PROMPTS[1], max_tokens=5)
-    assert_all_released(cluster2.endpoint)
+    assert_all_released(cluster2)
 
 
 def test_concurrent_requests_with_one_id_run_exactly_once(llama, reference_model, cluster2):
@@ -171,7 +187,7 @@ def test_concurrent_requests_with_one_id_run_exactly_once(llama, reference_model
     # The id is free again once its request ended.
     with TandemClient(cluster2.endpoint, timeout_s=60) as client:
         assert client.generate(prompt_ids=PROMPTS[1], max_tokens=3, request_id="same-id-0").token_ids
-    assert_all_released(cluster2.endpoint)
+    assert_all_released(cluster2)
 
 
 @pytest.mark.parametrize("with_kv_store", [True, False], ids=["swap", "recompute"])
@@ -186,7 +202,7 @@ def test_preemption_gives_identical_output(llama, reference_model, with_kv_store
         with TandemClient(c.endpoint) as client:
             info = client.server_info()
         assert info.num_preemptions_total > 0
-        assert_all_released(c.endpoint)
+        assert_all_released(c)
     finally:
         c.stop()
 
@@ -219,7 +235,7 @@ def test_any_int64_seed_is_served_and_reproducible(cluster2):
             runs = [client.generate(prompt_ids=PROMPTS[0], max_tokens=8, ignore_eos=True, temperature=1.0,
                                     seed=seed) for _ in range(2)]
             assert runs[0].token_ids == runs[1].token_ids and len(runs[0].token_ids) == 8
-    assert_all_released(cluster2.endpoint)
+    assert_all_released(cluster2)
 
 
 def test_abort_of_unknown_request_is_not_found(cluster2):
@@ -289,6 +305,6 @@ def test_queue_full_is_resource_exhausted(llama):
         for t in threads:
             t.join()
         assert errors and "queue is full" in str(errors[0])
-        assert_all_released(c.endpoint)
+        assert_all_released(c)
     finally:
         c.stop()

@@ -1,5 +1,10 @@
-"""The coordinator's scheduler: pure, no I/O. `schedule()` returns a step plan, `complete()`
-takes its sampled tokens, `finish()` ends a sequence.
+"""The coordinator's scheduler: pure, no I/O.
+
+The contract: `add()` a sequence; `schedule()` returns the next step to send (or None);
+`update()` takes the rows a sampler answered for a step and, once every row of the step is
+in, commits them and returns what was committed. `retry()`, `finish()` and `fail()` tell it of
+lost rows, ended sequences and lost steps. The scheduler holds the one record of the steps in
+flight, so what it returns is all the loop needs to act on.
 
 Continuous batching over micro-batches: a sequence is in at most one in-flight step, and it
 joins a later step only after its token is committed (token safety). Each step takes its
@@ -11,54 +16,22 @@ to the KV store when it has room, else its blocks are freed and it is recomputed
 
 from __future__ import annotations
 
-import enum
+import time
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 
+from tandem.coordinator.steps import (
+    Commit,
+    InFlight,
+    Sampled,
+    ScheduledSequence,
+    Sequence,
+    Status,
+    Step,
+)
 from tandem.core.kv_cache import BlockAllocator
 
-
-class Status(enum.Enum):
-    WAITING = "waiting"  # needs prefill (new, or preempted for recompute)
-    READY = "ready"  # has its last token committed, waits for a step
-    IN_FLIGHT = "in_flight"
-    SWAPPED = "swapped"  # its KV is in the KV store
-    FINISHED = "finished"
-
-
-@dataclass
-class Sequence:
-    request_id: str
-    prompt_ids: list[int]
-    max_tokens: int
-    sampler: str = ""  # the replica that samples it; empty: none yet, and it is not scheduled
-    output_ids: list[int] = field(default_factory=list)
-    num_computed_tokens: int = 0
-    block_table: list[int] = field(default_factory=list)
-    status: Status = Status.WAITING
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self.prompt_ids + self.output_ids
-
-
-@dataclass(frozen=True)
-class ScheduledSequence:
-    request_id: str
-    num_computed_tokens: int
-    input_ids: list[int]
-    block_table: list[int]
-    sample_index: int
-    sampler: str
-
-
-@dataclass
-class Step:
-    step_id: int
-    sequences: list[ScheduledSequence]
-    finished_request_ids: list[str]
-    swap_out: list[tuple[str, list[int]]]
-    swap_in: list[tuple[str, list[int]]]
+__all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
 
 
 class Scheduler:
@@ -79,7 +52,7 @@ class Scheduler:
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
         self.swapped: deque[str] = deque()
-        self.in_flight: dict[int, list[str]] = {}
+        self.in_flight: dict[int, InFlight] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
         self._swapped_blocks: dict[str, int] = {}
@@ -89,7 +62,7 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return sum(s.status in (Status.READY, Status.IN_FLIGHT) for s in self.seqs.values())
+        return len(self.seqs) - len(self.waiting) - len(self.swapped)
 
     @property
     def num_waiting(self) -> int:
@@ -99,10 +72,23 @@ class Scheduler:
     def can_schedule(self) -> bool:
         return len(self.in_flight) < self.max_in_flight
 
-    def has_housekeeping(self) -> bool:
-        return bool(self._finished_ids)
+    def sampled_token(self, request_id: str) -> int | None:
+        """The token sampled for `request_id` in its in-flight step and not yet committed."""
+        seq = self.seqs.get(request_id)
+        record = self.in_flight.get(seq.step_id) if seq is not None else None
+        sampled = record.rows.get(request_id) if record is not None else None
+        return sampled.token_id if sampled is not None else None
 
-    # --- mutations ----------------------------------------------------------------------
+    def unanswered(self, step_id: int) -> list[str]:
+        """The rows of an in-flight step still waiting for their sampler."""
+        record = self.in_flight.get(step_id)
+        return [rid for rid, s in record.rows.items() if s is None] if record is not None else []
+
+    def expired(self, sent_before: float) -> list[int]:
+        """The in-flight steps sent before time `sent_before` (time.monotonic)."""
+        return [r.step_id for r in self.in_flight.values() if r.sent_time < sent_before]
+
+    # --- the contract -------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
         self.seqs[seq.request_id] = seq
@@ -115,7 +101,7 @@ class Scheduler:
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler]
-        share = -(-(len(ready) + sum(len(v) for v in self.in_flight.values())) // self.max_in_flight)
+        share = -(-(len(ready) + sum(len(r.rows) for r in self.in_flight.values())) // self.max_in_flight)
         for seq in ready[: min(share, self.max_num_seqs)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
@@ -133,7 +119,7 @@ class Scheduler:
             self._take(seq, step)
         while self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
-            num_new = len(seq.token_ids) - seq.num_computed_tokens
+            num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
             if (num_new > budget and step.sequences) or not seq.sampler:
                 break
             if not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
@@ -147,46 +133,48 @@ class Scheduler:
         step.finished_request_ids, self._finished_ids = self._finished_ids, []
         self._next_step += 1
         if step.sequences:
-            self.in_flight[step.step_id] = [s.request_id for s in step.sequences]
+            rows: dict[str, Sampled | None] = {s.request_id: None for s in step.sequences}
+            self.in_flight[step.step_id] = InFlight(step.step_id, time.monotonic(), rows)
         return step
 
-    def complete(self, step_id: int, tokens: dict[str, int]) -> list[Sequence]:
-        """Commit the sampled tokens of a step; returns the sequences that got one."""
-        committed = []
-        for rid in self.in_flight.pop(step_id, []):
-            seq = self.seqs.get(rid)
-            if seq is None or seq.status == Status.FINISHED:
-                continue
-            seq.status = Status.READY
-            if rid in tokens:
-                seq.num_computed_tokens = len(seq.token_ids)
-                seq.output_ids.append(tokens[rid])
-                committed.append(seq)
-        return committed
+    def update(self, step_id: int, sampled: Mapping[str, Sampled]) -> list[Commit]:
+        """Take a sampler's answers for rows of a step. Rows not in the step (moved elsewhere)
+        and rows answered already are ignored; once every row is in, the step commits."""
+        record = self.in_flight.get(step_id)
+        if record is None:
+            return []
+        for rid, row in sampled.items():
+            if rid in record.rows and record.rows[rid] is None:
+                record.rows[rid] = row
+                record.num_answered += 1
+        return self._commit_if_complete(record)
 
-    def retry(self, step_id: int, request_ids: list[str]) -> None:
-        """These sequences' rows of an in-flight step were lost (their sampler went away): they
-        leave the step and run the same tokens again in a later one. Rewriting the same KV
-        positions with the same values is harmless, so nothing on the stages is undone."""
-        in_flight = self.in_flight.get(step_id, [])
+    def retry(self, request_ids: list[str]) -> list[Commit]:
+        """These sequences lost their sampler: their unanswered rows leave their steps and run
+        the same tokens again in a later one (rewriting the same KV positions with the same
+        values is harmless, so nothing on the stages is undone). Returns what that completes."""
+        commits: list[Commit] = []
         for rid in request_ids:
-            in_flight.remove(rid)
-            seq = self.seqs[rid]
+            seq = self.seqs.get(rid)
+            record = self.in_flight.get(seq.step_id) if seq is not None else None
+            if record is None or rid not in record.rows or record.rows[rid] is not None:
+                continue  # not in flight, or answered already: it commits with its step
+            del record.rows[rid]
+            seq.step_id = 0
             if seq.num_computed_tokens == 0:  # a prefill: it queues again, first in line
                 seq.status = Status.WAITING
                 self.waiting.appendleft(rid)
             else:
                 seq.status = Status.READY
+            commits += self._commit_if_complete(record)
+        return commits
 
-    def fail_step(self, step_id: int) -> list[str]:
-        """A step was lost; its sequences are returned for the caller to finish."""
-        return self.in_flight.pop(step_id, [])
-
-    def finish(self, request_id: str) -> None:
-        """End a sequence: free its blocks (after its in-flight step, if any) everywhere."""
+    def finish(self, request_id: str) -> list[Commit]:
+        """End a sequence: free its blocks (on the stages with the next step); returns what its
+        leaving completes of the step it was in."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
-            return
+            return []
         seq.status = Status.FINISHED
         if request_id in self.waiting:
             self.waiting.remove(request_id)
@@ -196,8 +184,36 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         self._finished_ids.append(request_id)
+        record = self.in_flight.get(seq.step_id)
+        if record is None:
+            return []
+        if record.rows.pop(request_id) is not None:
+            record.num_answered -= 1
+        return self._commit_if_complete(record)
+
+    def fail(self, step_id: int) -> list[str]:
+        """A step was lost; its sequences are returned for the caller to finish."""
+        record = self.in_flight.pop(step_id, None)
+        if record is None:
+            return []
+        for rid in record.rows:
+            self.seqs[rid].step_id = 0
+        return list(record.rows)
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _commit_if_complete(self, record: InFlight) -> list[Commit]:
+        if not record.is_complete:
+            return []
+        del self.in_flight[record.step_id]
+        commits = []
+        for rid, row in record.rows.items():
+            seq = self.seqs[rid]
+            seq.status, seq.step_id = Status.READY, 0
+            seq.num_computed_tokens = len(seq.prompt_ids) + len(seq.output_ids)
+            seq.output_ids.append(row.token_id)
+            commits.append((seq, row))
+        return commits
 
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table))
@@ -205,6 +221,8 @@ class Scheduler:
     def _grow(self, seq: Sequence, num_new: int, step: Step) -> bool:
         """Give `seq` blocks for `num_new` more tokens, preempting idle sequences if needed."""
         needed = self._blocks_needed(seq, num_new)
+        if needed == 0:  # most decode steps
+            return True
         while not self.blocks.can_allocate(needed):
             if not self._preempt_one(step, exclude=seq):
                 return False
@@ -234,12 +252,12 @@ class Scheduler:
         return True
 
     def _take(self, seq: Sequence, step: Step) -> None:
-        seq.status = Status.IN_FLIGHT
+        seq.status, seq.step_id = Status.IN_FLIGHT, step.step_id
         step.sequences.append(
             ScheduledSequence(
                 request_id=seq.request_id,
                 num_computed_tokens=seq.num_computed_tokens,
-                input_ids=seq.token_ids[seq.num_computed_tokens :],
+                input_ids=seq.tokens_from(seq.num_computed_tokens),
                 block_table=list(seq.block_table),
                 sample_index=len(seq.output_ids),
                 sampler=seq.sampler,

@@ -3,26 +3,26 @@
 from __future__ import annotations
 
 import os
-import queue
 import secrets
 import uuid
 from pathlib import Path
 
-import grpc
 import torch
 
 from tandem import __version__
-from tandem.coordinator import checks, discovery
+from tandem.coordinator import checks, discovery, ports
 from tandem.coordinator.config import CoordinatorConfig
-from tandem.coordinator.engine import Engine
-from tandem.coordinator.requests import Output, Request
+from tandem.coordinator.engine import Engine, Inbox
+from tandem.coordinator.front import TextStream
+from tandem.coordinator.info import ServiceProbe
+from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
 from tandem.core.server import Server, wait_ready
 from tandem.core.tokenizer import Tokenizer
-from tandem.v1 import common_pb2, cpu_sampler_pb2, kv_store_pb2, kv_store_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc
+from tandem.v1 import common_pb2
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc as pb_grpc
 
@@ -30,37 +30,32 @@ SERVICE_NAME = "tandem.v1.Coordinator"
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
-    def __init__(self, config: CoordinatorConfig, engine: Engine, tokenizer: Tokenizer, model: ModelConfig,
-                 block_bytes: int):
-        self.config, self.engine, self.tokenizer, self.model = config, engine, tokenizer, model
+    def __init__(self, config: CoordinatorConfig, engine: Engine, probe: ServiceProbe, tokenizer: Tokenizer,
+                 model: ModelConfig, block_bytes: int):
+        self.config, self.engine, self.probe, self.tokenizer, self.model = config, engine, probe, tokenizer, model
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
 
     def Generate(self, request: pb.GenerateRequest, context):
-        req, params = self._new_request(request)
-        self.engine.submit(req, params)  # AlreadyExistsError for a live id: nothing of the other is touched
+        req, text = self._new_request(request)
+        self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
         if not context.add_callback(lambda: self.engine.abort(req.request_id)):
             self.engine.abort(req.request_id)  # the client left before the callback was in place
-        end: Output | None = None
-        while end is None:
-            merged = [req.outputs.get()]
-            while not merged[-1].finish_reason:  # what has accumulated goes out as one chunk
-                try:
-                    merged.append(req.outputs.get_nowait())
-                except queue.Empty:
-                    break
-            if merged[-1].finish_reason:
-                end = merged.pop()
-            if merged:
-                yield pb.GenerateResponse(request_id=req.request_id, chunk=self._chunk(req, merged))
-        if end.error is not None:
-            raise end.error
-        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req))
+        while not text.is_finished:
+            chunk = text.read()  # what has accumulated goes out as one chunk
+            if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
+                self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
+            if chunk.token_ids:
+                yield pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
+                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
+                    prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
+            if chunk.end is not None and chunk.end.error is not None:
+                raise chunk.end.error
+        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req, text))
 
     def Abort(self, request: pb.AbortRequest, context):
-        if request.request_id not in self.engine.requests:
+        if not self.engine.abort(request.request_id):
             raise NotFoundError(f"no live request with id {request.request_id!r}")
-        self.engine.abort(request.request_id)
         return pb.AbortResponse()
 
     def Tokenize(self, request: pb.TokenizeRequest, context):
@@ -73,37 +68,27 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=skip))
 
     def GetServerInfo(self, request, context):
-        sched, cfg = self.scheduler, self.config
+        snapshot, report, cfg = self.engine.snapshot, self.probe.report, self.config
         info = pb.GetServerInfoResponse(
             model=Path(cfg.model).name, version=__version__, vocab_size=self.model.vocab_size,
-            max_model_len=self.max_model_len, num_requests_running=sched.num_running,
-            num_requests_waiting=sched.num_waiting, kv_blocks_total=cfg.num_blocks,
-            kv_blocks_used=cfg.num_blocks - sched.blocks.num_free, block_size=cfg.block_size,
-            num_preemptions_total=sched.num_preemptions,
+            max_model_len=self.max_model_len, num_requests_running=snapshot.num_running,
+            num_requests_waiting=snapshot.num_waiting, kv_blocks_total=cfg.num_blocks,
+            kv_blocks_used=snapshot.num_blocks_used, block_size=cfg.block_size,
+            num_preemptions_total=snapshot.num_preemptions, dtype=self.probe.stages[-1].dtype,
+            device=self.probe.stages[-1].device,
         )
-        for i, stub in enumerate(self.engine.stage_stubs):
-            s = stub.GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=5)
-            info.stages.add(index=i, address=self.engine.stage_addresses[i], layer_start=s.layer_start,
-                            layer_end=s.layer_end, kv_blocks_used=s.kv_blocks_used)
-            info.dtype, info.device = s.dtype, s.device
-        for replica in [r for r in list(self.engine.replicas.values()) if r.up]:
-            try:
-                s = replica.stub.GetSamplerInfo(cpu_sampler_pb2.GetSamplerInfoRequest(), timeout=5)
-            except grpc.RpcError:  # it went away since; the engine is moving its sequences
-                continue
-            info.samplers.add(address=replica.address, num_sequences=s.num_sequences)
-        if self.engine.kv_store is not None:
-            kv = self.engine.kv_store.GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=5)
-            info.kv_store_blocks_used = kv.used_bytes // self.block_bytes
+        for i, (stage, num_blocks) in enumerate(zip(self.probe.stages, report.stage_blocks_used)):
+            info.stages.add(index=i, address=stage.address, layer_start=stage.layer_start,
+                            layer_end=stage.layer_end, kv_blocks_used=num_blocks)
+        for address in snapshot.samplers:
+            info.samplers.add(address=address, num_sequences=report.sampler_sequences.get(address, 0))
+        if self.probe.kv_store:
+            info.kv_store_blocks_used = report.kv_store_used_bytes // self.block_bytes
         return info
 
     # --- helpers ------------------------------------------------------------------------
 
-    @property
-    def scheduler(self) -> Scheduler:
-        return self.engine.scheduler
-
-    def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, common_pb2.SamplingParams]:
+    def _new_request(self, request: pb.GenerateRequest) -> tuple[Request, TextStream]:
         which = request.WhichOneof("input")
         if which == "text":
             add = request.add_special_tokens if request.HasField("add_special_tokens") else True
@@ -129,11 +114,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         request_id = request.request_id or uuid.uuid4().hex
         # Any int64 seed is accepted; the samplers take it modulo 2**64 (their seeds are uint64).
         seed = options.seed % 2**64 if options.seed is not None else secrets.randbits(63)
-        req = Request(
-            request_id=request_id, prompt_ids=prompt_ids, options=options, seed=seed, max_tokens=options.max_tokens,
-            eos_token_ids=frozenset(self.model.eos_token_ids), detokenizer=self.tokenizer.detokenizer(prompt_ids),
-        )
-        return req, params
+        req = Request(request_id=request_id, prompt_ids=prompt_ids, max_tokens=options.max_tokens, params=params,
+                      options=options, seed=seed, eos_token_ids=frozenset(self.model.eos_token_ids))
+        return req, TextStream(req, self.tokenizer.detokenizer(prompt_ids))
 
     def _check_ids(self, ids: list[int], field: str) -> list[int]:
         bad = [t for t in ids if not 0 <= t < self.model.vocab_size]
@@ -141,35 +124,22 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InvalidArgumentError(f"{field} has ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
         return ids
 
-    def _chunk(self, req: Request, outs: list[Output]) -> pb.GenerateChunk:
-        return pb.GenerateChunk(
-            token_ids=[t for o in outs for t in o.token_ids], text="".join(o.text for o in outs),
-            logprobs=[lp for o in outs for lp in o.logprobs], prompt_tokens=len(req.prompt_ids),
-            completion_tokens=len(req.output_ids),
-        )
-
-    def _complete(self, req: Request) -> pb.GenerateComplete:
+    def _complete(self, req: Request, text: TextStream) -> pb.GenerateComplete:
         start = req.arrival_time
         return pb.GenerateComplete(
-            output_ids=req.output_ids, text=req.text, finish_reason=req.finish_reason, logprobs=req.logprobs,
-            usage=common_pb2.TokenUsage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids)),
-            time_to_first_token_s=(req.first_token_time or start) - start,
-            e2e_latency_s=(req.finish_time or start) - start,
+            output_ids=text.output_ids, text=text.text, finish_reason=text.finish_reason, logprobs=text.logprobs,
+            usage=common_pb2.TokenUsage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)),
+            time_to_first_token_s=(text.first_token_time or start) - start,
+            e2e_latency_s=(text.finish_time or start) - start,
             queue_time_s=(req.scheduled_time or start) - start,
         )
 
 
-def _kv_figures(config: CoordinatorConfig, model: ModelConfig) -> tuple[int, int]:
-    """(bytes of one KV block over all layers, KV blocks the KV store can hold) from the live services."""
-    with grpc.insecure_channel(config.stages[0]) as channel:
-        info = stage_worker_pb2_grpc.StageWorkerStub(channel).GetStageInfo(stage_worker_pb2.GetStageInfoRequest(), timeout=10)
-    itemsize = getattr(torch, info.dtype, torch.float32).itemsize
+def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServiceProbe) -> tuple[int, int]:
+    """(bytes of one KV block over all layers, KV blocks the KV store can hold)."""
+    itemsize = getattr(torch, probe.stages[0].dtype, torch.float32).itemsize
     block_bytes = model.num_hidden_layers * 2 * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
-    if not config.kv_store:
-        return block_bytes, 0
-    with grpc.insecure_channel(config.kv_store) as channel:
-        capacity = kv_store_pb2_grpc.KvStoreStub(channel).GetKvStoreInfo(kv_store_pb2.GetKvStoreInfoRequest(), timeout=10).capacity_bytes
-    return block_bytes, capacity // block_bytes
+    return block_bytes, probe.kv_store_capacity_bytes // block_bytes
 
 
 def serve(config: CoordinatorConfig) -> Server:
@@ -184,16 +154,23 @@ def serve(config: CoordinatorConfig) -> Server:
             wait_ready(address, "tandem.v1.CpuSampler")
     if config.kv_store:
         wait_ready(config.kv_store, "tandem.v1.KvStore")
-    block_bytes, num_host_blocks = _kv_figures(config, model)
+    inbox: Inbox = Inbox()
+    engine: Engine | None = None
+    probe = ServiceProbe(list(config.stages), config.kv_store, lambda: engine.snapshot.samplers if engine else ())
+    block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks)
-    engine = Engine(scheduler, list(config.stages), discovery.from_config(config), config.kv_store,
-                    config.max_queue, config.step_timeout_s, config.sample_plans)
-    engine.start()
+    engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put) for i, a in enumerate(config.stages)],
+                    lambda address: ports.GrpcSampler(address, inbox.put),
+                    ports.GrpcKvStore(config.kv_store) if config.kv_store else None, inbox,
+                    max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans)
+    engine.start(discovery.from_config(config))
+    probe.start()
     server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
-               CoordinatorServicer(config, engine, tokenizer, model, block_bytes), [SERVICE_NAME])
+               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes), [SERVICE_NAME])
     server.on_stop(engine.stop)
+    server.on_stop(probe.stop)
     server.start()
     server.set_ready()
     return server

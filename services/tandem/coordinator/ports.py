@@ -1,0 +1,195 @@
+"""What the engine's loop talks to: stages, sampler replicas and the KV store, as ports.
+
+A port never blocks its caller. Plans go onto long-lived streams; unary RPCs run in order on
+the port's own worker thread, so one slow replica holds up only itself; whatever comes back
+arrives as an event in the engine's inbox. Tests replace these with fakes that need no gRPC.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Protocol
+
+import grpc
+
+from tandem.coordinator.events import (
+    Event,
+    SamplerDown,
+    SamplerUp,
+    SequencesAdded,
+    StepFailed,
+    TokensSampled,
+)
+from tandem.core.server import CHANNEL_OPTIONS
+from tandem.core.streams import StreamSender
+from tandem.v1 import (
+    cpu_sampler_pb2,
+    cpu_sampler_pb2_grpc,
+    kv_store_pb2,
+    kv_store_pb2_grpc,
+)
+from tandem.v1 import stage_worker_pb2 as stage_pb
+from tandem.v1 import stage_worker_pb2_grpc as stage_grpc
+
+log = logging.getLogger(__name__)
+
+Post = Callable[[Event], None]
+RPC_TIMEOUT_S = 10.0
+
+
+class StagePort(Protocol):
+    def send(self, plan: stage_pb.StepPlan) -> None:
+        """Queue a step plan; a stage that fails the step answers with `StepFailed`."""
+
+    def close(self) -> None: ...
+
+
+class SamplerPort(Protocol):
+    address: str
+
+    def start(self) -> None:
+        """Follow the replica's results: `SamplerUp` once confirmed, then `TokensSampled` for
+        each batch, and `SamplerDown` if the stream breaks."""
+
+    def add(self, sequences: list[cpu_sampler_pb2.SamplerSequence]) -> None:
+        """Hand the replica these sequences; answered by `SequencesAdded`."""
+
+    def release(self, request_ids: list[str]) -> None:
+        """The replica may forget these sequences (after whatever was sent to it before)."""
+
+    def send_plan(self, plan: cpu_sampler_pb2.SamplePlan) -> None:
+        """Queue the replica's rows of one step, ahead of the step's logits."""
+
+    def close(self) -> None: ...
+
+
+class KvStorePort(Protocol):
+    def free(self, request_ids: list[str]) -> None:
+        """The KV store may drop the blocks of these swapped-out sequences."""
+
+    def close(self) -> None: ...
+
+
+class _Worker:
+    """A channel plus one thread that makes its unary calls in order."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"rpc->{address}")
+
+    def call(self, fn: Callable[[], None]) -> None:
+        self._executor.submit(self._logged, fn)
+
+    def close(self, then: Callable[[], None] | None = None) -> None:
+        """Close after the calls queued so far (and `then`); returns at once."""
+
+        def close() -> None:
+            if then is not None:
+                then()
+            self.channel.close()
+
+        self.call(close)
+        self._executor.shutdown(wait=False)
+
+    def _logged(self, fn: Callable[[], None]) -> None:
+        try:
+            fn()
+        except grpc.RpcError as e:  # the peer is gone; its state went with it
+            log.warning("call to %s failed: %s %s", self.address, e.code().name, e.details())
+        except Exception:  # a worker thread must outlive any one call
+            log.exception("call to %s failed", self.address)
+
+
+class GrpcStage:
+    def __init__(self, index: int, address: str, post: Post):
+        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = stage_grpc.StageWorkerStub(self.channel)
+
+        def call(plans):
+            for done in stub.Steps(plans):
+                if done.error:
+                    post(StepFailed(done.step_id, index, done.error))
+
+        self._plans = StreamSender(call, f"plans->stage{index}")
+
+    def send(self, plan: stage_pb.StepPlan) -> None:
+        self._plans.send(plan)
+
+    def close(self) -> None:
+        self._plans.close()
+        self.channel.close()
+
+
+class GrpcSampler:
+    def __init__(self, address: str, post: Post):
+        self.address, self._post = address, post
+        self._worker = _Worker(address)
+        self._stub = cpu_sampler_pb2_grpc.CpuSamplerStub(self._worker.channel)
+        self._closed = threading.Event()
+        self._call: grpc.Call | None = None  # the Results call, cancelled on close
+        self._plans: StreamSender | None = None  # the Plans stream, opened with the first plan
+
+    def start(self) -> None:
+        threading.Thread(target=self._follow_results, name=f"results<-{self.address}", daemon=True).start()
+
+    def add(self, sequences: list[cpu_sampler_pb2.SamplerSequence]) -> None:
+        request_ids = tuple(s.request_id for s in sequences)
+
+        def add() -> None:
+            try:
+                self._stub.AddSequences(cpu_sampler_pb2.AddSequencesRequest(sequences=sequences), timeout=RPC_TIMEOUT_S)
+            except grpc.RpcError as e:
+                self._post(SequencesAdded(self, request_ids, f"AddSequences failed: {e.code().name}"))
+            else:
+                self._post(SequencesAdded(self, request_ids))
+
+        self._worker.call(add)
+
+    def release(self, request_ids: list[str]) -> None:
+        request = cpu_sampler_pb2.ReleaseSequencesRequest(request_ids=request_ids)
+        self._worker.call(lambda: self._stub.ReleaseSequences(request, timeout=RPC_TIMEOUT_S))
+
+    def send_plan(self, plan: cpu_sampler_pb2.SamplePlan) -> None:
+        if self._plans is None:
+            self._plans = StreamSender(self._stub.Plans, f"plans->{self.address}")
+        self._plans.send(plan)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._call is not None:
+            self._call.cancel()
+        self._worker.close(then=self._plans.close if self._plans is not None else None)
+
+    def _follow_results(self) -> None:
+        """Follow the Results stream; resubscribe while the replica stays in the pool."""
+        while not self._closed.is_set():
+            try:
+                self._call = self._stub.Results(cpu_sampler_pb2.ResultsRequest())
+                for batch in self._call:
+                    if batch.step_id == 0:  # the subscription is confirmed
+                        self._post(SamplerUp(self))
+                    else:
+                        self._post(TokensSampled(self, batch))
+                reason = "its Results stream ended"
+            except grpc.RpcError as e:
+                reason = f"its Results stream failed: {e.code().name}"
+            if not self._closed.is_set():
+                self._post(SamplerDown(self, reason))
+                self._closed.wait(0.5)
+
+
+class GrpcKvStore:
+    def __init__(self, address: str):
+        self._worker = _Worker(address)
+        self._stub = kv_store_pb2_grpc.KvStoreStub(self._worker.channel)
+
+    def free(self, request_ids: list[str]) -> None:
+        request = kv_store_pb2.FreeBlocksRequest(request_ids=request_ids)
+        self._worker.call(lambda: self._stub.FreeBlocks(request, timeout=RPC_TIMEOUT_S))
+
+    def close(self) -> None:
+        self._worker.close()
