@@ -105,3 +105,63 @@ def test_finishing_the_last_unanswered_row_commits_the_rest_and_a_lost_step_retu
     assert sorted(x.request_id for x in second.sequences) == ["a", "c"]
     assert s.expired(sent_before=0.0) == [] and s.expired(sent_before=float("inf")) == [second.step_id]
     assert s.fail(second.step_id) == [x.request_id for x in second.sequences] and s.in_flight == {}
+
+
+# --- prefix caching -------------------------------------------------------------------------
+
+def prompt_seq(rid: str, tokens: list[int]) -> Sequence:
+    return Sequence(rid, tokens, max_tokens=100, sampler="s0")
+
+
+def run_prefill(s: Scheduler, rid: str) -> list[int]:
+    """Schedule and commit one step holding `rid`'s prefill; its block table."""
+    step = s.schedule()
+    (row,) = [x for x in step.sequences if x.request_id == rid]
+    s.update(step.step_id, rows(**{x.request_id: 0 for x in step.sequences}))
+    return row.block_table
+
+
+def test_a_prompt_starts_from_its_cached_prefix():
+    s = scheduler()
+    s.add(prompt_seq("a", list(range(1, 11))))  # blocks of 4: [1-4] [5-8] and 9, 10
+    a_blocks = run_prefill(s, "a")
+    s.add(prompt_seq("b", [*range(1, 9), 50, 51, 52]))
+    step = s.schedule()
+    (b,) = [x for x in step.sequences if x.request_id == "b"]
+    assert (b.num_computed_tokens, b.input_ids, b.block_table[:2]) == (8, [50, 51, 52], a_blocks[:2])
+    assert len(b.block_table) == 3 and b.block_table[2] not in a_blocks
+    assert (s.blocks.num_queried_tokens, s.blocks.num_hit_tokens) == (9 + 10, 8)
+
+
+def test_a_fully_cached_prompt_still_computes_its_last_token():
+    s = scheduler()
+    s.add(prompt_seq("a", list(range(1, 9))))
+    run_prefill(s, "a")
+    s.add(prompt_seq("b", list(range(1, 9))))
+    (b,) = [x for x in s.schedule().sequences if x.request_id == "b"]
+    # 7 tokens are looked up (the last must be computed for its logits): one full block hits.
+    assert (b.num_computed_tokens, b.input_ids) == (4, [5, 6, 7, 8])
+
+
+def test_cached_blocks_outlive_their_request_and_a_retried_cached_prefill_queues_again():
+    s = scheduler()
+    s.add(prompt_seq("a", list(range(1, 10))))
+    a_blocks = run_prefill(s, "a")
+    s.finish("a")
+    assert s.blocks.num_free == 64  # free to take, and still cached
+    s.add(prompt_seq("c", [*range(1, 9), 20, 21, 22]))
+    (c,) = s.schedule().sequences
+    assert (c.num_computed_tokens, c.input_ids, c.block_table[:2]) == (8, [20, 21, 22], a_blocks[:2])
+    s.retry(["c"])  # its sampler went away: the prefill queues again, first, keeping its blocks
+    assert s.seqs["c"].status == Status.WAITING and s.waiting[0] == "c"
+    (again,) = s.schedule().sequences
+    assert (again.num_computed_tokens, again.input_ids, again.block_table) == (8, [20, 21, 22], c.block_table)
+
+
+def test_without_prefix_caching_every_prompt_is_computed():
+    s = scheduler(prefix_caching=False)
+    s.add(prompt_seq("a", list(range(1, 10))))
+    run_prefill(s, "a")
+    s.add(prompt_seq("b", list(range(1, 10))))
+    (b,) = [x for x in s.schedule().sequences if x.request_id == "b"]
+    assert b.num_computed_tokens == 0 and s.blocks.num_hit_tokens == 0

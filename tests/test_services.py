@@ -111,6 +111,22 @@ def test_greedy_on_cuda_matches_transformers(llama, reference_model, preset):
         c.stop()
 
 
+def test_a_shared_prefix_is_reused_and_output_still_matches(llama, reference_model, cluster2):
+    # Block size 4: the second prompt shares the first's first three full blocks (12 tokens).
+    first = list(range(20, 47))
+    second = first[:12] + [300, 301, 302]
+    with TandemClient(cluster2.endpoint, timeout_s=60) as client:
+        before = client.server_info()
+        got = [client.generate(prompt_ids=p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True).token_ids
+               for p in (first, second)]
+        after = client.server_info()
+    for prompt, ids in zip((first, second), got):
+        assert list(ids) == reference(reference_model(llama), prompt)
+    assert after.prefix_cache_hits_total - before.prefix_cache_hits_total >= 12
+    assert after.prefix_cache_queries_total - before.prefix_cache_queries_total == len(first) - 1 + len(second) - 1
+    assert_all_released(cluster2)
+
+
 def test_seeded_sampling_is_independent_of_topology(llama, cluster2):
     sampling = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=1234, ignore_eos=True,
                     repetition_penalty=1.1, presence_penalty=0.2)

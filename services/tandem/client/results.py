@@ -104,3 +104,5 @@ class ServerInfo:
     num_preemptions_total: int
     dtype: str
     device: str
+    prefix_cache_queries_total: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits_total: int = 0  # of those, found there

@@ -28,6 +28,9 @@ class CoordinatorConfig:
     max_num_seqs: int = doc("most sequences in one micro-batch", 64)
     max_num_batched_tokens: int = doc("most tokens in one micro-batch (a longer prompt runs alone)", 2048)
     max_in_flight: int = doc("micro-batches in flight; 0 means number of stages + 1", 0)
+    enable_prefix_caching: bool = doc(
+        "reuse the KV blocks of prompt prefixes computed before (whole blocks, found by a hash of every "
+        "token up to them); cached blocks no request holds are given up, oldest first, when memory is needed", True)
     max_queue: int = doc("most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED", 256)
     max_model_len: int = doc("longest prompt plus output in tokens; 0 means the model's max positions", 0)
     sample_plans: bool = doc(

@@ -64,6 +64,8 @@ class Snapshot:
     num_blocks_used: int = 0
     num_preemptions: int = 0
     samplers: tuple[str, ...] = ()  # the replicas up, by address
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # of those, found there
 
 
 class Engine:
@@ -207,7 +209,8 @@ class Engine:
     def _publish(self, num_received: int) -> None:
         s = self.scheduler
         snapshot = Snapshot(s.num_running, s.num_waiting, s.blocks.num_blocks - s.blocks.num_free,
-                            s.num_preemptions, self._pool.addresses_up)
+                            s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
+                            s.blocks.num_hit_tokens)
         with self._lock:
             self.snapshot = snapshot
             self._num_unreceived -= num_received

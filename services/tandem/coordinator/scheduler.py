@@ -12,6 +12,10 @@ share of the ready decodes (all ready sequences spread over the micro-batches in
 resumes swapped sequences, then admits waiting prompts while blocks and the token budget
 allow. When blocks run out, the most recently arrived idle sequence is preempted: swapped
 to the KV store when it has room, else its blocks are freed and it is recomputed later.
+
+With prefix caching (coordinator.block_pool), a prompt admitted starts from the longest run of
+its full blocks already cached, computing only the rest (at least its last token, whose logits
+it samples from); blocks are published once the step that computed them commits.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
+from tandem.coordinator.block_pool import BlockPool
 from tandem.coordinator.steps import (
     Commit,
     InFlight,
@@ -29,7 +34,6 @@ from tandem.coordinator.steps import (
     Status,
     Step,
 )
-from tandem.core.kv_cache import BlockAllocator
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
 
@@ -43,8 +47,9 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_in_flight: int,
         num_host_blocks: int = 0,
+        prefix_caching: bool = True,
     ):
-        self.blocks = BlockAllocator(num_blocks)
+        self.blocks = BlockPool(num_blocks, block_size, prefix_caching)
         self.host_blocks_free = num_host_blocks
         self.block_size = block_size
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
@@ -119,10 +124,14 @@ class Scheduler:
             self._take(seq, step)
         while self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
-            num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
-            if (num_new > budget and step.sequences) or not seq.sampler:
+            if not seq.sampler:
                 break
-            if not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
+            cached = self._match_prefix(seq)
+            num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
+            if (num_new > budget and step.sequences) or not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
+                if cached:  # not admitted: give the cached blocks back, to match again next time
+                    self.blocks.free(cached)
+                    seq.block_table, seq.num_computed_tokens = [], 0
                 break
             self.waiting.popleft()
             self._grow(seq, num_new, step)
@@ -161,7 +170,7 @@ class Scheduler:
                 continue  # not in flight, or answered already: it commits with its step
             del record.rows[rid]
             seq.step_id = 0
-            if seq.num_computed_tokens == 0:  # a prefill: it queues again, first in line
+            if len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens > 1:  # a prefill: it queues again, first
                 seq.status = Status.WAITING
                 self.waiting.appendleft(rid)
             else:
@@ -210,10 +219,23 @@ class Scheduler:
         for rid, row in record.rows.items():
             seq = self.seqs[rid]
             seq.status, seq.step_id = Status.READY, 0
-            seq.num_computed_tokens = len(seq.prompt_ids) + len(seq.output_ids)
+            computed, seq.num_computed_tokens = seq.num_computed_tokens, len(seq.prompt_ids) + len(seq.output_ids)
+            if seq.num_computed_tokens // self.block_size > computed // self.block_size:  # a block filled up
+                self.blocks.publish(seq.block_table, seq.tokens_from(0), seq.num_computed_tokens)
             seq.output_ids.append(row.token_id)
             commits.append((seq, row))
         return commits
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """For a sequence with nothing computed and no blocks: take the cached blocks its tokens
+        begin with (all but its last token, which must be computed for its logits)."""
+        if seq.num_computed_tokens or seq.block_table:
+            return []
+        tokens = seq.tokens_from(0)
+        cached = self.blocks.match(tokens[:-1])
+        seq.block_table = list(cached)
+        seq.num_computed_tokens = len(cached) * self.block_size
+        return cached
 
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table))

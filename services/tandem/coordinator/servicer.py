@@ -75,7 +75,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             num_requests_waiting=snapshot.num_waiting, kv_blocks_total=cfg.num_blocks,
             kv_blocks_used=snapshot.num_blocks_used, block_size=cfg.block_size,
             num_preemptions_total=snapshot.num_preemptions, dtype=self.probe.stages[-1].dtype,
-            device=self.probe.stages[-1].device,
+            device=self.probe.stages[-1].device, prefix_cache_queries_total=snapshot.prefix_cache_queries,
+            prefix_cache_hits_total=snapshot.prefix_cache_hits,
         )
         for i, (stage, num_blocks) in enumerate(zip(self.probe.stages, report.stage_blocks_used)):
             info.stages.add(index=i, address=stage.address, layer_start=stage.layer_start,
@@ -159,7 +160,8 @@ def serve(config: CoordinatorConfig) -> Server:
     probe = ServiceProbe(list(config.stages), config.kv_store, lambda: engine.snapshot.samplers if engine else ())
     block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                          config.max_in_flight or len(config.stages) + 1, num_host_blocks)
+                          config.max_in_flight or len(config.stages) + 1, num_host_blocks,
+                          prefix_caching=config.enable_prefix_caching)
     engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put) for i, a in enumerate(config.stages)],
                     lambda address: ports.GrpcSampler(address, inbox.put),
                     ports.GrpcKvStore(config.kv_store) if config.kv_store else None, inbox,
