@@ -339,7 +339,8 @@ def test_a_failed_or_timed_out_step_fails_its_requests_and_sampling_errors_fail_
     c = rig.request("c")
     rig.turn()
     rig.turn()
-    assert "no result within" in str(outputs(c)[-1].error)
+    message = str(outputs(c)[-1].error)
+    assert "the pipeline failed step" in message and "no result within" in message and "stage -1" not in message
 
 
 def test_concurrent_submits_with_one_id_accept_exactly_one():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
+from tandem.coordinator.limits import Limits
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
 
@@ -43,6 +45,18 @@ class CoordinatorConfig:
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
         "the variable unset or empty: no key is asked for", "TANDEM_API_KEY")
 
+    max_prompt_bytes: int = doc("longest prompt text, or text to tokenize, in UTF-8 bytes", 1 << 20)
+    max_prompt_tokens: int = doc("most token ids in a prompt given as ids, or to detokenize", 1 << 18)
+    max_request_id_bytes: int = doc("longest request id, in UTF-8 bytes", 256)
+    max_stop_strings: int = doc("most stop strings in one request", 64)
+    max_stop_string_bytes: int = doc("longest stop string, in UTF-8 bytes", 1024)
+    max_stop_token_ids: int = doc("most stop token ids in one request", 1024)
+    max_logit_bias: int = doc("most logit_bias entries in one request", 1024)
+
+    def limits(self) -> Limits:
+        """The request size limits (coordinator.limits)."""
+        return Limits(**{f.name: getattr(self, f.name) for f in dataclasses.fields(Limits)})
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("config field 'model' must name a model directory")
@@ -54,6 +68,7 @@ class CoordinatorConfig:
             raise ConfigError("config field 'samplers' must list at least one sampler (sampler_discovery: static)")
         if self.sampler_discovery == "endpointslices" and not self.sampler_service:
             raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue"):
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+                     *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")

@@ -240,7 +240,8 @@ class Engine:
         self._commit(commits)
 
     def _on_step_failed(self, event: StepFailed) -> None:
-        error = UnavailableError(f"stage {event.stage} failed step {event.step_id}: {event.error}")
+        who = f"stage {event.stage}" if event.stage >= 0 else "the pipeline"
+        error = UnavailableError(f"{who} failed step {event.step_id}: {event.error}")
         commits: list[Commit] = []
         for rid in self.scheduler.fail(event.step_id):
             commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)

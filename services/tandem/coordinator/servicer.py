@@ -35,8 +35,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.config, self.engine, self.probe, self.tokenizer, self.model = config, engine, probe, tokenizer, model
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
+        self.limits = config.limits()
 
     def Generate(self, request: pb.GenerateRequest, context):
+        self.limits.check_generate(request)
         req, text = self._new_request(request)
         self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
         if not context.add_callback(lambda: self.engine.abort(req.request_id)):
@@ -59,10 +61,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.AbortResponse()
 
     def Tokenize(self, request: pb.TokenizeRequest, context):
+        self.limits.check_text("text", request.text)
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
         return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_special_tokens=add))
 
     def Detokenize(self, request: pb.DetokenizeRequest, context):
+        self.limits.check_token_ids("token_ids", len(request.token_ids))
         ids = self._check_ids(list(request.token_ids), "token_ids")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
         return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=skip))
