@@ -59,11 +59,14 @@ class FakeSampler:
         self.address, self.post, self.add_error = address, post, add_error
         self.held: dict[str, cpu_sampler_pb2.SamplerSequence] = {}
         self.plans, self.released, self.is_closed = [], [], False
+        self.reconnects = 0
+        self.added: list[str] = []  # every request id it was handed, in order
 
     def start(self) -> None:
         self.post(SamplerUp(self))
 
     def add(self, sequences) -> None:
+        self.added += [s.request_id for s in sequences]
         if not self.add_error:
             self.held.update((s.request_id, s) for s in sequences)
         self.post(SequencesAdded(self, tuple(s.request_id for s in sequences), self.add_error))
@@ -75,6 +78,9 @@ class FakeSampler:
 
     def send_plan(self, plan) -> None:
         self.plans.append(plan)
+
+    def reconnect(self) -> None:
+        self.reconnects += 1  # a test posts SamplerUp when the replica is to answer again
 
     def close(self) -> None:
         self.is_closed = True
@@ -273,6 +279,30 @@ def test_a_failed_add_marks_the_replica_down_and_the_sequences_go_elsewhere():
     rig.run()
     assert all(tokens(r) == expected(r.request_id, 3) for r in requests)
     assert rig.engine.snapshot.samplers == ("s1",)
+    assert_all_released(rig)
+
+
+def test_a_replica_down_for_a_failed_add_comes_back_once_it_answers_again():
+    # A paused replica's AddSequences times out: it goes out of the pool, releases what it took
+    # when it answers, and subscribes again; once it confirms, it takes sequences again.
+    rig = Rig(samplers=())
+    rig.add_errors["s0"] = "AddSequences failed: DEADLINE_EXCEEDED"
+    rig.post(MembershipChanged(frozenset({"s0", "s1"})))
+    rig.turn()
+    first = [rig.request(rid, max_tokens=2) for rid in "ab"]
+    rig.run()
+    s0 = rig.samplers["s0"]
+    handed = list(s0.added)
+    assert handed and s0.reconnects == 1 and set(s0.released) == set(handed)
+    assert rig.engine.snapshot.samplers == ("s1",)
+    s0.add_error = ""  # it resumes, and its new subscription is confirmed
+    rig.post(SamplerUp(s0))
+    rig.run()
+    assert rig.engine.snapshot.samplers == ("s0", "s1")
+    later = [rig.request(rid, max_tokens=2) for rid in "cdef"]
+    rig.run()
+    assert set(s0.added[len(handed):]) & set("cdef")  # it takes sequences again
+    assert all(tokens(r) == expected(r.request_id, 2) for r in first + later)
     assert_all_released(rig)
 
 

@@ -268,8 +268,11 @@ class Engine:
         self._move(self._pool.down(event.port), event.port.address, event.reason)
 
     def _on_sequences_added(self, event: SequencesAdded) -> None:
-        if event.error:
-            self._move(self._pool.down(event.port), event.port.address, event.error)
+        if event.error:  # the replica is out until it confirms a new subscription
+            moved = self._pool.down(event.port)
+            self._move(moved, event.port.address, event.error)
+            event.port.release(sorted({*moved, *event.request_ids}))  # whatever it took, once it answers
+            event.port.reconnect()
             return
         for rid in self._pool.confirm(event.port, event.request_ids):
             self._requests[rid].sampler = event.port.address  # from now on it is scheduled

@@ -63,6 +63,10 @@ class SamplerPort(Protocol):
     def send_plan(self, plan: cpu_sampler_pb2.SamplePlan) -> None:
         """Queue the replica's rows of one step, ahead of the step's logits."""
 
+    def reconnect(self) -> None:
+        """Subscribe to the replica's results anew: a replica taken out of the pool for a failed
+        call (paused, overloaded) comes back with `SamplerUp` once it confirms the subscription."""
+
     def close(self) -> None: ...
 
 
@@ -157,6 +161,10 @@ class GrpcSampler:
         if self._plans is None:
             self._plans = StreamSender(self._stub.Plans, f"plans->{self.address}")
         self._plans.send(plan)
+
+    def reconnect(self) -> None:
+        if self._call is not None:
+            self._call.cancel()  # _follow_results subscribes again
 
     def close(self) -> None:
         self._closed.set()

@@ -79,6 +79,9 @@ class Sampler:
     def send_plan(self, plan) -> None:
         self.num_plan_bytes += len(plan.SerializeToString())
 
+    def reconnect(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
