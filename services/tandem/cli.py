@@ -57,7 +57,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
+SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store", "gateway")
 
 
 def _say(line: str) -> None:
@@ -81,9 +81,10 @@ def _serve(args: argparse.Namespace) -> int:
         "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
         "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
         "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
+        "gateway": ("tandem.gateway.config", "GatewayConfig"),
     }[service]
     config = load_config(getattr(importlib.import_module(config_cls[0]), config_cls[1]), args.config)
-    module = importlib.import_module(f"tandem.{service}.servicer")
+    module = importlib.import_module(f"tandem.{service}.{'server' if service == 'gateway' else 'servicer'}")
     server = module.serve(config)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
