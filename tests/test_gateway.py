@@ -178,10 +178,11 @@ def test_n_choices_are_seeded_apart_and_reproducible(client, chat_model):
     ({"n": 100}, "n"),
     ({"temperature": -1.0}, None),  # refused by the coordinator (INVALID_ARGUMENT)
     ({"max_tokens": 10_000}, None),
+    ({"prompt": [1, 2 ** 40]}, None),  # no int32 token id
 ])
 def test_bad_parameters_are_bad_request_errors(gateway, client, chat_model, extra, param):
     with pytest.raises(openai.BadRequestError) as caught:
-        client.completions.create(model=chat_model.name, prompt="x", extra_body=extra)
+        client.completions.create(**{"model": chat_model.name, "prompt": "x", "extra_body": extra})
     assert caught.value.status_code == 400 and caught.value.param == param
     status, body = raw(gateway, "POST", "/v1/completions", {"model": chat_model.name, "prompt": "x", **extra})
     assert status == 400 and set(body["error"]) == {"message", "type", "param", "code"}
@@ -240,3 +241,17 @@ def test_overload_is_a_rate_limit_error(chat_model):
     finally:
         server.stop()
         c.stop()
+
+
+def test_no_chat_template_and_no_coordinator_are_answered_clearly(tmp_path):
+    server = start_gateway("127.0.0.1:1", tmp_path)  # nothing listens on port 1
+    try:
+        with openai.OpenAI(base_url=f"http://{server.address}/v1", api_key="none", max_retries=0) as client:
+            with pytest.raises(openai.BadRequestError, match="no chat template"):
+                client.chat.completions.create(model=tmp_path.name, messages=[{"role": "user", "content": "hi"}])
+            with pytest.raises(openai.InternalServerError) as caught:
+                client.completions.create(model=tmp_path.name, prompt="hi")
+            assert caught.value.status_code == 503
+        assert raw(server, "GET", "/health")[0] == 503
+    finally:
+        server.stop()

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,6 +48,7 @@ from tandem.gateway.protocol import (
     usage_body,
 )
 
+log = logging.getLogger(__name__)
 T = TypeVar("T")
 Event = tuple[int, GenerateChunk | GenerateResult]
 HTTP_STATUS: list[tuple[type[ClientError], int]] = [
@@ -157,6 +159,9 @@ class Gateway:
                 return _error_response(e)
             except ClientError as e:
                 return _error_response(_openai_error(e))
+            except Exception as e:  # noqa: BLE001 - a bug here still answers in OpenAI's shape
+                log.exception("%s %s failed", request.method, request.url.path)
+                return _error_response(OpenAIError(500, f"internal error: {type(e).__name__}: {e}"))
         return run
 
     def _authorize(self, request: Request) -> None:
@@ -211,10 +216,15 @@ class Gateway:
     async def _serve(self, request: Request, job: Job, chat: bool) -> Response:
         assert self.client is not None
         timeout_s = self.config.request_timeout_s or None
-        streams = [self.client.generate_stream(prompt if isinstance(prompt, str) else None,
-                                               prompt_ids=None if isinstance(prompt, str) else prompt,
-                                               timeout_s=timeout_s, **options)
-                   for prompt, options in job.calls()]
+        streams: list[AsyncGenerateStream] = []
+        try:
+            for prompt, options in job.calls():
+                text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+                streams.append(self.client.generate_stream(text, prompt_ids=ids, timeout_s=timeout_s, **options))
+        except (TypeError, ValueError) as e:  # a value the request message cannot hold, such as a huge token id
+            for stream in streams:
+                stream.close()
+            raise OpenAIError(400, str(e)) from None
         events = _merged(streams)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}

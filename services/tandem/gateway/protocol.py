@@ -150,7 +150,7 @@ def _common(args: dict[str, Any], served_model: str, max_n: int) -> tuple[dict[s
         raise _bad("n", f"must be in [1, {max_n}], got {n}")
     stream = args.get("stream", False)
     stream_options = args.get("stream_options", {})
-    if set(stream_options) - {"include_usage", "continuous_usage_stats"} or not stream and stream_options:
+    if set(stream_options) - {"include_usage"} or not stream and stream_options:
         raise _bad("stream_options", "only include_usage is supported, with stream: true")
     options = {name: args[name] for name in SAMPLING if name in args}
     return options, n, stream, bool(stream_options.get("include_usage"))
