@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import grpc
+import openai
 import pytest
 import torch
 
@@ -24,7 +25,7 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def start_up(model: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "tandem.cli", "up", "--model", str(model), "--port", "0",
+    cmd = [sys.executable, "-m", "tandem.cli", "up", "--model", str(model), "--port", "0", "--gateway-port", "0",
            "--num-blocks", "64", "--log-dir", str(tmp_path), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
     deadline = time.monotonic() + 240
@@ -61,8 +62,9 @@ def generate(endpoint: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
     proc, endpoint = up("--stages", "2", "--samplers", "2")
+    gateway = proc.stdout.readline().split()[-1]
     kids = children_of(proc.pid)
-    assert len(kids) == 6  # kv store, 2 samplers, 2 stages, coordinator
+    assert len(kids) == 7  # kv store, 2 samplers, 2 stages, coordinator, gateway
 
     out = generate(endpoint, "--prompt-ids", "5,7,9,11", "--max-tokens", "6", "--temperature", "0",
                    "--ignore-eos", "--json")
@@ -72,6 +74,10 @@ def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
     want = model.generate(torch.tensor([[5, 7, 9, 11]]), max_new_tokens=6, do_sample=False, eos_token_id=None,
                           pad_token_id=0)[0, 4:].tolist()
     assert result["token_ids"] == want and result["finish_reason"] == "length"
+    with openai.OpenAI(base_url=gateway, api_key="none", max_retries=0, timeout=60) as client:
+        completion = client.completions.create(model=client.models.list().data[0].id, prompt=[5, 7, 9, 11],
+                                               max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    assert completion.choices[0].text == result["text"]
 
     streamed = generate(endpoint, "The quick brown", "--max-tokens", "5", "--temperature", "0")
     assert streamed.returncode == 0 and streamed.stdout.strip() != ""

@@ -23,6 +23,7 @@ import yaml
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import load_config
 from tandem.cpu_sampler.config import SamplerConfig
+from tandem.gateway.config import GatewayConfig
 from tandem.kv_store.config import KvStoreConfig
 from tandem.stage_worker.config import StageWorkerConfig
 
@@ -37,6 +38,7 @@ CONFIG_CLASSES = {
     "stage-worker": StageWorkerConfig,
     "cpu-sampler": SamplerConfig,
     "kv-store": KvStoreConfig,
+    "gateway": GatewayConfig,
 }
 WORKLOAD_KINDS = {"Deployment", "StatefulSet"}
 
@@ -127,6 +129,11 @@ def test_every_container_has_probes_resources_and_runs_as_non_root(example: str)
             sc = c["securityContext"]
             assert sc["runAsNonRoot"] and not sc["allowPrivilegeEscalation"] and sc["capabilities"]["drop"] == ["ALL"]
         for c in pod["containers"]:
+            if _component(workload) == "gateway":  # HTTP: up once it listens, ready while the coordinator answers
+                assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+                assert c["livenessProbe"]["tcpSocket"] == c["startupProbe"]["tcpSocket"] == {"port": "http"}
+                assert c["args"][:3] == ["gateway", "--config", "/etc/tandem/config.yaml"]
+                continue
             service = {"coordinator": "tandem.v1.Coordinator", "stage-worker": "tandem.v1.StageWorker",
                        "cpu-sampler": "tandem.v1.CpuSampler", "kv-store": "tandem.v1.KvStore"}[_component(workload)]
             assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": service}
@@ -161,8 +168,9 @@ def test_static_discovery_grants_no_api_access() -> None:
 def test_services_public_clusterip_internal_headless() -> None:
     services = _of_kind(_objects("four-stages.yaml"), "Service")
     public = [s for s in services if s["spec"].get("clusterIP") != "None"]
-    assert [(s["metadata"]["name"], s["spec"]["type"]) for s in public] == [("demo-tandem", "ClusterIP")]
-    assert len(services) == 1 + 4 + 1 + 1  # public, one per stage, samplers, kv-store
+    assert [(s["metadata"]["name"], s["spec"]["type"]) for s in public] == [
+        ("demo-tandem", "ClusterIP"), ("demo-tandem-gateway", "ClusterIP")]
+    assert len(services) == 2 + 4 + 1 + 1  # public and gateway, one per stage, samplers, kv-store
 
 
 @pytest.mark.parametrize("example", EXAMPLE_IDS)
@@ -172,9 +180,11 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
     for cm in _of_kind(objs, "ConfigMap"):
         cls = CONFIG_CLASSES[_component(cm)]
         config = load_config(cls, yaml.safe_load(cm["data"]["config.yaml"]))
-        assert (config.host, config.port) == ("0.0.0.0", 50051)
+        assert (config.host, config.port) == ("0.0.0.0", 8000 if cls is GatewayConfig else 50051)
         configs.setdefault(_component(cm), []).append(config)
     (coordinator,) = configs["coordinator"]
+    (gateway,) = configs["gateway"]
+    assert (gateway.coordinator, gateway.model) == (f"demo-tandem.{NAMESPACE}.svc.cluster.local:50051", coordinator.model)
     stages = sorted(configs["stage-worker"], key=lambda s: s.stage_index)
     suffix = f".{NAMESPACE}.svc.cluster.local:50051"
     assert coordinator.stages == tuple(f"demo-tandem-stage-{i}{suffix}" for i in range(len(stages)))
@@ -260,6 +270,17 @@ def test_tls_and_api_key_mounts_only_when_enabled() -> None:
 
     assert secrets("defaults.yaml") == set()
     assert secrets("tls-apikey.yaml") == {"tandem-tls", "tandem-api-key", "hf-token"}
+
+
+def test_gateway_serves_http_reads_the_model_files_it_needs_and_can_be_left_out() -> None:
+    (gateway,) = [w for w in _of_kind(_objects("tls-apikey.yaml"), "Deployment") if _component(w) == "gateway"]
+    pod = gateway["spec"]["template"]["spec"]
+    assert pod["containers"][0]["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    assert "TANDEM_API_KEY" in [e["name"] for e in pod["containers"][0]["env"]]
+    (download,) = pod["initContainers"]
+    assert {"name": "MODEL_PATTERNS", "value": "*.json *.jinja"} in download["env"]
+    objs = _render({"gateway": {"enabled": False}})
+    assert not [o for o in objs if _component(o) == "gateway"] and objs
 
 
 def test_autoscaling_targets_the_sampler_deployment() -> None:

@@ -98,8 +98,11 @@ def _up(args: argparse.Namespace) -> int:
         address = launcher.up(model, args.stages, args.samplers, args.port, num_blocks=args.num_blocks,
                               kv_store=not args.no_kv_store, device=args.device, preset=args.preset,
                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
-                              max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs)
+                              max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
+                              gateway_port=None if args.no_gateway else args.gateway_port)
         print(f"tandem ready on {address}", flush=True)
+        if launcher.gateway:
+            print(f"tandem OpenAI-compatible API on http://{launcher.gateway}/v1", flush=True)
         while not stop.wait(0.5):
             if (dead := launcher.first_exited()) is not None:
                 print(f"tandem: {dead[0]} exited with status {dead[1]}; stopping", file=sys.stderr)
@@ -172,6 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--stages", type=int, default=2, help="pipeline stages")
     up.add_argument("--samplers", type=int, default=2, help="CPU sampler replicas")
     up.add_argument("--port", type=int, default=50051, help="port of the public API")
+    up.add_argument("--gateway-port", type=int, default=8000, help="port of the OpenAI-compatible HTTP API")
+    up.add_argument("--no-gateway", action="store_true", help="do not start the OpenAI-compatible gateway")
     up.add_argument("--num-blocks", type=int, default=512, help="KV blocks per stage")
     up.add_argument("--device", default="cpu", help="device of the stage workers")
     up.add_argument("--no-kv-store", action="store_true", help="no host KV tier: preemption recomputes")

@@ -14,12 +14,13 @@ if TYPE_CHECKING:
     from tandem.core.server import Server
     from tandem.stage_worker.config import StageWorkerConfig
 
-SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store")
+SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store", "gateway")
 CONFIG_CLASSES = {
     "coordinator": ("tandem.coordinator.config", "CoordinatorConfig"),
     "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
     "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
     "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
+    "gateway": ("tandem.gateway.config", "GatewayConfig"),
 }
 
 
@@ -33,6 +34,8 @@ def serve(service: str, config: Any) -> Server:
     """Start `service` (one of SERVICES) with `config` and mark it ready; the caller stops it."""
     if service == "stage_worker":
         return serve_stage_worker(config)
+    if service == "gateway":  # HTTP, not gRPC: its server has the same address and stop()
+        return importlib.import_module("tandem.gateway.server").serve(config)
     return importlib.import_module(f"tandem.{service}.servicer").serve(config)
 
 

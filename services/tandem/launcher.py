@@ -22,6 +22,7 @@ from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
 from tandem.core.profile import balanced_split, load_profile
 from tandem.core.stages import parse_boundaries
 from tandem.cpu_sampler.config import SamplerConfig
+from tandem.gateway.config import GatewayConfig
 from tandem.kv_store.config import KvStoreConfig
 from tandem.presets import resolve
 from tandem.stage_worker.config import StageWorkerConfig
@@ -75,6 +76,7 @@ class Launcher:
         self.log_dir = Path(log_dir) if log_dir else self.workdir
         self.stages: list[str] = []  # addresses, filled in by up()
         self.samplers: list[str] = []
+        self.gateway = ""  # host:port of the OpenAI-compatible gateway, when up() started one
         self.notes: list[str] = []  # what up() said about the layout
         self.warnings: list[str] = []  # the notes that say something is oversubscribed
         self._say = say
@@ -123,7 +125,7 @@ class Launcher:
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
-           max_num_seqs: int = 64) -> str:
+           max_num_seqs: int = 64, gateway_port: int | None = None) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -133,7 +135,8 @@ class Launcher:
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
-        `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig).
+        `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig). With `gateway_port`
+        (0: any free port) the OpenAI-compatible gateway starts too, at `self.gateway`.
         """
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
@@ -164,7 +167,11 @@ class Launcher:
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
                                         max_in_flight=max_in_flight, max_num_seqs=max_num_seqs,
                                         **techniques.coordinator_options())
-        return self.start("coordinator", "coordinator", coordinator, cpus=others)
+        address = self.start("coordinator", "coordinator", coordinator, cpus=others)
+        if gateway_port is not None:
+            gateway = GatewayConfig(host=host, port=gateway_port, coordinator=address, model=model)
+            self.gateway = self.start("gateway", "gateway", gateway, cpus=others)
+        return address
 
     def balance(self, model: str, num_stages: int, device: str, plan: CorePlan, dtype: str = "auto",
                 balance_at: tuple[int, int] | None = None, timeout_s: float = 600.0) -> tuple[int, ...]:

@@ -43,6 +43,7 @@ tandem.dev/stage: {{ .stage | quote }}
 {{- define "tandem.coordinator.name" -}}{{ include "tandem.fullname" . }}-coordinator{{- end }}
 {{- define "tandem.cpuSampler.name" -}}{{ include "tandem.fullname" . }}-cpu-sampler{{- end }}
 {{- define "tandem.kvStore.name" -}}{{ include "tandem.fullname" . }}-kv-store{{- end }}
+{{- define "tandem.gateway.name" -}}{{ include "tandem.fullname" . }}-gateway{{- end }}
 {{- define "tandem.stage.name" -}}{{ include "tandem.fullname" .root }}-stage-{{ .stage }}{{- end }}
 
 {{/* Cluster DNS suffix of a Service in this namespace. */}}
@@ -106,7 +107,7 @@ StatefulSet DNS name per replica. */}}
 {{- if and .Values.cpuSampler.autoscaling.enabled (eq .Values.cpuSampler.discovery "static") }}
 {{- fail "cpuSampler.autoscaling.enabled needs cpuSampler.discovery=endpointslices (static membership cannot follow scaling)" }}
 {{- end }}
-{{- range $role := list "coordinator" "stageWorker" "kvStore" }}
+{{- range $role := list "coordinator" "stageWorker" "kvStore" "gateway" }}
 {{- if (index $.Values $role).autoscaling.enabled }}
 {{- fail (printf "%s.autoscaling.enabled: only cpuSampler can autoscale" $role) }}
 {{- end }}
@@ -141,7 +142,8 @@ StatefulSet DNS name per replica. */}}
 {{/*
 A pod template for one role. dict:
   root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
-  service name, configMap: name, needsModel: bool, labels: selector labels (rendered),
+  service name, httpPort: for an HTTP service instead (TCP liveness, readiness from GET /health),
+  configMap: name, needsModel: bool, labels: selector labels (rendered),
   serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
   as /etc/tandem/KEY
 */}}
@@ -184,6 +186,8 @@ spec:
           value: {{ $root.Values.model.download.revision | quote }}
         - name: MODEL_DIR
           value: {{ include "tandem.model.dir" $root | quote }}
+        - name: MODEL_PATTERNS
+          value: {{ if .httpPort }}"*.json *.jinja"{{ else }}"*.json *.safetensors"{{ end }}
         - name: HOME
           value: /tmp
         {{- with $root.Values.model.download.tokenSecret.name }}
@@ -215,9 +219,15 @@ spec:
         - {{ . | quote }}
         {{- end }}
       ports:
+        {{- if .httpPort }}
+        - name: http
+          containerPort: {{ .httpPort }}
+          protocol: TCP
+        {{- else }}
         - name: grpc
           containerPort: {{ $root.Values.port }}
           protocol: TCP
+        {{- end }}
       env:
         - name: POD_NAME
           valueFrom:
@@ -227,7 +237,7 @@ spec:
           valueFrom:
             fieldRef:
               fieldPath: metadata.namespace
-        {{- if and (eq .component "coordinator") $root.Values.apiKey.enabled }}
+        {{- if and (has .component (list "coordinator" "gateway")) $root.Values.apiKey.enabled }}
         - name: TANDEM_API_KEY
           valueFrom:
             secretKeyRef:
@@ -237,6 +247,21 @@ spec:
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
+      {{- if .httpPort }}
+      startupProbe:
+        tcpSocket:
+          port: http
+        {{- toYaml $v.probes.startup | nindent 8 }}
+      livenessProbe:
+        tcpSocket:
+          port: http
+        {{- toYaml $v.probes.liveness | nindent 8 }}
+      readinessProbe:
+        httpGet:
+          path: /health
+          port: http
+        {{- toYaml $v.probes.readiness | nindent 8 }}
+      {{- else }}
       startupProbe:
         grpc:
           port: {{ $root.Values.port }}
@@ -250,6 +275,7 @@ spec:
           port: {{ $root.Values.port }}
           service: {{ .grpcService }}
         {{- toYaml $v.probes.readiness | nindent 8 }}
+      {{- end }}
       resources:
         {{- toYaml $v.resources | nindent 8 }}
       securityContext:
