@@ -143,7 +143,7 @@ A pod template for one role. dict:
   root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
   service name, configMap: name, needsModel: bool, labels: selector labels (rendered),
   serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
-  as /etc/tandem/KEY
+  as /etc/tandem/KEY, metrics: bool (serves Prometheus metrics on metricsPort: scrape annotations)
 */}}
 {{- define "tandem.podTemplate" -}}
 {{- $root := .root }}
@@ -154,6 +154,11 @@ metadata:
     {{- .labels | nindent 4 }}
   annotations:
     checksum/config: {{ .configChecksum }}
+    {{- if .metrics }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $root.Values.metricsPort | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -218,6 +223,11 @@ spec:
         - name: grpc
           containerPort: {{ $root.Values.port }}
           protocol: TCP
+        {{- if .metrics }}
+        - name: metrics
+          containerPort: {{ $root.Values.metricsPort }}
+          protocol: TCP
+        {{- end }}
       env:
         - name: POD_NAME
           valueFrom:
