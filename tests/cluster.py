@@ -8,8 +8,10 @@ from pathlib import Path
 from tandem import compose
 from tandem.coordinator import servicer as coordinator
 from tandem.coordinator.config import CoordinatorConfig
+from tandem.core.metrics import Metrics
 from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
+from tandem.cpu_sampler.runner import SamplerRunner
 from tandem.kv_store import servicer as kv_store
 from tandem.kv_store.config import KvStoreConfig
 from tandem.presets import resolve
@@ -22,6 +24,8 @@ class Cluster:
     stages: list[str] = field(default_factory=list)
     samplers: list[str] = field(default_factory=list)
     kv_store: str = ""
+    stage_metrics: list[Metrics] = field(default_factory=list)  # by stage; the baseline's sampler's are the last one's
+    sampler_metrics: list[Metrics] = field(default_factory=list)  # by sampler, labelled sampler="sampler-I"
     _servers: list = field(default_factory=list)
 
     def stop(self) -> None:
@@ -45,18 +49,23 @@ def start_cluster(
             server = kv_store.serve(KvStoreConfig(capacity_bytes=kv_capacity_bytes))
             c._servers.append(server)
             c.kv_store = server.address
-        for _ in range(num_samplers):
-            server = cpu_sampler.serve(SamplerConfig(**techniques.sampler_options()))
+        for i in range(num_samplers):
+            config = SamplerConfig(**techniques.sampler_options())
+            runner = SamplerRunner(config, name=f"sampler-{i}")
+            server = cpu_sampler.serve(config, runner)
             c._servers.append(server)
             c.samplers.append(server.address)
+            c.sampler_metrics.append(runner.metrics)
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
                                     num_blocks=num_blocks, block_size=block_size, device=device, dtype="float32",
                                     **techniques.stage_options(is_last=index == num_stages - 1))
-            server = compose.serve_stage_worker(cfg)
+            metrics = Metrics()
+            server = compose.serve_stage_worker(cfg, metrics)
             c._servers.append(server)
             c.stages.insert(0, server.address)
+            c.stage_metrics.insert(0, metrics)
         c.samplers = c.samplers or [c.stages[-1]]
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,

@@ -15,7 +15,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.core import codec
 from tandem.core.sampling import SamplingOptions, SequenceState, sample
 from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
-from tandem.cpu_sampler.servicer import CpuSamplerServicer
+from tandem.cpu_sampler.runner import SamplerRunner
 from tandem.v1 import common_pb2, cpu_sampler_pb2_grpc, tensor_pb2
 from tandem.v1 import cpu_sampler_pb2 as pb
 
@@ -37,7 +37,7 @@ SEQUENCES = [
 
 @dataclass
 class Replica:
-    servicer: CpuSamplerServicer
+    runner: SamplerRunner
     stub: cpu_sampler_pb2_grpc.CpuSamplerStub
     channel: grpc.Channel
     address: str
@@ -56,8 +56,8 @@ def start_replica(request):
 
     def start() -> Replica:
         config = SamplerConfig(host="127.0.0.1", port=0, max_workers=8)
-        servicer = CpuSamplerServicer(config)
-        server = serve(config, servicer)
+        runner = SamplerRunner(config)
+        server = serve(config, runner)
         channel = grpc.insecure_channel(server.address)
 
         def stop() -> None:
@@ -65,7 +65,7 @@ def start_replica(request):
             server.stop(grace_s=0)
 
         request.addfinalizer(stop)
-        return Replica(servicer, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
+        return Replica(runner, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
 
     return start
 
@@ -212,12 +212,12 @@ def test_results_stream_ends_when_the_client_cancels(start_replica):
     replica = start_replica()
     results = replica.subscribe()
     results.cancel()
-    wait_for_no_subscribers(replica.servicer)
+    wait_for_no_subscribers(replica.runner)
 
 
-def wait_for_no_subscribers(servicer: CpuSamplerServicer) -> None:
+def wait_for_no_subscribers(runner: SamplerRunner) -> None:
     deadline = time.monotonic() + 5
-    while len(servicer.subscribers):
+    while len(runner.subscribers):
         assert time.monotonic() < deadline, "the Results stream never ended on the server"
         time.sleep(0.01)
 
@@ -233,12 +233,12 @@ def test_health_reports_serving(start_replica):
 
 def test_results_stream_ends_when_the_server_stops():
     config = SamplerConfig()
-    servicer = CpuSamplerServicer(config)
-    server = serve(config, servicer)
+    runner = SamplerRunner(config)
+    server = serve(config, runner)
     with grpc.insecure_channel(server.address) as channel:
-        replica = Replica(servicer, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
+        replica = Replica(runner, cpu_sampler_pb2_grpc.CpuSamplerStub(channel), channel, server.address)
         results = replica.subscribe()
         server.stop(grace_s=0)
         with pytest.raises(grpc.RpcError):
             next(results)
-    wait_for_no_subscribers(servicer)
+    wait_for_no_subscribers(runner)

@@ -207,6 +207,24 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
         assert coordinator.sampler_port_name in [p["name"] for p in service["spec"]["ports"]]
 
 
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_stages_and_samplers_are_scraped_on_their_metrics_port(example: str) -> None:
+    objs = _objects(example)
+    port = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))["metricsPort"]
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        annotations = workload["spec"]["template"]["metadata"]["annotations"]
+        (container,) = workload["spec"]["template"]["spec"]["containers"]
+        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+        if _component(workload) in ("stage-worker", "cpu-sampler"):
+            assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
+            assert annotations["prometheus.io/port"] == str(port) and ports["metrics"] == port
+        else:  # the coordinator's and the KV store's metrics are not served yet
+            assert "prometheus.io/scrape" not in annotations and "metrics" not in ports
+    for cm in _of_kind(objs, "ConfigMap"):
+        if _component(cm) in ("stage-worker", "cpu-sampler"):
+            assert yaml.safe_load(cm["data"]["config.yaml"])["metrics_port"] == port
+
+
 def test_four_stage_partition_is_passed_through() -> None:
     stages = [load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
               for cm in _of_kind(_objects("four-stages.yaml"), "ConfigMap") if _component(cm) == "stage-worker"]

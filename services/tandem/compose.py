@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from tandem.core.metrics import Metrics
     from tandem.core.server import Server
     from tandem.stage_worker.config import StageWorkerConfig
 
@@ -39,16 +40,21 @@ def serve(service: str, config: Any) -> Server:
     return importlib.import_module(f"tandem.{service}.servicer").serve(config)
 
 
-def serve_stage_worker(config: StageWorkerConfig) -> Server:
-    """A stage worker; with sample_on_stage, together with the sampler it feeds in-process."""
+def serve_stage_worker(config: StageWorkerConfig, metrics: Metrics | None = None) -> Server:
+    """A stage worker; with sample_on_stage, together with the sampler it feeds in-process, whose
+    metrics (labelled sampler="stage-N") join the stage's. Pass `metrics` to observe them."""
+    from tandem.core.metrics import Metrics
     from tandem.stage_worker import servicer as stage_worker
 
+    metrics = metrics or Metrics()
     if not config.sample_on_stage:
-        return stage_worker.serve(config)
+        return stage_worker.serve(config, metrics=metrics)
     from tandem.cpu_sampler import servicer as cpu_sampler
     from tandem.cpu_sampler.config import SamplerConfig
+    from tandem.cpu_sampler.runner import SamplerRunner
     from tandem.v1 import cpu_sampler_pb2_grpc
 
-    sampler = cpu_sampler.CpuSamplerServicer(SamplerConfig(fast_sampler=config.fast_sampler))
-    hosted = (cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, sampler, [cpu_sampler.SERVICE_NAME])
-    return stage_worker.serve(config, sample=sampler.sample, hosted=[hosted])
+    sampler = SamplerRunner(SamplerConfig(fast_sampler=config.fast_sampler), metrics, f"stage-{config.stage_index}")
+    hosted = (cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, cpu_sampler.CpuSamplerServicer(sampler),
+              [cpu_sampler.SERVICE_NAME])
+    return stage_worker.serve(config, sample=sampler.sample, hosted=[hosted], metrics=metrics)

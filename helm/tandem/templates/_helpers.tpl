@@ -145,7 +145,7 @@ A pod template for one role. dict:
   service name, httpPort: for an HTTP service instead (TCP liveness, readiness from GET /health),
   configMap: name, needsModel: bool, labels: selector labels (rendered),
   serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
-  as /etc/tandem/KEY
+  as /etc/tandem/KEY, metrics: bool (serves Prometheus metrics on metricsPort: scrape annotations)
 */}}
 {{- define "tandem.podTemplate" -}}
 {{- $root := .root }}
@@ -156,6 +156,11 @@ metadata:
     {{- .labels | nindent 4 }}
   annotations:
     checksum/config: {{ .configChecksum }}
+    {{- if .metrics }}
+    prometheus.io/scrape: "true"
+    prometheus.io/port: {{ $root.Values.metricsPort | quote }}
+    prometheus.io/path: /metrics
+    {{- end }}
     {{- with $v.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
@@ -226,6 +231,11 @@ spec:
         {{- else }}
         - name: grpc
           containerPort: {{ $root.Values.port }}
+          protocol: TCP
+        {{- end }}
+        {{- if .metrics }}
+        - name: metrics
+          containerPort: {{ $root.Values.metricsPort }}
           protocol: TCP
         {{- end }}
       env:

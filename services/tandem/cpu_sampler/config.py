@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
+from tandem.core.metrics import check_metrics_port, metrics_port_field
 
 MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
 
@@ -17,6 +18,7 @@ class SamplerConfig:
 
     host: str = doc("Address to listen on.", "127.0.0.1")
     port: int = doc("Port to listen on; 0 picks a free one.", 0)
+    metrics_port: int = metrics_port_field()
     max_workers: int = doc(
         "gRPC handler threads; each open stream (Logits, Results) holds one.", 16)
     vocab_size: int = doc(
@@ -66,4 +68,5 @@ class SamplerConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ConfigError(f"config field {name!r}={getattr(self, name)!r} {rule}")
+        check_metrics_port(self.metrics_port)
         cpus_field("cpus", self.cpus)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
+from tandem.core.metrics import check_metrics_port, metrics_port_field
 from tandem.core.stages import AUTO
 
 
@@ -25,6 +26,7 @@ class StageWorkerConfig:
     kv_store: str = doc("host:port of the KV store; empty when there is none", "")
     host: str = doc("address to listen on", "127.0.0.1")
     port: int = doc("port to listen on; 0 picks a free one", 0)
+    metrics_port: int = metrics_port_field()
     device: str = doc("torch device: cpu or cuda[:N]", "cpu")
     dtype: str = doc("activation and KV dtype: auto, float32, bfloat16 or float16", "auto")
     num_blocks: int = doc("KV cache blocks on this stage", 512)
@@ -77,6 +79,7 @@ class StageWorkerConfig:
             raise ConfigError("config fields 'logits_ring_slots' and 'logits_ring_mib' must be >= 1")
         if self.num_threads < 0:
             raise ConfigError(f"config field 'num_threads'={self.num_threads} must be >= 0")
+        check_metrics_port(self.metrics_port)
         cpus_field("cpus", self.cpus)
         if isinstance(self.stage_boundaries, str):
             if self.stage_boundaries != AUTO:

@@ -57,7 +57,7 @@ class ActivationStream:
 
     def __init__(self, stub: pb_grpc.StageWorkerStub, name: str, layout: codec.tensor_pb2.TensorLayout,
                  structured: bool):
-        self.layout, self.structured, self.traffic = layout, structured, Traffic()
+        self.name, self.layout, self.structured, self.traffic = name, layout, structured, Traffic()
         self._sender = StreamSender(lambda items: stub.Activations(self._frames(items)), name)
 
     def send(self, step_id: int, hidden: torch.Tensor) -> None:
@@ -86,10 +86,11 @@ class LogitsStream:
     def __init__(self, stub: cpu_sampler_pb2_grpc.CpuSamplerStub, address: str, vocab_size: int,
                  structured: bool, ring: RingOptions | None):
         self.address, self.structured, self.ring_options = address, structured, ring
+        self.name = f"logits->{address}"
         self.layout = codec.layout(torch.float32, [vocab_size])
         self.traffic = Traffic()
         self._stub = stub
-        self._sender = StreamSender(lambda items: stub.Logits(self._frames(items)), f"logits->{address}")
+        self._sender = StreamSender(lambda items: stub.Logits(self._frames(items)), self.name)
 
     def send(self, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
              logits: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ from tandem.core import codec
 from tandem.core.server import CHANNEL_OPTIONS
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
-from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions
+from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions, Traffic
 from tandem.v1 import cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 
@@ -62,13 +62,16 @@ class GrpcPeers:
         return codec.decode(self._kv.GetBlocks(req, timeout=60).blocks)
 
     def traffic(self) -> dict[str, int]:
-        streams = self._streams()
+        hops = self.hops().values()
         return {
-            "frames_out_total": sum(s.traffic.frames for s in streams),
-            "wire_bytes_out_total": sum(s.traffic.wire_bytes for s in streams),
-            "tensor_bytes_out_total": sum(s.traffic.tensor_bytes for s in streams),
-            "shm_bytes_out_total": sum(s.traffic.shm_bytes for s in streams),
+            "frames_out_total": sum(t.frames for t in hops),
+            "wire_bytes_out_total": sum(t.wire_bytes for t in hops),
+            "tensor_bytes_out_total": sum(t.tensor_bytes for t in hops),
+            "shm_bytes_out_total": sum(t.shm_bytes for t in hops),
         }
+
+    def hops(self) -> dict[str, Traffic]:
+        return {stream.name: stream.traffic for stream in self._streams()}
 
     def close(self) -> None:
         for stream in self._streams():

@@ -22,12 +22,15 @@ import torch
 
 from tandem.core import codec
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.metrics import Metrics
 from tandem.core.model_config import config_sha256
 from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
 from tandem.core.profiler import measure_profile
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
+from tandem.stage_worker.meters import StageMeters
+from tandem.stage_worker.outputs import Traffic
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import tensor_pb2
 
@@ -61,12 +64,20 @@ class StagePeers(Protocol):
     def traffic(self) -> dict[str, int]:
         """Frames and bytes sent so far: GetStageInfoResponse's *_out_total fields."""
 
+    def hops(self) -> dict[str, Traffic]:
+        """What each outgoing stream sent so far, by the stream's name ("activations->host:port")."""
+
     def close(self) -> None: ...
 
 
 class StageRunner:
-    def __init__(self, config: StageWorkerConfig, peers: StagePeers, sample: Sample | None = None):
+    """`metrics` gets the stage's `tandem:stage_*` metrics (stage_worker.meters)."""
+
+    def __init__(self, config: StageWorkerConfig, peers: StagePeers, sample: Sample | None = None,
+                 metrics: Metrics | None = None):
         self.config, self.peers, self.sample = config, peers, sample
+        self.metrics = metrics or Metrics()
+        self._meters = StageMeters(self.metrics, config.stage_index, lambda: self.executor, peers.hops)
         self.executor: StageExecutor | None = None  # set by load()
         self._inputs: InputPreparer | None = None  # set by load()
         self._done: queue.Queue[pb.StepDone] = queue.Queue()
@@ -78,6 +89,7 @@ class StageRunner:
         self.profile_json = ""
         self.model_config_sha256 = ""  # set by load()
         # written by the executor thread only
+        self._idle_since_ns = 0  # when the last step ended (or the stage became ready)
         self.busy_ns_total = self.wait_ns_total = self.compute_ns_total = self.compute_cpu_ns_total = 0
 
     def load(self) -> None:
@@ -97,7 +109,7 @@ class StageRunner:
         self.executor = executor
         self._inputs = InputPreparer(lambda plan, slot: executor.prepare(plan, slot.buffers),
                                      overlap=c.overlap_input_prep)
-        self.ready_ns = time.perf_counter_ns()
+        self.ready_ns = self._idle_since_ns = time.perf_counter_ns()
         threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
 
     def ready(self) -> StageExecutor:
@@ -144,9 +156,13 @@ class StageRunner:
                 done.error = str(e) or type(e).__name__
             finally:
                 self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
-            self.busy_ns_total += time.perf_counter_ns() - start - done.wait_ns
+            end = time.perf_counter_ns()
+            busy_ns, idle_ns = end - start - done.wait_ns, start - self._idle_since_ns + done.wait_ns
+            self._idle_since_ns = end
+            self.busy_ns_total += busy_ns
             self.wait_ns_total += done.wait_ns
             self.compute_ns_total += done.forward_ns
+            self._meters.executed(busy_ns, idle_ns, done.forward_ns)
             self._done.put(done)
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:

@@ -13,6 +13,7 @@ import torch
 from tandem.core import codec
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import CodecError
+from tandem.core.metrics import Metrics
 from tandem.core.server import Server
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
@@ -89,18 +90,23 @@ def _activations(frame: pb.ActivationFrame, layout: tensor_pb2.TensorLayout | No
     return frame.data, layout
 
 
-def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Iterable[Hosted] = ()) -> Server:
-    """Take the stage's cores, load the stage, start its server and mark it ready.
+def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Iterable[Hosted] = (),
+          metrics: Metrics | None = None) -> Server:
+    """Take the stage's cores, load the stage, start its server (and its metrics on
+    config.metrics_port) and mark it ready.
 
     A last stage given `sample` samples its logits in-process; `hosted` are services its server
-    serves too (both: the baseline's sampler, wired by tandem.compose).
+    serves too (both: the baseline's sampler, wired by tandem.compose). `metrics` defaults to a
+    fresh registry; pass one to share it with a hosted service or to observe it (`metrics.port`).
     """
     place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
     server = Server(config.host, config.port, config.max_workers)
-    runner = StageRunner(config, GrpcPeers(config), sample)
+    runner = StageRunner(config, GrpcPeers(config), sample, metrics)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
     for register, servicer, names in hosted:
         server.add(register, servicer, names)
+    runner.metrics.serve(config.host, config.metrics_port)
+    server.on_stop(runner.metrics.stop)
     server.on_stop(runner.close)
     server.start()  # liveness answers while the weights load; readiness waits for them
     runner.load()
