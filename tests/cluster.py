@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,11 +27,24 @@ class Cluster:
     kv_store: str = ""
     stage_metrics: list[Metrics] = field(default_factory=list)  # by stage; the baseline's sampler's are the last one's
     sampler_metrics: list[Metrics] = field(default_factory=list)  # by sampler, labelled sampler="sampler-I"
+    stage_configs: list[StageWorkerConfig] = field(default_factory=list)
     _servers: list = field(default_factory=list)
+    _stage_servers: list = field(default_factory=list)
 
     def stop(self) -> None:
         for server in reversed(self._servers):
             server.stop(0)
+
+    def kill_stage(self, index: int) -> None:
+        """Stop stage `index` at once, its KV cache with it, as a killed pod would."""
+        self._stage_servers[index].stop(0)
+
+    def start_stage(self, index: int) -> None:
+        """Start stage `index` again on its address, fresh (no KV), as a restarted pod would."""
+        port = int(self.stages[index].rsplit(":", 1)[1])
+        server = compose.serve_stage_worker(dataclasses.replace(self.stage_configs[index], port=port), Metrics())
+        self._servers.append(server)
+        self._stage_servers[index] = server
 
 
 def start_cluster(
@@ -66,6 +80,8 @@ def start_cluster(
             c._servers.append(server)
             c.stages.insert(0, server.address)
             c.stage_metrics.insert(0, metrics)
+            c.stage_configs.insert(0, cfg)
+            c._stage_servers.insert(0, server)
         c.samplers = c.samplers or [c.stages[-1]]
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,

@@ -19,12 +19,15 @@ from tandem.coordinator.events import (
     SamplerDown,
     SamplerUp,
     SequencesAdded,
+    StageDown,
+    StageUp,
     StepFailed,
     TokensSampled,
 )
 from tandem.coordinator.front import TextStream
 from tandem.coordinator.requests import End, Request
 from tandem.coordinator.scheduler import Scheduler
+from tandem.coordinator.stage_health import StageHealth
 from tandem.core.errors import (
     AlreadyExistsError,
     ResourceExhaustedError,
@@ -46,9 +49,16 @@ def token(request_id: str, index: int) -> int:
 class FakeStage:
     def __init__(self) -> None:
         self.plans = []
+        self.resets = self.watches = 0
 
     def send(self, plan) -> None:
         self.plans.append(plan)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+    def watch(self) -> None:
+        self.watches += 1
 
     def close(self) -> None:
         pass
@@ -105,7 +115,7 @@ class Rig:
     """An engine over fakes, turned by hand."""
 
     def __init__(self, samplers=("s0", "s1"), num_stages: int = 2, num_blocks: int = 64, num_host_blocks: int = 0,
-                 max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0):
+                 max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0, stage_health=None):
         self.inbox: Inbox = Inbox()
         self.stages = [FakeStage() for _ in range(num_stages)]
         self.samplers: dict[str, FakeSampler] = {}
@@ -113,7 +123,7 @@ class Rig:
         self.kv_store = FakeKvStore()
         self.scheduler = Scheduler(num_blocks, 4, 8, 64, max_in_flight, num_host_blocks)
         self.engine = Engine(self.scheduler, self.stages, self.open_sampler, self.kv_store, self.inbox,
-                             max_queue=max_queue, step_timeout_s=step_timeout_s)
+                             max_queue=max_queue, step_timeout_s=step_timeout_s, stage_health=stage_health)
         self.answered: set[int] = set()
         self.post(MembershipChanged(frozenset(samplers)))
         self.turn()
@@ -298,7 +308,7 @@ def test_a_replica_down_for_a_failed_add_comes_back_once_it_answers_again():
     s0.add_error = ""  # it resumes, and its new subscription is confirmed
     rig.post(SamplerUp(s0))
     rig.run()
-    assert rig.engine.snapshot.samplers == ("s0", "s1")
+    assert sorted(rig.engine.snapshot.samplers) == ["s0", "s1"]
     later = [rig.request(rid, max_tokens=2) for rid in "cdef"]
     rig.run()
     assert set(s0.added[len(handed):]) & set("cdef")  # it takes sequences again
@@ -430,4 +440,59 @@ def test_the_front_makes_the_text_and_a_stop_string_it_finds_ends_the_request_in
     assert seen == text.text == whole.text[: whole.text.index(stop)]
     assert rig.engine.abort("x", FINISH.FINISH_REASON_STOP_SEQUENCE)  # what the servicer does then
     rig.run()
+    assert_all_released(rig)
+
+
+# --- a stage that dies and comes back --------------------------------------------------------
+
+def test_a_stage_that_comes_back_recomputes_every_sequence_with_the_same_tokens():
+    rig = Rig(samplers=("s0",), max_in_flight=1)
+    a, b = rig.request("a", max_tokens=6), rig.request("b", prompt=(9, 8, 7, 6, 5), max_tokens=6)
+    for _ in range(3):  # prefill and two decode steps
+        rig.turn()
+        rig.answer(rig.open_steps()[0])
+    rig.turn()
+    lost = rig.open_steps()[0]  # in flight when stage 1 dies: its rows are never answered
+    rig.answered.add(lost.step_id)
+    rig.post(StageDown(1, "UNAVAILABLE: connection reset"))
+    rig.turn()
+    assert [s.resets for s in rig.stages] == [1, 1] and [s.watches for s in rig.stages] == [0, 1]
+    assert rig.open_steps() == []  # nothing runs while a stage is down
+    rig.post(StageUp(1))
+    rig.turn()
+    replay = rig.open_steps()[0]
+    # Both recompute from the start, with the tokens they were given so far, before anything else.
+    assert [(s.request_id, s.num_computed_tokens, list(s.input_ids)) for s in replay.sequences] == [
+        ("a", 0, [5, 6, 7, *expected("a", 3)]), ("b", 0, [9, 8, 7, 6, 5, *expected("b", 3)])]
+    rig.run()
+    assert tokens(a) == expected("a", 6) and tokens(b) == expected("b", 6)
+    assert_all_released(rig)
+
+
+def test_without_recovery_a_stage_failure_fails_its_requests():
+    rig = Rig(samplers=("s0",), stage_health=StageHealth(timeout_s=15.0, recover=False))
+    a = rig.request("a")
+    rig.turn()
+    rig.post(StageDown(0, "UNAVAILABLE: connection reset"))
+    rig.turn()
+    end = outputs(a)[-1]
+    assert isinstance(end.error, UnavailableError) and "stage 0 is down" in str(end.error)
+    assert_all_released(rig)
+
+
+def test_a_stage_down_too_long_fails_everything_and_refuses_until_it_is_back():
+    rig = Rig(samplers=("s0",), stage_health=StageHealth(timeout_s=0.0, recover=True))
+    a = rig.request("a")
+    rig.turn()
+    rig.post(StageDown(1, "DEADLINE_EXCEEDED"))
+    rig.turn()
+    rig.turn()
+    assert isinstance(outputs(a)[-1].error, UnavailableError)
+    with pytest.raises(UnavailableError, match="stage 1 is down"):
+        rig.request("b")
+    rig.post(StageUp(1))
+    rig.turn()
+    c = rig.request("c", max_tokens=2)
+    rig.run()
+    assert tokens(c) == expected("c", 2)
     assert_all_released(rig)

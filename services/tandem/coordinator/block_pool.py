@@ -71,6 +71,14 @@ class BlockPool:
             else:
                 self._free.append(block)
 
+    def forget_cached(self) -> None:
+        """Drop every published prefix (a stage lost its KV cache); blocks nobody holds are free."""
+        for block in self._evictable:
+            self._free.append(block)
+        self._evictable.clear()
+        self._cached.clear()
+        self._hash_of.clear()
+
     def match(self, token_ids: Sequence[int]) -> list[int]:
         """The cached blocks that hold the longest run of full blocks `token_ids` begins with,
         each now held once more by the caller. Counts the lookup in the hit statistics."""

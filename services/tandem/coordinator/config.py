@@ -39,6 +39,12 @@ class CoordinatorConfig:
         "structure-aware transmission: send each sampler the row plan of every step ahead of its logits, "
         "so the last stage's logits frames carry only a step tag and raw bytes (the stages' "
         "structured_streams must be on too)", True)
+    stage_down_timeout_s: float = doc(
+        "a stage whose plan stream broke (it died or restarted) may stay down this long; then every request "
+        "fails with UNAVAILABLE and new ones are refused until it is back", 15.0)
+    recompute_on_stage_failure: bool = doc(
+        "when a stage comes back, its lost KV cache is rebuilt by recomputing every sequence from its tokens "
+        "(same output); off: the sequences running when it failed fail at once", True)
     step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
     max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
     api_key_env: str = doc(

@@ -28,6 +28,8 @@ from tandem.coordinator.events import (
     SamplerDown,
     SamplerUp,
     SequencesAdded,
+    StageDown,
+    StageUp,
     StepFailed,
     Submitted,
     TokensSampled,
@@ -36,6 +38,7 @@ from tandem.coordinator.pool import SamplerPool
 from tandem.coordinator.ports import KvStorePort, SamplerPort, StagePort
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
+from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
 from tandem.core.errors import (
     AlreadyExistsError,
@@ -66,15 +69,17 @@ class Snapshot:
     samplers: tuple[str, ...] = ()  # the replicas up, by address
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, found there
+    unavailable: str = ""  # why new requests are refused (a stage down too long); empty: they are not
 
 
 class Engine:
     def __init__(self, scheduler: Scheduler, stages: Sequence[StagePort], open_sampler: Callable[[str], SamplerPort],
                  kv_store: KvStorePort | None, inbox: Inbox, *, max_queue: int, step_timeout_s: float,
-                 sample_plans: bool = True):
+                 sample_plans: bool = True, stage_health: StageHealth | None = None):
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
         self.sample_plans = sample_plans
         self.snapshot = Snapshot()
+        self._health = stage_health or StageHealth(timeout_s=15.0, recover=True)
         self._stages, self._open_sampler, self._kv_store, self._inbox = stages, open_sampler, kv_store, inbox
         self._pool = SamplerPool()
         self._requests: dict[str, Request] = {}
@@ -88,7 +93,7 @@ class Engine:
             Submitted: self._on_submitted, Aborted: self._on_aborted, MembershipChanged: self._on_membership,
             SamplerUp: self._on_sampler_up, SamplerDown: self._on_sampler_down,
             SequencesAdded: self._on_sequences_added, TokensSampled: self._on_tokens_sampled,
-            StepFailed: self._on_step_failed,
+            StepFailed: self._on_step_failed, StageDown: self._on_stage_down, StageUp: self._on_stage_up,
         }
 
     def start(self, discovery: SamplerDiscovery) -> None:
@@ -118,6 +123,8 @@ class Engine:
         except (TypeError, ValueError) as e:  # a value the wire cannot carry
             raise InvalidArgumentError(f"request {request.request_id!r}: {e}") from e
         with self._lock:
+            if self.snapshot.unavailable:
+                raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
             if request.request_id in self._live_ids:
                 raise AlreadyExistsError(f"request id {request.request_id!r} is already in use")
             if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
@@ -150,8 +157,12 @@ class Engine:
             except Exception:  # the loop must survive any one event
                 log.exception("engine event %s failed", type(event).__name__)
         self._fail_expired()
-        while (step := self.scheduler.schedule()) is not None:
-            self._send(step)
+        if self._health.any_down:  # nothing runs until every stage is back
+            if self._health.expired(time.monotonic()) and self._requests:
+                self._fail_all(UnavailableError(self._health.message()))
+        else:
+            while (step := self.scheduler.schedule()) is not None:
+                self._send(step)
         self._publish(num_received=sum(isinstance(e, Submitted) for e in events))
 
     def _receive(self, timeout_s: float) -> list[Event]:
@@ -202,6 +213,12 @@ class Engine:
             self._kv_store.free([request_id])
         return commits
 
+    def _fail_all(self, error: Exception) -> None:
+        commits: list[Commit] = []
+        for rid in list(self._requests):
+            commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)
+        self._commit(commits)
+
     def _fail_expired(self) -> None:
         for step_id in self.scheduler.expired(sent_before=time.monotonic() - self.step_timeout_s):
             self._on_step_failed(StepFailed(step_id, -1, f"no result within {self.step_timeout_s:.0f}s"))
@@ -210,7 +227,8 @@ class Engine:
         s = self.scheduler
         snapshot = Snapshot(s.num_running, s.num_waiting, s.blocks.num_blocks - s.blocks.num_free,
                             s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
-                            s.blocks.num_hit_tokens)
+                            s.blocks.num_hit_tokens,
+                            self._health.message() if self._health.expired(time.monotonic()) else "")
         with self._lock:
             self.snapshot = snapshot
             self._num_unreceived -= num_received
@@ -246,6 +264,25 @@ class Engine:
         for rid in self.scheduler.fail(event.step_id):
             commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)
         self._commit(commits)
+
+    def _on_stage_down(self, event: StageDown) -> None:
+        if not self._health.down(event.stage, event.reason, time.monotonic()):
+            return
+        log.warning("stage %d is down (%s); %s", event.stage, event.reason,
+                    "its sequences recompute once it is back" if self._health.recover else "its sequences fail")
+        for stage in self._stages:  # every stage drops the plans it has not run
+            stage.reset()
+        self._stages[event.stage].watch()
+        if not self._health.recover:
+            self._fail_all(UnavailableError(f"{self._health.message()}; recovery is off"))
+            return
+        swapped = self.scheduler.recompute_all()
+        if swapped and self._kv_store is not None:
+            self._kv_store.free(swapped)
+
+    def _on_stage_up(self, event: StageUp) -> None:
+        if self._health.up(event.stage):
+            log.info("stage %d is back", event.stage)
 
     # --- sampler replicas ---------------------------------------------------------------
 

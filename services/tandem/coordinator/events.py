@@ -79,4 +79,20 @@ class StepFailed:
     error: str
 
 
-Event = Submitted | Aborted | MembershipChanged | SamplerUp | SamplerDown | SequencesAdded | TokensSampled | StepFailed
+@dataclass(frozen=True)
+class StageDown:
+    """A stage's plan stream broke: the stage died or restarted, and its KV cache with it."""
+
+    stage: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class StageUp:
+    """A stage that was down answers again, its weights loaded."""
+
+    stage: int
+
+
+Event = (Submitted | Aborted | MembershipChanged | SamplerUp | SamplerDown | SequencesAdded | TokensSampled
+         | StepFailed | StageDown | StageUp)

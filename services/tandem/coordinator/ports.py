@@ -20,6 +20,8 @@ from tandem.coordinator.events import (
     SamplerDown,
     SamplerUp,
     SequencesAdded,
+    StageDown,
+    StageUp,
     StepFailed,
     TokensSampled,
 )
@@ -42,7 +44,14 @@ RPC_TIMEOUT_S = 10.0
 
 class StagePort(Protocol):
     def send(self, plan: stage_pb.StepPlan) -> None:
-        """Queue a step plan; a stage that fails the step answers with `StepFailed`."""
+        """Queue a step plan; a stage that fails the step answers with `StepFailed`, and a plan
+        stream that breaks posts `StageDown`."""
+
+    def reset(self) -> None:
+        """Start a new plan stream: the stage drops the plans of the old one it has not run."""
+
+    def watch(self) -> None:
+        """Post `StageUp` once the stage answers again (after a `StageDown`)."""
 
     def close(self) -> None: ...
 
@@ -109,21 +118,44 @@ class _Worker:
 
 
 class GrpcStage:
-    def __init__(self, index: int, address: str, post: Post):
+    def __init__(self, index: int, address: str, post: Post, probe_interval_s: float = 0.5):
+        self.index, self._post, self._probe_interval_s = index, post, probe_interval_s
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        stub = stage_grpc.StageWorkerStub(self.channel)
+        self._stub = stage_grpc.StageWorkerStub(self.channel)
+        self._closed = threading.Event()
+        self._plans = self._open()
+
+    def _open(self) -> StreamSender:
+        stub, index, post = self._stub, self.index, self._post
 
         def call(plans):
             for done in stub.Steps(plans):
                 if done.error:
                     post(StepFailed(done.step_id, index, done.error))
 
-        self._plans = StreamSender(call, f"plans->stage{index}")
+        return StreamSender(call, f"plans->stage{index}", on_break=lambda why: post(StageDown(index, why)))
 
     def send(self, plan: stage_pb.StepPlan) -> None:
         self._plans.send(plan)
 
+    def reset(self) -> None:
+        old, self._plans = self._plans, self._open()
+        threading.Thread(target=old.close, daemon=True).start()  # its stream may be stuck on a dead peer
+
+    def watch(self) -> None:
+        def probe() -> None:
+            while not self._closed.wait(self._probe_interval_s):
+                try:
+                    self._stub.GetStageInfo(stage_pb.GetStageInfoRequest(), timeout=RPC_TIMEOUT_S)
+                except grpc.RpcError:
+                    continue  # not back yet, or still loading its weights (UNAVAILABLE)
+                self._post(StageUp(self.index))
+                return
+
+        threading.Thread(target=probe, name=f"probe-stage{self.index}", daemon=True).start()
+
     def close(self) -> None:
+        self._closed.set()
         self._plans.close()
         self.channel.close()
 

@@ -209,6 +209,24 @@ class Scheduler:
             self.seqs[rid].step_id = 0
         return list(record.rows)
 
+    def recompute_all(self) -> list[str]:
+        """A stage lost its KV cache: every step in flight is dropped and every sequence computes
+        its tokens again from the start, first in line in arrival order (its sampled tokens stay;
+        sampling the same rows again gives the same tokens). Returns the sequences that were
+        swapped out, whose blocks the caller frees in the KV store."""
+        self.in_flight.clear()
+        swapped = list(self.swapped)
+        self.swapped.clear()
+        self.host_blocks_free += sum(self._swapped_blocks.values())
+        self._swapped_blocks.clear()
+        for seq in self.seqs.values():
+            self.blocks.free(seq.block_table)
+            seq.block_table, seq.num_computed_tokens, seq.step_id = [], 0, 0
+            seq.status = Status.WAITING
+        self.blocks.forget_cached()
+        self.waiting = deque(self.seqs)  # arrival order
+        return swapped
+
     # --- helpers ------------------------------------------------------------------------
 
     def _commit_if_complete(self, record: InFlight) -> list[Commit]:

@@ -17,6 +17,7 @@ from tandem.coordinator.front import TextStream
 from tandem.coordinator.info import ServiceProbe
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
+from tandem.coordinator.stage_health import StageHealth
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
@@ -169,7 +170,8 @@ def serve(config: CoordinatorConfig) -> Server:
     engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put) for i, a in enumerate(config.stages)],
                     lambda address: ports.GrpcSampler(address, inbox.put),
                     ports.GrpcKvStore(config.kv_store) if config.kv_store else None, inbox,
-                    max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans)
+                    max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans,
+                    stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure))
     engine.start(discovery.from_config(config))
     probe.start()
     server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))

@@ -18,15 +18,18 @@ class StreamSender:
     """Sends messages over a client-streaming call in a background thread.
 
     `open_call` takes a request iterator and makes the call (it blocks until the stream ends).
-    If the stream breaks, the next `send` opens a new one; messages sent into a broken
-    stream are lost, and whoever waits for their effect must time out and retry.
+    If the stream breaks, or the peer ends it before `close`, `on_break` hears why, and the next
+    `send` opens a new one; messages sent into a broken stream are lost, and whoever waits for
+    their effect must time out and retry.
     """
 
-    def __init__(self, open_call: Callable[[Iterator[Any]], Any], name: str):
-        self._open_call, self.name = open_call, name
+    def __init__(self, open_call: Callable[[Iterator[Any]], Any], name: str,
+                 on_break: Callable[[str], None] | None = None):
+        self._open_call, self.name, self._on_break = open_call, name, on_break
         self._lock = threading.Lock()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._closed = False
         self.num_sent = 0
 
     def send(self, message: Any) -> None:
@@ -41,10 +44,15 @@ class StreamSender:
     def _run(self, q: queue.Queue) -> None:
         try:
             self._open_call(iter(q.get, _END))
+            reason = "the peer ended the stream"
         except grpc.RpcError as e:
             log.warning("stream %s ended: %s %s", self.name, e.code(), e.details())
+            reason = f"{e.code().name}: {e.details()}"
+        if self._on_break is not None and not self._closed:
+            self._on_break(reason)
 
     def close(self) -> None:
+        self._closed = True
         with self._lock:
             if self._queue is not None:
                 self._queue.put(_END)

@@ -84,6 +84,10 @@ class StageRunner:
         self._activations: dict[int, Arrived] = {}
         self._arrived = threading.Condition()
         self._stopping = False
+        # Each coordinator plan stream is an epoch; a newer one supersedes the plans of older ones
+        # not yet run (the coordinator reset its streams after a stage failed and replans).
+        self._epoch = 0
+        self._plan_epochs: dict[int, int] = {}  # id(plan) -> the epoch it came in, until it runs
         self.ready_ns = 0
         self.profile: StageProfile | None = None  # measured by load() when config.profile_at_startup
         self.profile_json = ""
@@ -117,13 +121,18 @@ class StageRunner:
             raise UnavailableError("stage is still loading its weights")
         return self.executor
 
-    def open_steps(self) -> queue.Queue[pb.StepDone]:
-        """A fresh queue of finished steps for a new coordinator stream; the newest wins."""
+    def open_steps(self) -> tuple[queue.Queue[pb.StepDone], int]:
+        """A fresh queue of finished steps for a new coordinator stream, and the stream's epoch:
+        the newest stream wins, and plans of older ones not yet run are dropped."""
         self.ready()
-        self._done = queue.Queue()
-        return self._done
+        with self._arrived:
+            self._epoch += 1
+            self._done = queue.Queue()
+            self._arrived.notify_all()  # a step waiting for activations of an older stream gives up
+            return self._done, self._epoch
 
-    def submit(self, plan: pb.StepPlan) -> None:
+    def submit(self, plan: pb.StepPlan, epoch: int) -> None:
+        self._plan_epochs[id(plan)] = epoch
         self._inputs.submit(plan)
 
     def arrive(self, step_id: int, hidden: Arrived) -> None:
@@ -167,7 +176,12 @@ class StageRunner:
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
+        epoch = self._plan_epochs.pop(id(plan), self._epoch)
         ex.forget(plan.finished_request_ids)
+        if epoch != self._epoch:  # neither computed nor its blocks moved: the coordinator replans
+            with self._arrived:
+                self._activations.pop(plan.step_id, None)
+            raise InvalidArgumentError(f"step {plan.step_id}: superseded by a newer plan stream")
         t0 = time.perf_counter_ns()
         if plan.swap_out or plan.swap_in:
             if not self.peers.has_kv_store:
@@ -180,7 +194,7 @@ class StageRunner:
         if prepared.inputs is None:  # no sequences: only housekeeping
             return
         t1 = time.perf_counter_ns()
-        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id, prepared.inputs.num_tokens)
+        hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id, prepared.inputs.num_tokens, epoch)
         t2, cpu = time.perf_counter_ns(), time.process_time_ns()
         out = ex.run(plan, prepared.inputs, hidden)
         done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
@@ -190,10 +204,12 @@ class StageRunner:
         else:
             self._send_logits(plan, out.logits)
 
-    def _wait_activations(self, step_id: int, num_tokens: int) -> torch.Tensor | None:
+    def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor | None:
         """The step's activations, shaped by the plan when they came as raw bytes."""
         with self._arrived:
             while step_id not in self._activations and not self._stopping:
+                if epoch != self._epoch:
+                    raise InvalidArgumentError(f"step {step_id}: superseded by a newer plan stream")
                 self._arrived.wait(timeout=0.5)
             hidden = self._activations.pop(step_id, None)
         if isinstance(hidden, tuple):

@@ -32,14 +32,18 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         self.runner = runner
 
     def Steps(self, request_iterator: Iterator[pb.StepPlan], context: grpc.ServicerContext) -> Iterator[pb.StepDone]:
-        done = self.runner.open_steps()
+        done, epoch = self.runner.open_steps()
+        ended = threading.Event()
 
         def read() -> None:
-            for plan in request_iterator:
-                self.runner.submit(plan)
+            try:
+                for plan in request_iterator:
+                    self.runner.submit(plan, epoch)
+            finally:
+                ended.set()  # the coordinator closed this stream (it opened a newer one, or left)
 
         threading.Thread(target=read, name="stage-plans", daemon=True).start()
-        while context.is_active() and not self.runner.is_stopping:
+        while context.is_active() and not ended.is_set() and not self.runner.is_stopping:
             try:
                 yield done.get(timeout=0.2)
             except queue.Empty:

@@ -56,6 +56,12 @@ class Stage:
         self.num_bytes += len(plan.SerializeToString())
         self.plans.append(plan)
 
+    def reset(self) -> None:
+        pass
+
+    def watch(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
