@@ -41,6 +41,16 @@ def generate_all(endpoint: str, results: list, started: threading.Event | None =
         t.join(timeout=180)
 
 
+def start_streaming(endpoint: str) -> tuple[list, threading.Thread]:
+    """Every prompt streaming from its own thread, returned once the first has a few tokens."""
+    results: list = [None] * len(PROMPTS)
+    started = threading.Event()
+    clients = threading.Thread(target=generate_all, args=(endpoint, results, started))
+    clients.start()
+    assert started.wait(60)
+    return results, clients
+
+
 def health_answers(endpoint: str) -> bool:
     with grpc.insecure_channel(endpoint) as channel:
         reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
@@ -67,11 +77,7 @@ def undisturbed(llama):
 def test_a_stage_killed_and_started_again_loses_no_token(llama, undisturbed):
     c = start_cluster(llama, num_stages=2, num_samplers=2, stage_down_timeout_s=60.0)
     try:
-        results: list = [None] * len(PROMPTS)
-        started = threading.Event()
-        clients = threading.Thread(target=generate_all, args=(c.endpoint, results, started))
-        clients.start()
-        assert started.wait(60)
+        results, clients = start_streaming(c.endpoint)
         c.kill_stage(1)
         time.sleep(0.5)
         c.start_stage(1)
@@ -87,11 +93,7 @@ def test_a_stage_that_stays_down_fails_every_request_in_bounded_time(llama, reco
     # With recovery off (the control), the requests fail at once; with it on, after the timeout.
     c = start_cluster(llama, num_stages=2, num_samplers=2, stage_down_timeout_s=2.0, recompute_on_stage_failure=recover)
     try:
-        results: list = [None] * len(PROMPTS)
-        started = threading.Event()
-        clients = threading.Thread(target=generate_all, args=(c.endpoint, results, started))
-        clients.start()
-        assert started.wait(60)
+        results, clients = start_streaming(c.endpoint)
         c.kill_stage(1)
         killed = time.monotonic()
         clients.join(timeout=60)
