@@ -79,6 +79,8 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"{READY_PREFIX}{server.address}", flush=True)
     stop.wait()
+    if (drain := getattr(server, "drain", None)) is not None:  # SIGTERM: finish what is held first
+        drain(args.drain_s)
     server.stop()
     return 0
 
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run one service (what the containers run)")
     serve.add_argument("service", choices=[*compose.SERVICES, *(n.replace("_", "-") for n in compose.SERVICES)])
     serve.add_argument("--config", required=True, help="the service's YAML configuration")
+    serve.add_argument("--drain-s", type=float, default=30.0,
+                       help="on SIGTERM, report NOT_SERVING and let the coordinator finish its requests for at "
+                            "most this long before stopping (new ones get UNAVAILABLE); default 30")
     serve.set_defaults(func=_serve)
 
     from tandem.launcher import add_layout_arguments

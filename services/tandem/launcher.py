@@ -203,14 +203,18 @@ class Launcher:
         return None
 
     def stop(self, grace_s: float = 10.0) -> None:
-        for _, proc in reversed(self.children):
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        """SIGTERM the front (gateway, coordinator) first, so that it drains while the stages and
+        samplers still run, then the rest; whatever outlives `grace_s` in all is killed."""
         deadline = time.monotonic() + grace_s
-        for _, proc in self.children:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        front = [(n, p) for n, p in self.children if n in ("gateway", "coordinator")]
+        for group in (front, [(n, p) for n, p in self.children if (n, p) not in front]):
+            for _, proc in reversed(group):
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for _, proc in group:
+                try:
+                    proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
         self.children.clear()

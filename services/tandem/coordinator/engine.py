@@ -80,6 +80,7 @@ class Engine:
         self.sample_plans = sample_plans
         self.snapshot = Snapshot()
         self._health = stage_health or StageHealth(timeout_s=15.0, recover=True)
+        self._draining = False
         self._stages, self._open_sampler, self._kv_store, self._inbox = stages, open_sampler, kv_store, inbox
         self._pool = SamplerPool()
         self._requests: dict[str, Request] = {}
@@ -100,6 +101,20 @@ class Engine:
         self._discovery = discovery
         self._thread.start()
         discovery.start(lambda addresses: self._inbox.put(MembershipChanged(addresses)))
+
+    def drain(self, grace_s: float) -> bool:
+        """Refuse new requests (UNAVAILABLE) and wait, at most `grace_s`, for the admitted ones to
+        end; whether they all did."""
+        with self._lock:
+            self._draining = True
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline:
+            with self._lock:
+                if not self._live_ids:
+                    return True
+            time.sleep(0.05)
+        log.warning("%d requests still running after the %.0f s drain", len(self._live_ids), grace_s)
+        return False
 
     def stop(self) -> None:
         self._stopping.set()
@@ -123,6 +138,8 @@ class Engine:
         except (TypeError, ValueError) as e:  # a value the wire cannot carry
             raise InvalidArgumentError(f"request {request.request_id!r}: {e}") from e
         with self._lock:
+            if self._draining:
+                raise UnavailableError("the coordinator is shutting down; retry on another replica")
             if self.snapshot.unavailable:
                 raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
             if request.request_id in self._live_ids:

@@ -177,6 +177,7 @@ def serve(config: CoordinatorConfig) -> Server:
     server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
                CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes), [SERVICE_NAME])
+    server.on_drain(engine.drain)
     server.on_stop(engine.stop)
     server.on_stop(probe.stop)
     server.start()

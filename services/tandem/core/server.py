@@ -142,6 +142,7 @@ class Server:
         self.address = f"{host}:{self.port}"
         self._service_names: list[str] = []
         self._on_stop: list[Callable[[], None]] = []
+        self._on_drain: list[Callable[[float], object]] = []
 
     def add(self, register: Callable, servicer: object, service_names: Iterable[str]) -> None:
         register(servicer, self.grpc)
@@ -159,6 +160,20 @@ class Server:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in self._service_names:
             self.health.set(name, status)
+
+    def on_drain(self, callback: Callable[[float], object]) -> None:
+        """Run `callback(grace_s)` on `drain()`: refuse new work and wait, at most grace_s, for the held."""
+        self._on_drain.append(callback)
+
+    def drain(self, grace_s: float) -> None:
+        """Before a stop: report NOT_SERVING (liveness stays SERVING: nothing is wrong, the process is
+        leaving) so that no new traffic is routed here, and let the service finish what it holds."""
+        import time
+
+        self.set_ready(False)
+        deadline = time.monotonic() + grace_s
+        for callback in self._on_drain:
+            callback(max(0.0, deadline - time.monotonic()))
 
     def on_stop(self, callback: Callable[[], None]) -> None:
         """Run `callback` (the service's own shutdown: threads, outgoing streams) on `stop()`."""
