@@ -167,7 +167,6 @@ class StageRunner:
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
-        ex.forget(plan.finished_request_ids)
         t0 = time.perf_counter_ns()
         if plan.swap_out or plan.swap_in:
             if not self.peers.has_kv_store:
@@ -188,7 +187,7 @@ class StageRunner:
         if out.hidden is not None:
             self.peers.send_hidden(plan.step_id, out.hidden)
         else:
-            self._send_logits(plan, out.logits)
+            self._send_logits(plan, prepared.inputs.samplers, out.logits)
 
     def _wait_activations(self, step_id: int, num_tokens: int) -> torch.Tensor | None:
         """The step's activations, shaped by the plan when they came as raw bytes."""
@@ -204,14 +203,15 @@ class StageRunner:
                 raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
         return hidden
 
-    def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
+    def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
+        """Each sampler its rows; `samplers` is the address of each row's, from the sampler table."""
         if self.sample is not None:  # sample here, in series (baseline)
             self.sample(plan.step_id, [s.request_id for s in plan.sequences],
                         [s.sample_index for s in plan.sequences], logits)
             return
         rows: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(plan.sequences):
-            rows[s.sampler].append(i)
+        for i, address in enumerate(samplers):
+            rows[address].append(i)
         for address, idx in rows.items():
             seqs = [plan.sequences[i] for i in idx]
             rows_logits = logits if len(idx) == len(plan.sequences) else logits[idx]
