@@ -123,3 +123,15 @@ def test_the_executor_refuses_a_bad_plan_and_runs_a_diffed_one(checkpoint):
     whole = pb.StepPlan(step_id=4, sequences=[
         pb.SequencePlan(request_id="a", input_ids=[9], num_computed_tokens=4, block_table=[3, 6], sample_index=1)])
     assert torch.equal(executor.run(whole, executor.prepare(whole, {}), None).logits, diffed)
+
+
+def test_a_stage_stream_opened_again_begins_with_the_sampler_table():
+    from tandem.coordinator.ports import GrpcStage
+
+    port = GrpcStage(0, "127.0.0.1:1", lambda event: None)  # never dialled: the stream is driven by hand
+    first = [pb.StepPlan(step_id=1, sampler_addresses=["s0:1", "s1:1"]), pb.StepPlan(step_id=2)]
+    assert list(port._with_sampler_table(iter(first))) == first
+    (table, plan) = port._with_sampler_table(iter([pb.StepPlan(step_id=3)]))
+    assert (table.step_id, list(table.sampler_addresses), not table.sequences) == (0, ["s0:1", "s1:1"], True)
+    assert plan.step_id == 3
+    port.channel.close()

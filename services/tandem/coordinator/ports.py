@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -112,13 +112,23 @@ class GrpcStage:
     def __init__(self, index: int, address: str, post: Post):
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         stub = stage_grpc.StageWorkerStub(self.channel)
+        self._sampler_table: list[str] = []  # the latest sent; written by the stream's thread
 
         def call(plans):
-            for done in stub.Steps(plans):
+            for done in stub.Steps(self._with_sampler_table(plans)):
                 if done.error:
                     post(StepFailed(done.step_id, index, done.error))
 
         self._plans = StreamSender(call, f"plans->stage{index}")
+
+    def _with_sampler_table(self, plans: Iterator[stage_pb.StepPlan]) -> Iterator[stage_pb.StepPlan]:
+        """A stream opened again (the stage may have restarted) begins with the sampler table."""
+        if self._sampler_table:
+            yield stage_pb.StepPlan(sampler_addresses=self._sampler_table)
+        for plan in plans:
+            if plan.sampler_addresses:
+                self._sampler_table = list(plan.sampler_addresses)
+            yield plan
 
     def send(self, plan: stage_pb.StepPlan) -> None:
         self._plans.send(plan)
