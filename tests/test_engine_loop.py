@@ -50,9 +50,16 @@ class FakeStage:
     def __init__(self) -> None:
         self.plans = []
         self.resets = self.watches = 0
+        self.samplers: list[str] = []  # the sampler table the plans sent
 
     def send(self, plan) -> None:
         self.plans.append(plan)
+        if plan.sampler_addresses:
+            self.samplers = list(plan.sampler_addresses)
+
+    def sampler(self, s) -> str:
+        """The address of a SequencePlan's sampler."""
+        return self.samplers[s.sampler_index]
 
     def reset(self) -> None:
         self.resets += 1
@@ -159,7 +166,7 @@ class Rig:
         by_sampler: dict[str, list] = {}
         for s in plan.sequences:
             if s.request_id not in skip:
-                by_sampler.setdefault(s.sampler, []).append((s.request_id, s.sample_index))
+                by_sampler.setdefault(self.stages[0].sampler(s), []).append((s.request_id, s.sample_index))
         for address, rows in by_sampler.items():
             self.samplers[address].answer(plan.step_id, rows)
 
@@ -256,7 +263,7 @@ def test_a_replica_that_goes_down_hands_its_sequences_over_and_unanswered_rows_r
     rig.turn()
     before = {rid: len(requests[rid].output_ids) for rid in on_s0}
     step = rig.open_steps()[0]
-    done_on_s0 = [s.request_id for s in step.sequences if s.sampler == "s0"][:1]
+    done_on_s0 = [s.request_id for s in step.sequences if rig.stages[0].sampler(s) == "s0"][:1]
     rig.answer(step, skip=set(on_s0) - set(done_on_s0))  # s0 answers one row, then dies
     rig.post(SamplerDown(rig.samplers["s0"], "its Results stream failed: UNAVAILABLE"))
     rig.turn()
@@ -266,7 +273,7 @@ def test_a_replica_that_goes_down_hands_its_sequences_over_and_unanswered_rows_r
         assert list(moved[rid].output_ids) == expected(rid, before[rid] + (rid in done_on_s0))
     rig.run()
     assert {rid: tokens(r) for rid, r in requests.items()} == want
-    assert all(s.sampler == "s1" for p in rig.stages[0].plans[-2:] for s in p.sequences)
+    assert all(rig.stages[0].sampler(s) == "s1" for p in rig.stages[0].plans[-2:] for s in p.sequences)
 
 
 def test_a_replica_removed_from_the_pool_is_closed_and_a_new_one_takes_over():

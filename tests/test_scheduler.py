@@ -48,8 +48,9 @@ def test_retried_rows_run_the_same_tokens_again():
     assert s.retry(["b"]) == []  # b's sampler went away before answering
     s.max_in_flight = 2
     again = s.schedule()
-    assert [(x.request_id, x.input_ids, x.sample_index, x.block_table) for x in again.sequences] == [
-        ("b", [8], 1, [x for x in decode.sequences if x.request_id == "b"][0].block_table)]
+    # the stages hold b's table from its prefill: nothing of it is sent again
+    assert [(x.request_id, x.input_ids, x.sample_index, x.block_table, x.new_block_ids) for x in again.sequences] == [
+        ("b", [8], 1, [], [])]
     assert s.update(decode.step_id, rows(a=9))[0][0].output_ids == [7, 9]
     assert s.update(again.step_id, rows(b=10))[0][0].output_ids == [8, 10]
 
@@ -64,7 +65,8 @@ def test_a_retried_prefill_queues_again_first_and_keeps_its_blocks():
     assert s.seqs["a"].status == Status.WAITING
     again = s.schedule()
     assert [x.request_id for x in again.sequences] == ["a", "b"]
-    assert again.sequences[0].input_ids == [1, 2, 3, 4, 5, 6] and again.sequences[0].block_table == blocks
+    assert again.sequences[0].input_ids == [1, 2, 3, 4, 5, 6] and s.seqs["a"].block_table == blocks
+    assert (again.sequences[0].block_table, again.sequences[0].new_block_ids) == ([], [])  # the stages hold it
     assert s.blocks.num_free == 64 - 2 - 2
 
 
@@ -155,7 +157,8 @@ def test_cached_blocks_outlive_their_request_and_a_retried_cached_prefill_queues
     s.retry(["c"])  # its sampler went away: the prefill queues again, first, keeping its blocks
     assert s.seqs["c"].status == Status.WAITING and s.waiting[0] == "c"
     (again,) = s.schedule().sequences
-    assert (again.num_computed_tokens, again.input_ids, again.block_table) == (8, [20, 21, 22], c.block_table)
+    assert (again.num_computed_tokens, again.input_ids, again.block_table) == (8, [20, 21, 22], [])  # sent with c
+    assert s.seqs["c"].block_table == c.block_table
 
 
 def test_without_prefix_caching_every_prompt_is_computed():

@@ -83,6 +83,7 @@ class Engine:
         self._draining = False
         self._stages, self._open_sampler, self._kv_store, self._inbox = stages, open_sampler, kv_store, inbox
         self._pool = SamplerPool()
+        self._sampler_table = plans.SamplerTable()  # the replicas by index, as the stages know them
         self._requests: dict[str, Request] = {}
         self._lock = threading.Lock()  # guards the three below, shared with servicer threads
         self._live_ids: set[str] = set()  # ids submitted and not yet ended
@@ -200,7 +201,7 @@ class Engine:
             for address, plan in plans.sample_plans(step).items():
                 if (port := self._pool.port(address)) is not None:
                     port.send_plan(plan)
-        plan = plans.step_plan(step)
+        plan = plans.step_plan(step, self._sampler_table)
         for stage in self._stages:
             stage.send(plan)
 

@@ -7,8 +7,35 @@ from tandem.v1 import cpu_sampler_pb2
 from tandem.v1 import stage_worker_pb2 as stage_pb
 
 
-def step_plan(step: Step) -> stage_pb.StepPlan:
-    """What every stage gets for a step, ahead of its activations."""
+class SamplerTable:
+    """The sampler replicas the stages know, by index. Append-only, so an index keeps its address
+    for the life of the stages' streams; a replica that leaves the pool keeps its index, and one
+    that comes back gets it again."""
+
+    def __init__(self) -> None:
+        self.addresses: list[str] = []
+        self._index: dict[str, int] = {}
+        self._num_sent = 0  # entries the stages have
+
+    def index(self, address: str) -> int:
+        i = self._index.get(address)
+        if i is None:
+            i = self._index[address] = len(self.addresses)
+            self.addresses.append(address)
+        return i
+
+    def unsent(self) -> list[str]:
+        """The whole table when it grew since it was last sent (then counted as sent), else []."""
+        if len(self.addresses) == self._num_sent:
+            return []
+        self._num_sent = len(self.addresses)
+        return self.addresses
+
+
+def step_plan(step: Step, samplers: SamplerTable) -> stage_pb.StepPlan:
+    """What every stage gets for a step, ahead of its activations: per sequence its new tokens,
+    its block table whole or the ids appended to it, and its sampler's index in `samplers`;
+    the sampler table too when it grew."""
     plan = stage_pb.StepPlan(
         step_id=step.step_id,
         finished_request_ids=step.finished_request_ids,
@@ -18,7 +45,9 @@ def step_plan(step: Step) -> stage_pb.StepPlan:
     add = plan.sequences.add  # built in place: a message passed to the constructor is copied
     for s in step.sequences:
         add(request_id=s.request_id, num_computed_tokens=s.num_computed_tokens, input_ids=s.input_ids,
-            block_table=s.block_table, sample_index=s.sample_index, sampler=s.sampler)
+            block_table=s.block_table, new_block_ids=s.new_block_ids, sample_index=s.sample_index,
+            sampler_index=samplers.index(s.sampler))
+    plan.sampler_addresses.extend(samplers.unsent())
     return plan
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -123,17 +123,27 @@ class GrpcStage:
         self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         self._stub = stage_grpc.StageWorkerStub(self.channel)
         self._closed = threading.Event()
+        self._sampler_table: list[str] = []  # the latest sent; written by the streams' threads
         self._plans = self._open()
 
     def _open(self) -> StreamSender:
         stub, index, post = self._stub, self.index, self._post
 
         def call(plans):
-            for done in stub.Steps(plans):
+            for done in stub.Steps(self._with_sampler_table(plans)):
                 if done.error:
                     post(StepFailed(done.step_id, index, done.error))
 
         return StreamSender(call, f"plans->stage{index}", on_break=lambda why: post(StageDown(index, why)))
+
+    def _with_sampler_table(self, plans: Iterator[stage_pb.StepPlan]) -> Iterator[stage_pb.StepPlan]:
+        """A stream opened again (the stage may have restarted) begins with the sampler table."""
+        if self._sampler_table:
+            yield stage_pb.StepPlan(sampler_addresses=self._sampler_table)
+        for plan in plans:
+            if plan.sampler_addresses:
+                self._sampler_table = list(plan.sampler_addresses)
+            yield plan
 
     def send(self, plan: stage_pb.StepPlan) -> None:
         self._plans.send(plan)

@@ -288,17 +288,19 @@ class Scheduler:
             victim.status = Status.WAITING
             self.waiting.appendleft(victim.request_id)
         self.blocks.free(victim.block_table)
-        victim.block_table = []
+        victim.block_table, victim.num_blocks_on_stages = [], 0  # the stages get its next table whole
         return True
 
     def _take(self, seq: Sequence, step: Step) -> None:
         seq.status, seq.step_id = Status.IN_FLIGHT, step.step_id
+        held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
         step.sequences.append(
             ScheduledSequence(
                 request_id=seq.request_id,
                 num_computed_tokens=seq.num_computed_tokens,
                 input_ids=seq.tokens_from(seq.num_computed_tokens),
-                block_table=list(seq.block_table),
+                block_table=[] if held else list(seq.block_table),
+                new_block_ids=seq.block_table[held:] if held else [],
                 sample_index=len(seq.output_ids),
                 sampler=seq.sampler,
             )

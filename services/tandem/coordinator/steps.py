@@ -25,6 +25,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    num_blocks_on_stages: int = 0  # entries of block_table the stages hold; 0: none, the next step sends it whole
     status: Status = Status.WAITING
     step_id: int = 0  # the in-flight step it is in; 0: none
 
@@ -44,7 +45,8 @@ class ScheduledSequence(NamedTuple):  # a tuple: one is made per sequence per st
     request_id: str
     num_computed_tokens: int
     input_ids: list[int]
-    block_table: list[int]
+    block_table: list[int]  # the whole table when the stages hold none for the sequence, else empty
+    new_block_ids: list[int]  # with an empty block_table: the ids appended since the stages' copy
     sample_index: int
     sampler: str
 

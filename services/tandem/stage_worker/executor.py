@@ -16,6 +16,7 @@ from tandem.core.model_config import ModelConfig
 from tandem.core.profile import balanced_split, load_profile
 from tandem.core.stages import plan_stages
 from tandem.stage_worker.config import StageWorkerConfig
+from tandem.stage_worker.tables import PlanTables
 from tandem.v1 import stage_worker_pb2 as pb
 
 # (request_id, tensor [n, layers, 2, block_size, kv_heads, head_dim]) -> None, and request_id -> tensor
@@ -30,6 +31,7 @@ class StepInputs:
     slices: list[SequenceSlice]
     meta: AttentionMetadata
     input_ids: torch.Tensor | None  # [T] token ids on stage 0 (a view of a slot buffer), else None
+    samplers: list[str]  # host:port of each row's sampler, from the stream's sampler table
     hidden: torch.Tensor | None = None  # [T, hidden] device buffer the activations are copied into (GPU stages)
     ready: torch.cuda.Event | None = None  # GPU stages: recorded after the input copies, on the preparing stream
 
@@ -64,48 +66,43 @@ class StageExecutor:
         # GPU stages copy a step's inputs on a stream of their own, so that they need not wait for
         # the step computing on the default stream (see stage_worker.inputs).
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.blocks_of: dict[str, list[int]] = {}  # live request -> its block table
+        self.tables = PlanTables(config.num_blocks)  # written by the thread that prepares plans
         self.num_steps = 0
 
     @property
-    def num_blocks_used(self) -> int:
-        return len({b for table in self.blocks_of.values() for b in table})
+    def blocks_of(self) -> dict[str, list[int]]:
+        """Live request -> its block table."""
+        return self.tables.blocks_of
 
-    def check_plan(self, plan: pb.StepPlan) -> list[SequenceSlice]:
-        """The plan's sequences as slices, after checking ids, positions and blocks."""
+    @property
+    def num_blocks_used(self) -> int:
+        return len({b for table in list(self.blocks_of.values()) for b in table})
+
+    def check_plan(self, plan: pb.StepPlan, block_tables: list[list[int]]) -> list[SequenceSlice]:
+        """The plan's sequences as slices, after checking ids and positions."""
         if not plan.sequences:
             raise InvalidArgumentError(f"step {plan.step_id}: plan has no sequences")
         vocab, max_len = self.model_config.vocab_size, self.model_config.max_position_embeddings
         slices = []
-        for s in plan.sequences:
+        for s, table in zip(plan.sequences, block_tables, strict=True):
             if not s.input_ids:
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has no input tokens")
             if self.layers.is_first and not all(0 <= t < vocab for t in s.input_ids):
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has token ids outside [0, {vocab})")
             if s.num_computed_tokens + len(s.input_ids) > max_len:
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} exceeds {max_len} positions")
-            self._check_block_ids(plan.step_id, s.block_table)
-            slices.append(SequenceSlice(s.num_computed_tokens, len(s.input_ids), list(s.block_table)))
+            slices.append(SequenceSlice(s.num_computed_tokens, len(s.input_ids), table))
         return slices
-
-    def _check_block_ids(self, step_id: int, ids) -> None:
-        if any(not 0 <= b < self.config.num_blocks for b in ids):
-            raise InvalidArgumentError(f"step {step_id}: block ids must lie in [0, {self.config.num_blocks})")
-
-    def forget(self, request_ids) -> None:
-        for rid in request_ids:
-            self.blocks_of.pop(rid, None)
 
     def swap_out(self, plan: pb.StepPlan, put: PutBlocks) -> None:
         for t in plan.swap_out:
-            self._check_block_ids(plan.step_id, t.block_ids)
+            self.tables.check_block_ids(plan.step_id, t.block_ids)
             ids = torch.tensor(list(t.block_ids), dtype=torch.int64, device=self.device)
             put(t.request_id, self.cache.read_blocks(ids).cpu())
-            self.blocks_of.pop(t.request_id, None)
 
     def swap_in(self, plan: pb.StepPlan, get: GetBlocks) -> None:
         for t in plan.swap_in:
-            self._check_block_ids(plan.step_id, t.block_ids)
+            self.tables.check_block_ids(plan.step_id, t.block_ids)
             blocks = get(t.request_id)  # [n, layers, 2, block_size, kv_heads, head_dim]
             expected = (len(t.block_ids), *self.cache.block_shape)
             if tuple(blocks.shape) != expected:
@@ -114,20 +111,23 @@ class StageExecutor:
             self.cache.write_blocks(ids, blocks)
 
     def prepare(self, plan: pb.StepPlan, buffers: dict[str, torch.Tensor]) -> StepInputs | None:
-        """Check a plan and build its input tensors; token ids go into `buffers` (one slot's,
-        reused across steps: see stage_worker.inputs). None for a plan without sequences."""
+        """Take a plan's table changes (plans come here in the order sent), check it and build its
+        input tensors; token ids go into `buffers` (one slot's, reused across steps: see
+        stage_worker.inputs). None for a plan without sequences."""
+        resolved = self.tables.apply(plan)
         if not plan.sequences:
             return None
-        slices = self.check_plan(plan)
+        slices = self.check_plan(plan, resolved.block_tables)
         if self._copy_stream is None:
-            return self._prepare(plan, slices, buffers)
+            return self._prepare(plan, slices, resolved.samplers, buffers)
         with torch.cuda.stream(self._copy_stream):
-            inputs = self._prepare(plan, slices, buffers)
+            inputs = self._prepare(plan, slices, resolved.samplers, buffers)
             ready = torch.cuda.Event()
             ready.record()
-        return StepInputs(inputs.slices, inputs.meta, inputs.input_ids, inputs.hidden, ready)
+        return StepInputs(inputs.slices, inputs.meta, inputs.input_ids, inputs.samplers, inputs.hidden, ready)
 
-    def _prepare(self, plan: pb.StepPlan, slices: list[SequenceSlice], buffers: dict[str, torch.Tensor]) -> StepInputs:
+    def _prepare(self, plan: pb.StepPlan, slices: list[SequenceSlice], samplers: list[str],
+                 buffers: dict[str, torch.Tensor]) -> StepInputs:
         meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
         input_ids = hidden = None
         if self.layers.is_first:
@@ -137,7 +137,7 @@ class StageExecutor:
         elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
             shape = (sum(s.num_new_tokens for s in slices), self.model_config.hidden_size)
             hidden = _slot_buffer(buffers, "hidden", shape, self.dtype, self.device)
-        return StepInputs(slices, meta, input_ids, hidden)
+        return StepInputs(slices, meta, input_ids, samplers, hidden)
 
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
         """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
@@ -153,8 +153,6 @@ class StageExecutor:
                 raise InvalidArgumentError(f"step {plan.step_id}: activations {got}, plan needs {list(expected)}")
             x = inputs.hidden.copy_(hidden) if inputs.hidden is not None else hidden.to(self.dtype)
         meta = inputs.meta
-        for s in plan.sequences:
-            self.blocks_of[s.request_id] = list(s.block_table)
         out = self.graphs.run(x, meta) if self.graphs is not None else None
         if out is None:
             out = self.model(x, meta, self.cache)

@@ -177,7 +177,6 @@ class StageRunner:
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
         epoch = self._plan_epochs.pop(id(plan), self._epoch)
-        ex.forget(plan.finished_request_ids)
         if epoch != self._epoch:  # neither computed nor its blocks moved: the coordinator replans
             with self._arrived:
                 self._activations.pop(plan.step_id, None)
@@ -202,7 +201,7 @@ class StageRunner:
         if out.hidden is not None:
             self.peers.send_hidden(plan.step_id, out.hidden)
         else:
-            self._send_logits(plan, out.logits)
+            self._send_logits(plan, prepared.inputs.samplers, out.logits)
 
     def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor | None:
         """The step's activations, shaped by the plan when they came as raw bytes."""
@@ -220,14 +219,15 @@ class StageRunner:
                 raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
         return hidden
 
-    def _send_logits(self, plan: pb.StepPlan, logits: torch.Tensor) -> None:
+    def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
+        """Each sampler its rows; `samplers` is the address of each row's, from the sampler table."""
         if self.sample is not None:  # sample here, in series (baseline)
             self.sample(plan.step_id, [s.request_id for s in plan.sequences],
                         [s.sample_index for s in plan.sequences], logits)
             return
         rows: dict[str, list[int]] = defaultdict(list)
-        for i, s in enumerate(plan.sequences):
-            rows[s.sampler].append(i)
+        for i, address in enumerate(samplers):
+            rows[address].append(i)
         for address, idx in rows.items():
             seqs = [plan.sequences[i] for i in idx]
             rows_logits = logits if len(idx) == len(plan.sequences) else logits[idx]

@@ -51,10 +51,13 @@ class Stage:
     def __init__(self) -> None:
         self.plans: list = []
         self.num_bytes = 0
+        self.samplers: list[str] = []  # the sampler table the plans sent
 
     def send(self, plan) -> None:
         self.num_bytes += len(plan.SerializeToString())
         self.plans.append(plan)
+        if plan.sampler_addresses:
+            self.samplers = list(plan.sampler_addresses)
 
     def reset(self) -> None:
         pass
@@ -152,7 +155,7 @@ def run(num_seqs: int, num_steps: int, prompt_len: int, num_stages: int, num_sam
         for plan in plans:  # off the clock: every replica answers its rows at once
             by_sampler: dict[str, list[tuple[str, int]]] = {}
             for s in plan.sequences:
-                by_sampler.setdefault(s.sampler, []).append((s.request_id, s.sample_index))
+                by_sampler.setdefault(stages[0].samplers[s.sampler_index], []).append((s.request_id, s.sample_index))
             answers += [(samplers[a], samplers[a].answer(plan.step_id, rows)) for a, rows in by_sampler.items()]
         decode_plans = [p for p in plans if p.sequences]
         if is_decoding and decode_plans:  # a turn that answered steps and sent new ones
