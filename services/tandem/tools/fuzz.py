@@ -128,12 +128,12 @@ def run(name: str, seconds: int, libfuzzer_args: list[str]) -> int:
 def child(argv: list[str]) -> None:
     import atheris
 
-    with atheris.instrument_imports(include=["tandem"]):
+    logging.disable(logging.WARNING)  # skipped rows and unsubscribed batches are expected here
+    with atheris.instrument_imports(include=["tandem"]):  # setup() imports the services' modules
         from tandem.tools.fuzz_targets import TARGETS
 
-    logging.disable(logging.WARNING)  # skipped rows and unsubscribed batches are expected here
-    target = TARGETS[argv[0]]
-    target.setup()
+        target = TARGETS[argv[0]]
+        target.setup()
     atheris.Setup([sys.argv[0], *argv[1:]], target.one_input, custom_mutator=structured_mutator(target.message))
     atheris.Fuzz()
 
