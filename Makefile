@@ -10,6 +10,8 @@ STAMP         := $(VENV)/.tandem-installed
 PROTOS        := $(shell find protos -name '*.proto')
 GENERATED     := services/tandem/v1/.generated
 PYTEST_ARGS   ?=
+FUZZ_SECONDS  ?= 120
+FUZZ_TARGETS  ?=
 PROTOC_ARGS   := -Iprotos --python_out=services --pyi_out=services --grpc_python_out=services $(PROTOS)
 # `make gpu-bench GPU_PY=python3` runs it with a Python that already has the dependencies, no .venv.
 GPU_PY        ?= $(PY)
@@ -18,7 +20,7 @@ GPU_BENCH_ARGS ?=
 
 IMAGE_TAG     ?= dev
 
-.PHONY: all install protos demo lint test gpu-bench images clean peer-vllm
+.PHONY: all install protos demo lint test fuzz gpu-bench images clean peer-vllm
 
 all: install
 
@@ -51,6 +53,12 @@ lint: install
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# atheris over the codec, activation and logits frames, step plans and Generate requests, FUZZ_SECONDS
+# each (tandem.tools.fuzz); a failing input is kept in tests/fuzz/corpus/<target>/, which `make test` replays.
+fuzz: install
+	$(PIP) install --quiet -e '.[fuzz]'
+	$(PY) -m tandem.tools.fuzz $(FUZZ_TARGETS) --seconds $(FUZZ_SECONDS)
 
 # One NVIDIA GPU, under 8 minutes: the gpu-marked tests, then `tandem bench --device cuda` with 2 and
 # 4 stages on a random ~0.85B-parameter Llama; figures and summary.md in $(GPU_BENCH_OUT)

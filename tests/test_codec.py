@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tandem.core.codec import DTYPES, CodecLimits, decode, encode
+from tandem.core.codec import DTYPES, CodecLimits, decode, decode_rows, encode
 from tandem.core.errors import CodecError
 from tandem.v1 import tensor_pb2
 
@@ -221,6 +221,28 @@ def test_negative_dim() -> None:
 def test_huge_shape(shape: list[int]) -> None:
     with pytest.raises(CodecError, match=r"over the element limit|more than \d+ elements"):
         decode(message("uint8", shape, b""))
+
+
+@pytest.mark.parametrize("shape", [[2**31 - 1, 2**31 - 1, 2**31 - 1, 0], [0, 2**31 - 1, 2**31 - 1, 2**31 - 1]])
+def test_empty_shape_whose_strides_overflow(shape: list[int]) -> None:
+    """Found by fuzzing: an empty shape whose other dims multiply past int64 made torch raise a bare
+    RuntimeError ("Storage size calculation overflowed") instead of a CodecError."""
+    with pytest.raises(CodecError, match=r"more than 2147483647 elements \(the limit; a dim of 0 counts as 1\)"):
+        decode(message("float32", shape, b""))
+    layout = tensor_pb2.TensorLayout(dtype="float32", row_shape=shape[1:])
+    with pytest.raises(CodecError, match=r"more than 2147483647 elements"):
+        decode_rows(b"", layout, shape[0])
+
+
+def test_decode_rows_checks_rows_and_layout() -> None:
+    layout = tensor_pb2.TensorLayout(dtype="float32", row_shape=[2])
+    assert decode_rows(b"\x00" * 24, layout, 3).shape == (3, 2)
+    with pytest.raises(CodecError, match=r"negative dim -1 at axis 0"):
+        decode_rows(b"", layout, -1)
+    with pytest.raises(CodecError, match=r"payload has 8 bytes, but the plan's 3 rows"):
+        decode_rows(b"\x00" * 8, layout, 3)
+    with pytest.raises(CodecError, match=r"unknown dtype 'complex64'"):
+        decode_rows(b"", tensor_pb2.TensorLayout(dtype="complex64", row_shape=[2]), 0)
 
 
 def test_numel_limit() -> None:

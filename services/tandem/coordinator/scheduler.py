@@ -221,7 +221,7 @@ class Scheduler:
         self._swapped_blocks.clear()
         for seq in self.seqs.values():
             self.blocks.free(seq.block_table)
-            seq.block_table, seq.num_computed_tokens, seq.step_id = [], 0, 0
+            seq.block_table, seq.num_blocks_on_stages, seq.num_computed_tokens, seq.step_id = [], 0, 0, 0
             seq.status = Status.WAITING
         self.blocks.forget_cached()
         self.waiting = deque(self.seqs)  # arrival order

@@ -174,13 +174,11 @@ def _checked_numel(shape: tuple[int, ...], limits: CodecLimits) -> int:
                 f"shape {list(shape)} has dim {dim} at axis {axis}, over the element limit "
                 f"of {limits.max_numel}"
             )
-    if 0 in shape:
-        return 0
-    numel = 1
+    span = 1  # the product of the dims, a 0 counted as 1: torch's strides reach it even when empty
     for dim in shape:  # every factor and partial product stays <= max_numel: no overflow
-        if dim > limits.max_numel // numel:
+        if max(dim, 1) > limits.max_numel // span:
             raise CodecError(
-                f"shape {list(shape)} has more than {limits.max_numel} elements (the limit)"
+                f"shape {list(shape)} has more than {limits.max_numel} elements (the limit; a dim of 0 counts as 1)"
             )
-        numel *= dim
-    return numel
+        span *= max(dim, 1)
+    return 0 if 0 in shape else span

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 
 import grpc
@@ -52,18 +52,75 @@ def status_of(error: Exception) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
-def _wrap(behavior: Callable, streaming_response: bool) -> Callable:
+class _Malformed:
+    """What bytes that are not the RPC's request message deserialize to (see _lenient)."""
+
+    def __init__(self, error: Exception):
+        self.message = f"the request is not a valid protobuf message of its RPC: {error}"
+
+
+def _lenient(deserialize: Callable[[bytes], object]) -> Callable[[bytes], object]:
+    """`deserialize`, returning a _Malformed instead of raising. On a failure gRPC would answer
+    INTERNAL itself, and on a stream its status races the handler's (a server then cannot stop)."""
+
+    def parse(data: bytes) -> object:
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - any parse failure is the caller's
+            return _Malformed(e)
+
+    return parse
+
+
+class _Call:
+    """The context a servicer sees: the call's own, except that a malformed request in a stream
+    raises InvalidArgumentError in whichever thread reads it and makes the call inactive, so that a
+    handler which reads its stream on another thread and waits on `is_active()` ends too."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self._context = context
+        self.malformed: _Malformed | None = None
+
+    def __getattr__(self, name: str):
+        return getattr(self._context, name)
+
+    def is_active(self) -> bool:
+        return self.malformed is None and self._context.is_active()
+
+    def requests(self, iterator: Iterable) -> Iterator:
+        for request in iterator:
+            if isinstance(request, _Malformed):
+                self.malformed = request
+                raise InvalidArgumentError(request.message)
+            yield request
+
+    def check(self) -> None:
+        if self.malformed is not None:
+            raise InvalidArgumentError(self.malformed.message)
+
+
+def _wrap(behavior: Callable, streaming_request: bool, streaming_response: bool) -> Callable:
     def abort(context: grpc.ServicerContext, error: Exception):
         code = status_of(error)
         if code == grpc.StatusCode.INTERNAL:
             log.exception("internal error")
         context.abort(code, str(error) or type(error).__name__)
 
+    def start(request, context: grpc.ServicerContext) -> tuple[object, _Call]:
+        call = _Call(context)
+        if streaming_request:
+            return call.requests(request), call
+        if isinstance(request, _Malformed):
+            raise InvalidArgumentError(request.message)
+        return request, call
+
     if streaming_response:
 
         def stream(request, context):
             try:
-                yield from behavior(request, context)
+                request, call = start(request, context)
+                yield from behavior(request, call)
+                call.check()  # the handler may have read the malformed request on a thread of its own
             except Exception as e:  # noqa: BLE001 - mapped to a status
                 if isinstance(e, grpc.RpcError) or context.code() is not None:
                     raise
@@ -73,7 +130,10 @@ def _wrap(behavior: Callable, streaming_response: bool) -> Callable:
 
     def unary(request, context):
         try:
-            return behavior(request, context)
+            request, call = start(request, context)
+            response = behavior(request, call)
+            call.check()
+            return response
         except Exception as e:  # noqa: BLE001 - mapped to a status
             if isinstance(e, grpc.RpcError) or context.code() is not None:
                 raise
@@ -83,7 +143,8 @@ def _wrap(behavior: Callable, streaming_response: bool) -> Callable:
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns Tandem's typed errors into status codes with their message; others into INTERNAL."""
+    """Turns Tandem's typed errors into status codes with their message; others into INTERNAL.
+    A request that is not a valid message of its RPC is answered INVALID_ARGUMENT."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
@@ -92,8 +153,9 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, kind)
             if behavior is not None:
-                wrapped = _wrap(behavior, kind.endswith("_stream"))
-                return handler._replace(**{kind: wrapped})
+                wrapped = _wrap(behavior, kind.startswith("stream_"), kind.endswith("_stream"))
+                deserialize = handler.request_deserializer and _lenient(handler.request_deserializer)
+                return handler._replace(**{kind: wrapped, "request_deserializer": deserialize})
         return handler
 
 
