@@ -8,15 +8,14 @@ import concurrent.futures as cf
 import time
 
 import pytest
-from test_metrics import Samples, scrape, value
 
+from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.metrics import token_buckets
 from tandem.core.errors import ConfigError
 from tandem.kv_store.config import KvStoreConfig
-
-from cluster import start_cluster
+from test_metrics import Samples, scrape, value
 
 PROMPTS = [[5, 7, 9, 11, 13, 200, 3], [100, 4, 40], list(range(20, 47))]
 MAX_TOKENS = 6
