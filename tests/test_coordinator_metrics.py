@@ -10,7 +10,8 @@ import time
 import pytest
 
 from cluster import start_cluster
-from tandem.client import TandemClient
+from tandem.client import GenerateResult, TandemClient
+from tandem.client.errors import NotFoundError
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.metrics import token_buckets
 from tandem.core.errors import ConfigError
@@ -22,9 +23,9 @@ MAX_TOKENS = 6
 MODEL = {"engine": "0"}  # and model_name: the checkpoint directory's name
 
 
-def run_workload(endpoint: str) -> tuple[int, int]:
-    """PROMPTS to their length limit, then the first again stopped by its own third token: the
-    prompt and generation tokens served."""
+def run_workload(endpoint: str) -> list[tuple[list[int], GenerateResult]]:
+    """PROMPTS to their length limit, the first again stopped by its own third token, and the
+    second again aborted at once: each prompt and its result."""
     with TandemClient(endpoint, timeout_s=120) as client:
         results = [client.generate(prompt_ids=p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
                    for p in PROMPTS]
@@ -33,8 +34,17 @@ def run_workload(endpoint: str) -> tuple[int, int]:
         stopped = client.generate(prompt_ids=PROMPTS[0], max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
                                   stop_token_ids=[stop_id])
         assert len(stopped.token_ids) == results[0].token_ids.index(stop_id) + 1
-    return (sum(map(len, PROMPTS)) + len(PROMPTS[0]),
-            sum(len(r.token_ids) for r in results) + len(stopped.token_ids))
+        with client.generate_stream(prompt_ids=PROMPTS[1], max_tokens=250, temperature=0.0, ignore_eos=True,
+                                    request_id="to-abort") as stream:
+            while True:
+                try:
+                    client.abort("to-abort")
+                    break
+                except NotFoundError:  # not submitted yet
+                    time.sleep(0.001)
+            aborted = stream.wait()
+        assert aborted.finish_reason == "aborted" and len(aborted.token_ids) < 250
+    return [*zip(PROMPTS, results), (PROMPTS[0], stopped), (PROMPTS[1], aborted)]
 
 
 def settled(cluster) -> Samples:
@@ -62,10 +72,13 @@ def llama(checkpoint):
 def test_coordinator_metrics_equal_what_was_served(llama, vllm_names):
     c = start_cluster(llama, num_stages=2, num_samplers=2, num_blocks=64, metrics_vllm_names=vllm_names)
     try:
-        num_prompt, num_generated = run_workload(c.endpoint)
+        served = run_workload(c.endpoint)
         samples = settled(c)
         labels = {**MODEL, "model_name": llama.name}
-        num_requests = len(PROMPTS) + 1
+        num_requests = len(served)
+        num_started = sum(1 for _, r in served if r.token_ids)  # the aborted one may have no token
+        num_prompt = sum(len(p) for p, r in served if r.token_ids)  # counted at the first token
+        num_generated = sum(len(r.token_ids) for _, r in served)
         for prefix in ("tandem:", "vllm:") if vllm_names else ("tandem:",):
             def v(name: str, **more: str) -> float:
                 return value(samples, prefix + name, **labels, **more)
@@ -74,20 +87,22 @@ def test_coordinator_metrics_equal_what_was_served(llama, vllm_names):
             assert v("generation_tokens_total") == num_generated
             assert v("request_success_total", finished_reason="length") == len(PROMPTS)
             assert v("request_success_total", finished_reason="stop") == 1
-            assert v("request_success_total", finished_reason="abort") == 0
-            for name in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_queue_time_seconds",
-                         "request_prompt_tokens", "request_generation_tokens"):
+            assert v("request_success_total", finished_reason="abort") == 1
+            assert v("request_success_total", finished_reason="error") == 0
+            for name in ("e2e_request_latency_seconds", "request_prompt_tokens", "request_generation_tokens"):
                 assert v(name + "_count") == num_requests, name
                 assert v(name + "_bucket", le="+Inf") == num_requests, name
-            assert v("request_prompt_tokens_sum") == num_prompt
+            assert v("time_to_first_token_seconds_count") == num_started
+            assert num_started <= v("request_queue_time_seconds_count") <= num_requests
+            assert v("request_prompt_tokens_sum") == sum(len(p) for p, _ in served)
             assert v("request_generation_tokens_sum") == num_generated
-            assert v("inter_token_latency_seconds_count") == num_generated - num_requests
+            assert v("inter_token_latency_seconds_count") == num_generated - num_started
             assert v("num_requests_running") == 0 and v("num_requests_waiting") == 0
             assert v("kv_cache_usage_perc") == 0  # nothing held; cached prefixes are free to take
-            # every prompt but its last token (computed for its logits) is looked up; the last
+            # every prompt but its last token (computed for its logits) is looked up; the fourth
             # request repeats the first's prompt, whose one full block (of 4 tokens) is found
-            assert v("prefix_cache_queries_total") == num_prompt - num_requests
-            assert v("prefix_cache_hits_total") == 4
+            assert v("prefix_cache_queries_total") >= sum(len(p) - 1 for p, _ in served[:4])
+            assert v("prefix_cache_hits_total") == 4  # the aborted one, if looked up, fills no block
             assert v("num_preemptions_total") == 0
             assert v("sampler_pool_size") == 2
             assert v("kv_store_blocks_capacity") > 0 and v("kv_store_blocks_used") == 0
@@ -95,7 +110,7 @@ def test_coordinator_metrics_equal_what_was_served(llama, vllm_names):
         assert ("vllm:time_per_output_token_seconds_count" in names) == vllm_names
         assert any(n.startswith("vllm:") for n in names) == vllm_names
         if vllm_names:
-            assert value(samples, "vllm:time_per_output_token_seconds_count", **labels) == num_generated - num_requests
+            assert value(samples, "vllm:time_per_output_token_seconds_count", **labels) == num_generated - num_started
         store = scrape(c.kv_store_metrics)
         assert value(store, "tandem:kv_store_capacity_bytes") == 1 << 30
         assert value(store, "tandem:kv_store_used_bytes") == 0
