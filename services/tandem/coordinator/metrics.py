@@ -59,6 +59,9 @@ def token_buckets(max_model_len: int) -> list[float]:
 
 
 class CoordinatorMetrics:
+    """The coordinator's metrics in `metrics`' registry: the request metrics, counted through
+    `start(request)`, and the collector that reads the engine's state at scrape time."""
+
     def __init__(self, metrics: Metrics, model_name: str, max_model_len: int, num_blocks: int,
                  snapshot: Callable[[], Snapshot], report: Callable[[], Report], *, block_bytes: int = 0,
                  num_host_blocks: int = 0, vllm_names: bool = False):
