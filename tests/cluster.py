@@ -28,6 +28,8 @@ class Cluster:
     stage_metrics: list[Metrics] = field(default_factory=list)  # by stage; the baseline's sampler's are the last one's
     sampler_metrics: list[Metrics] = field(default_factory=list)  # by sampler, labelled sampler="sampler-I"
     stage_configs: list[StageWorkerConfig] = field(default_factory=list)
+    coordinator_metrics: Metrics = field(default_factory=Metrics)
+    kv_store_metrics: Metrics = field(default_factory=Metrics)
     _servers: list = field(default_factory=list)
     _stage_servers: list = field(default_factory=list)
 
@@ -60,7 +62,7 @@ def start_cluster(
     c = Cluster()
     try:
         if with_kv_store:
-            server = kv_store.serve(KvStoreConfig(capacity_bytes=kv_capacity_bytes))
+            server = kv_store.serve(KvStoreConfig(capacity_bytes=kv_capacity_bytes), c.kv_store_metrics)
             c._servers.append(server)
             c.kv_store = server.address
         for i in range(num_samplers):
@@ -86,7 +88,7 @@ def start_cluster(
         cfg = CoordinatorConfig(model=str(model), stages=tuple(c.stages), samplers=tuple(c.samplers),
                                 kv_store=c.kv_store, num_blocks=num_blocks, block_size=block_size,
                                 **{**techniques.coordinator_options(), **coordinator_options})
-        server = coordinator.serve(cfg)
+        server = coordinator.serve(cfg, c.coordinator_metrics)
         c._servers.append(server)
         c.endpoint = server.address
     except BaseException:

@@ -8,6 +8,7 @@ and every ConfigMap is loaded with tandem's own config loader.
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -208,21 +209,51 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
 
 
 @pytest.mark.parametrize("example", EXAMPLE_IDS)
-def test_stages_and_samplers_are_scraped_on_their_metrics_port(example: str) -> None:
+def test_every_service_but_the_gateway_is_scraped_on_its_metrics_port(example: str) -> None:
     objs = _objects(example)
     port = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))["metricsPort"]
+    served = {"coordinator", "stage-worker", "cpu-sampler", "kv-store"}
     for workload in _of_kind(objs, *WORKLOAD_KINDS):
         annotations = workload["spec"]["template"]["metadata"]["annotations"]
         (container,) = workload["spec"]["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        if _component(workload) in ("stage-worker", "cpu-sampler"):
+        if _component(workload) in served:
             assert annotations["prometheus.io/scrape"] == "true" and annotations["prometheus.io/path"] == "/metrics"
             assert annotations["prometheus.io/port"] == str(port) and ports["metrics"] == port
-        else:  # the coordinator's and the KV store's metrics are not served yet
+        else:  # the gateway serves /metrics on its HTTP port
             assert "prometheus.io/scrape" not in annotations and "metrics" not in ports
+    for service in _of_kind(objs, "Service"):
+        ports = {p["name"]: p for p in service["spec"]["ports"]}
+        assert ("metrics" in ports) == (_component(service) in served)
+        if "metrics" in ports:
+            assert ports["metrics"]["port"] == port and ports["metrics"]["targetPort"] == "metrics"
     for cm in _of_kind(objs, "ConfigMap"):
-        if _component(cm) in ("stage-worker", "cpu-sampler"):
+        if _component(cm) in served:
             assert yaml.safe_load(cm["data"]["config.yaml"])["metrics_port"] == port
+    assert not _of_kind(objs, "ServiceMonitor")  # off by default, and so is the dashboard
+    assert not [cm for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "metrics"]
+
+
+def test_service_monitor_dashboard_and_vllm_names_when_asked_for() -> None:
+    objs = _render({"metrics": {"vllmNames": True, "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
+                                "grafanaDashboard": {"enabled": True}}})
+    (monitor,) = _of_kind(objs, "ServiceMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "kps"
+    assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    selected = [s for s in _of_kind(objs, "Service")
+                if monitor["spec"]["selector"]["matchLabels"].items() <= s["metadata"]["labels"].items()]
+    assert {_component(s) for s in selected if "metrics" in [p["name"] for p in s["spec"]["ports"]]} == {
+        "coordinator", "stage-worker", "cpu-sampler", "kv-store"}
+    (dashboard,) = [cm for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "metrics"]
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    panels = json.loads(dashboard["data"]["tandem.json"])["panels"]
+    exprs = " ".join(t["expr"] for p in panels for t in p["targets"])
+    for name in ("generation_tokens_total", "time_to_first_token_seconds_bucket", "inter_token_latency_seconds_bucket",
+                 "num_requests_waiting", "kv_cache_usage_perc", "stage_idle_seconds_total", "sampler_sample_seconds"):
+        assert "tandem:" + name in exprs
+    (coordinator,) = [cm for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "coordinator"]
+    config = load_config(CoordinatorConfig, yaml.safe_load(coordinator["data"]["config.yaml"]))
+    assert config.metrics_vllm_names
 
 
 def test_four_stage_partition_is_passed_through() -> None:

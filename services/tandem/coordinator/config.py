@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from tandem.coordinator.limits import Limits
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
+from tandem.core.metrics import check_metrics_port, metrics_port_field
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,10 @@ class CoordinatorConfig:
         "when a stage comes back, its lost KV cache is rebuilt by recomputing every sequence from its tokens "
         "(same output); off: the sequences running when it failed fail at once", True)
     step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
+    metrics_port: int = metrics_port_field()
+    metrics_vllm_names: bool = doc(
+        "serve every coordinator metric under `vllm:` as well as `tandem:` (same samples), for dashboards, "
+        "KEDA ScaledObjects and llm-d's scheduler written for vLLM", False)
     max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
     api_key_env: str = doc(
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
@@ -78,3 +83,4 @@ class CoordinatorConfig:
                      *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")
+        check_metrics_port(self.metrics_port)

@@ -15,10 +15,12 @@ from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import TextStream
 from tandem.coordinator.info import ServiceProbe
+from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.core.errors import InvalidArgumentError, NotFoundError
+from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
 from tandem.core.server import Server, wait_ready
@@ -32,8 +34,9 @@ SERVICE_NAME = "tandem.v1.Coordinator"
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, engine: Engine, probe: ServiceProbe, tokenizer: Tokenizer,
-                 model: ModelConfig, block_bytes: int):
+                 model: ModelConfig, block_bytes: int, metrics: CoordinatorMetrics):
         self.config, self.engine, self.probe, self.tokenizer, self.model = config, engine, probe, tokenizer, model
+        self.metrics = metrics
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
         self.limits = config.limits()
@@ -44,17 +47,23 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
         if not context.add_callback(lambda: self.engine.abort(req.request_id)):
             self.engine.abort(req.request_id)  # the client left before the callback was in place
-        while not text.is_finished:
-            chunk = text.read()  # what has accumulated goes out as one chunk
-            if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
-                self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
-            if chunk.token_ids:
-                yield pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
-                    token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
-                    prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
-            if chunk.end is not None and chunk.end.error is not None:
-                raise chunk.end.error
-        yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req, text))
+        stats = self.metrics.start(req)
+        try:
+            while not text.is_finished:
+                chunk = text.read()  # what has accumulated goes out as one chunk
+                stats.tokens(len(chunk.token_ids))
+                if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
+                    self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
+                if chunk.token_ids:
+                    yield pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
+                        token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
+                        prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
+                if chunk.end is not None and chunk.end.error is not None:
+                    raise chunk.end.error
+            stats.end(text)
+            yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req, text))
+        finally:  # an error, or the client left
+            stats.end(text)
 
     def Abort(self, request: pb.AbortRequest, context):
         if not self.engine.abort(request.request_id):
@@ -148,8 +157,9 @@ def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServicePro
     return block_bytes, probe.kv_store_capacity_bytes // block_bytes
 
 
-def serve(config: CoordinatorConfig) -> Server:
-    """Wait for the stages, samplers and KV store, start the engine and the public server."""
+def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
+    """Wait for the stages, samplers and KV store, start the engine and the public server, and its
+    metrics on config.metrics_port. Pass `metrics` to observe them (`metrics.port`)."""
     model = ModelConfig.from_dir(config.model)
     tokenizer = Tokenizer.from_dir(config.model)
     for address in config.stages:
@@ -174,12 +184,21 @@ def serve(config: CoordinatorConfig) -> Server:
                     stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure))
     engine.start(discovery.from_config(config))
     probe.start()
+    max_model_len = config.max_model_len or model.max_position_embeddings
+    metrics = metrics or Metrics()
+    coordinator_metrics = CoordinatorMetrics(
+        metrics, Path(config.model).name, max_model_len, config.num_blocks, lambda: engine.snapshot,
+        lambda: probe.report, block_bytes=block_bytes, num_host_blocks=num_host_blocks,
+        vllm_names=config.metrics_vllm_names)
     server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
-               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes), [SERVICE_NAME])
+               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics),
+               [SERVICE_NAME])
+    metrics.serve(config.host, config.metrics_port)
     server.on_drain(engine.drain)
     server.on_stop(engine.stop)
     server.on_stop(probe.stop)
+    server.on_stop(metrics.stop)
     server.start()
     server.set_ready()
     return server

@@ -57,8 +57,9 @@ class Metrics:
     def gauge(self, name: str, text: str, labels: Sequence[str]) -> Gauge:
         return Gauge(PREFIX + name, text, labels, registry=self.registry)
 
-    def histogram(self, name: str, text: str, labels: Sequence[str]) -> Histogram:
-        return Histogram(PREFIX + name, text, labels, registry=self.registry, buckets=TIME_BUCKETS_S)
+    def histogram(self, name: str, text: str, labels: Sequence[str],
+                  buckets: Sequence[float] = TIME_BUCKETS_S) -> Histogram:
+        return Histogram(PREFIX + name, text, labels, registry=self.registry, buckets=buckets)
 
     def serve(self, host: str, port: int) -> None:
         """Serve the registry on host:port (0: a free port); METRICS_OFF serves nothing."""

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
+from tandem.core.metrics import check_metrics_port, metrics_port_field
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class KvStoreConfig:
     port: int = doc("Port to listen on; 0 picks a free one.", 0)
     capacity_bytes: int = doc("Most bytes of KV blocks held at once.", 4 * 1024**3)
     max_workers: int = doc("Threads serving RPCs.", 16)
+    metrics_port: int = metrics_port_field()
 
     def __post_init__(self) -> None:
         self.validate()
@@ -28,3 +30,4 @@ class KvStoreConfig:
             raise ConfigError(f"config field 'capacity_bytes' must be >= 0, got {self.capacity_bytes}")
         if self.max_workers < 1:
             raise ConfigError(f"config field 'max_workers' must be >= 1, got {self.max_workers}")
+        check_metrics_port(self.metrics_port)

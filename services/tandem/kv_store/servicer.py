@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import grpc
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from tandem.core import codec
+from tandem.core.metrics import PREFIX, Metrics
 from tandem.core.server import Server
 from tandem.kv_store.config import KvStoreConfig
 from tandem.kv_store.store import BlockStore
@@ -54,11 +58,31 @@ class KvStoreServicer(kv_store_pb2_grpc.KvStoreServicer):
         )
 
 
-def serve(config: KvStoreConfig) -> Server:
-    """Start a kv-store server for `config`, mark it ready, and return it (call `.stop()`)."""
+class UsageCollector(Collector):
+    """The store's figures, read when the metrics endpoint is scraped."""
+
+    def __init__(self, store: BlockStore):
+        self.store = store
+
+    def collect(self) -> Iterator[Metric]:
+        usage = self.store.usage()
+        yield GaugeMetricFamily(PREFIX + "kv_store_used_bytes", "Bytes of KV blocks held.", value=usage.used_bytes)
+        yield GaugeMetricFamily(PREFIX + "kv_store_capacity_bytes", "Most bytes of KV blocks the store may hold.",
+                                value=usage.capacity_bytes)
+        yield GaugeMetricFamily(PREFIX + "kv_store_num_requests", "Swapped-out requests with blocks held.",
+                                value=usage.num_requests)
+
+
+def serve(config: KvStoreConfig, metrics: Metrics | None = None) -> Server:
+    """Start a kv-store server for `config` and its metrics on config.metrics_port, mark it ready,
+    and return it (call `.stop()`). Pass `metrics` to observe them (`metrics.port`)."""
     server = Server(config.host, config.port, max_workers=config.max_workers)
     servicer = KvStoreServicer(BlockStore(config.capacity_bytes))
     server.add(kv_store_pb2_grpc.add_KvStoreServicer_to_server, servicer, [SERVICE_NAME])
+    metrics = metrics or Metrics()
+    metrics.registry.register(UsageCollector(servicer.store))
+    metrics.serve(config.host, config.metrics_port)
+    server.on_stop(metrics.stop)
     server.start()
     server.set_ready()
     log.info("kv-store serving on %s with %d bytes of capacity", server.address, config.capacity_bytes)
