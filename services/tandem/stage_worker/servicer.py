@@ -12,7 +12,7 @@ import torch
 
 from tandem.core import codec
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
-from tandem.core.errors import CodecError
+from tandem.core.errors import CodecError, InvalidArgumentError
 from tandem.core.metrics import Metrics
 from tandem.core.server import Server
 from tandem.stage_worker.config import StageWorkerConfig
@@ -39,6 +39,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             try:
                 for plan in request_iterator:
                     self.runner.submit(plan, epoch)
+            except InvalidArgumentError:
+                pass  # a message that does not parse: the call ends with INVALID_ARGUMENT (core.server)
             finally:
                 ended.set()  # the coordinator closed this stream (it opened a newer one, or left)
 

@@ -71,25 +71,36 @@ def check_tensor(message: tensor_pb2.Tensor) -> None:
 # --- stage: activation frames and step plans -------------------------------------------
 
 
+class _NoPeers:
+    """A stage's peers when nothing is sent anywhere."""
+
+    has_kv_store = False
+
+    def hops(self) -> dict:
+        return {}
+
+
 @cache
 def stage(stage_index: int, num_stages: int):
-    """A stage's servicer around its executor (no server, no threads, no peers)."""
+    """A stage's servicer around its runner and executor (no server, no threads, no peers)."""
     from tandem.stage_worker.config import StageWorkerConfig
     from tandem.stage_worker.executor import StageExecutor
+    from tandem.stage_worker.runner import StageRunner
     from tandem.stage_worker.servicer import StageWorkerServicer
 
     config = StageWorkerConfig(model=str(MODEL), stage_index=stage_index, num_stages=num_stages,
-                               num_blocks=32, block_size=4)
-    servicer = StageWorkerServicer(config)
-    servicer.executor = StageExecutor(config)
-    return servicer
+                               num_blocks=32, block_size=4, metrics_port=-1)
+    runner = StageRunner(config, _NoPeers())  # type: ignore[arg-type]  # never sends
+    runner.executor = StageExecutor(config)
+    return StageWorkerServicer(runner)
 
 
 def check_activation_frame(frame: stage_worker_pb2.ActivationFrame) -> None:
     """The frame alone, after a good layout frame, and before a good raw frame; then each step
     it stored is shaped by a plan of as many rows as its bytes could hold, and of one more."""
     servicer = stage(1, 2)
-    ex = servicer.executor
+    runner = servicer.runner
+    ex = runner.executor
     hidden_size, itemsize = ex.model_config.hidden_size, ex.dtype.itemsize
     header = stage_worker_pb2.ActivationFrame(layout=codec.layout(ex.dtype, [hidden_size]))
     good = stage_worker_pb2.ActivationFrame(step_id=frame.step_id, data=bytes(2 * hidden_size * itemsize))
@@ -98,13 +109,13 @@ def check_activation_frame(frame: stage_worker_pb2.ActivationFrame) -> None:
             servicer.Activations(iter(frames), None)
         except InvalidArgumentError:
             pass
-        stored, rows = dict(servicer._activations), len(frame.data) // (hidden_size * itemsize)
-        servicer._activations.clear()
+        stored, rows = dict(runner._activations), len(frame.data) // (hidden_size * itemsize)
+        runner._activations.clear()
         for step_id, hidden in stored.items():
             for num_tokens in (rows, rows + 1):
-                servicer._activations[step_id] = hidden
+                runner._activations[step_id] = hidden
                 try:
-                    servicer._wait_activations(step_id, num_tokens)
+                    runner._wait_activations(step_id, num_tokens, runner._epoch)
                 except InvalidArgumentError:
                     pass
 
@@ -119,15 +130,19 @@ def check_step_plan(plan: stage_worker_pb2.StepPlan) -> None:
             raise NotFoundError(f"no blocks for {request_id!r}")
         return kv[request_id]
 
-    ex = stage(0, 1).executor
-    ex.forget(plan.finished_request_ids)
+    from tandem.stage_worker.tables import PlanTables
+
+    stages = [stage(0, 1), stage(0, 2), stage(1, 2)]
+    for s in stages:  # each input starts from empty tables, as a fresh stage would
+        s.runner.executor.tables = PlanTables(s.runner.executor.config.num_blocks)
+    ex = stages[0].runner.executor
+    inputs = ex.prepare(plan, {})  # takes the plan's table changes first, as the stage's preparer does
     ex.swap_out(plan, kv.__setitem__)
     try:
         ex.swap_in(plan, get)
     except NotFoundError:
         pass
-    prepared = [s.executor.prepare(plan, {}) for s in (stage(0, 2), stage(1, 2))]
-    inputs = ex.prepare(plan, {})
+    prepared = [s.runner.executor.prepare(plan, {}) for s in stages[1:]]
     if inputs is None or inputs.num_tokens > 256:  # big plans are checked, not run
         return
     assert all(p is not None and p.num_tokens == inputs.num_tokens for p in prepared)
@@ -141,9 +156,10 @@ def check_step_plan(plan: stage_worker_pb2.StepPlan) -> None:
 @cache
 def sampler():
     from tandem.cpu_sampler.config import SamplerConfig
+    from tandem.cpu_sampler.runner import SamplerRunner
     from tandem.cpu_sampler.servicer import CpuSamplerServicer
 
-    servicer = CpuSamplerServicer(SamplerConfig(vocab_size=VOCAB, plan_wait_s=0.001))
+    servicer = CpuSamplerServicer(SamplerRunner(SamplerConfig(vocab_size=VOCAB, plan_wait_s=0.001, metrics_port=-1)))
     add_sequences(servicer, ["a", "b"])
     return servicer
 
@@ -167,7 +183,7 @@ def check_logits_frame(frame: cpu_sampler_pb2.LogitsFrame) -> None:
             pass
     fresh = f"fresh-{next(_ids)}"
     add_sequences(servicer, [fresh])
-    subscriber = servicer.subscribers.subscribe()
+    subscriber = servicer.runner.subscribers.subscribe()
     try:
         logits = codec.encode(torch.zeros(1, VOCAB))
         servicer.Logits(iter([cpu_sampler_pb2.LogitsFrame(step_id=1, request_ids=[fresh], sample_indices=[0],
@@ -175,8 +191,8 @@ def check_logits_frame(frame: cpu_sampler_pb2.LogitsFrame) -> None:
         batch = subscriber.queue.get_nowait()
         assert not batch.error and [t.request_id for t in batch.tokens] == [fresh], batch
     finally:
-        servicer.subscribers.unsubscribe(subscriber)
-        servicer.engine.release([fresh])
+        servicer.runner.subscribers.unsubscribe(subscriber)
+        servicer.runner.engine.release([fresh])
 
 
 # --- coordinator: Generate requests ----------------------------------------------------
@@ -189,24 +205,28 @@ def coordinator():
     from tandem.core.model_config import ModelConfig
     from tandem.core.tokenizer import Tokenizer
 
-    return CoordinatorServicer(CoordinatorConfig(model=str(MODEL)), None, Tokenizer.from_dir(MODEL),
-                               ModelConfig.from_dir(MODEL), block_bytes=0)
+    return CoordinatorServicer(CoordinatorConfig(model=str(MODEL)), None, None, Tokenizer.from_dir(MODEL),  # type: ignore[arg-type]
+                               ModelConfig.from_dir(MODEL), block_bytes=0, metrics=None)  # type: ignore[arg-type]
 
 
 @cache
 def model_sampler():
     from tandem.cpu_sampler.config import SamplerConfig
-    from tandem.cpu_sampler.servicer import CpuSamplerServicer
+    from tandem.cpu_sampler.runner import SamplerRunner
 
-    return CpuSamplerServicer(SamplerConfig(vocab_size=coordinator().model.vocab_size))
+    return SamplerRunner(SamplerConfig(vocab_size=coordinator().model.vocab_size, metrics_port=-1))
 
 
 def check_generate_request(request: coordinator_pb2.GenerateRequest) -> None:
-    """A request the coordinator takes is one its samplers take, as the engine sends it to them."""
-    req, params = coordinator()._new_request(request)
-    spec = cpu_sampler_pb2.SamplerSequence(
-        request_id=req.request_id, params=params, seed=req.seed, prompt_ids=req.prompt_ids,
-        min_tokens_blocked_ids=sorted(req.eos_token_ids | set(req.options.stop_token_ids)))
+    """A request the coordinator takes (its limits, then its checks) is one its samplers take, as
+    the engine sends it to them."""
+    servicer = coordinator()
+    servicer.limits.check_generate(request)
+    req, _ = servicer._new_request(request)
+    try:
+        spec = req.sampler_sequence()
+    except (TypeError, ValueError) as e:  # the engine refuses these at submit, with INVALID_ARGUMENT
+        raise InvalidArgumentError(str(e)) from None
     try:
         model_sampler()._state(0, spec)
     except InvalidArgumentError as e:
