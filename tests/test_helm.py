@@ -143,6 +143,20 @@ def test_every_container_has_probes_resources_and_runs_as_non_root(example: str)
             assert c["args"][:3] == [_component(workload), "--config", "/etc/tandem/config.yaml"]
 
 
+@pytest.mark.parametrize("example", EXAMPLE_IDS)
+def test_the_coordinator_drains_within_its_grace_period(example: str) -> None:
+    for workload in _of_kind(_objects(example), *WORKLOAD_KINDS):
+        pod = workload["spec"]["template"]["spec"]
+        grace = pod["terminationGracePeriodSeconds"]
+        for c in pod["containers"]:
+            drain_s = float(c["args"][c["args"].index("--drain-s") + 1])
+            assert 1 <= drain_s <= grace - 5 - 1, (c["name"], drain_s, grace)  # preStop pause and a margin
+            if _component(workload) in ("coordinator", "gateway"):
+                assert c["lifecycle"]["preStop"] == {"sleep": {"seconds": 5}}
+            else:
+                assert "lifecycle" not in c
+
+
 def test_coordinator_role_grants_only_endpointslice_reads() -> None:
     objs = _objects("defaults.yaml")
     (role,) = _of_kind(objs, "Role")

@@ -220,9 +220,20 @@ spec:
         - {{ .component }}
         - --config
         - /etc/tandem/config.yaml
+        {{- /* on SIGTERM the coordinator finishes what it holds: the grace period less the
+               preStop pause and a margin to stop */}}
+        - --drain-s
+        - {{ max 1 (sub $v.terminationGracePeriodSeconds 10) | quote }}
         {{- range $v.extraArgs }}
         - {{ . | quote }}
         {{- end }}
+      {{- if has .component (list "coordinator" "gateway") }}
+      lifecycle:
+        preStop:
+          # a pause while the pod leaves the Service's endpoints, before SIGTERM starts the drain
+          sleep:
+            seconds: 5
+      {{- end }}
       ports:
         {{- if .httpPort }}
         - name: http
