@@ -255,3 +255,36 @@ def test_no_chat_template_and_no_coordinator_are_answered_clearly(tmp_path):
         assert raw(server, "GET", "/health")[0] == 503
     finally:
         server.stop()
+
+
+def scrape(gateway) -> dict[tuple[str, tuple], float]:
+    """The gateway's /metrics as {(sample name, sorted labels): value}, by prometheus_client's parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    conn = http.client.HTTPConnection(gateway.address, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        text = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_metrics_count_what_was_answered(gateway, client, chat_model):
+    route = (("route", "/v1/completions"),)
+
+    def count(samples, status: str) -> float:
+        return samples.get(("tandem:gateway_requests_total", tuple(sorted((*route, ("status", status))))), 0.0)
+
+    before = scrape(gateway)
+    client.completions.create(model=chat_model.name, prompt=[1, 2, 3], max_tokens=2)
+    for _ in client.completions.create(model=chat_model.name, prompt=[1, 2, 3], max_tokens=2, stream=True):
+        pass
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=chat_model.name, prompt=[1, 2, 3], max_tokens=2, temperature=-1)
+    after = scrape(gateway)
+    assert count(after, "200") - count(before, "200") == 2
+    assert count(after, "400") - count(before, "400") == 1
+    timed = ("tandem:gateway_request_seconds_count", route)
+    assert after[timed] - before.get(timed, 0.0) == 3

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -34,6 +35,7 @@ from tandem.client import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from tandem.core.metrics import Metrics
 from tandem.gateway.chat import ChatTemplate, ChatTemplateError
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.protocol import (
@@ -133,6 +135,11 @@ class Gateway:
         self.created = int(time.time())
         self.client: AsyncTandemClient | None = None  # made in the server's event loop
         self._token_texts: dict[int, str] = {}
+        self.metrics = Metrics()
+        self._requests = self.metrics.counter(
+            "gateway_requests", "HTTP requests answered, by route and status code", ["route", "status"])
+        self._seconds = self.metrics.histogram(
+            "gateway_request_seconds", "Time to answer (to the end of a stream), by route", ["route"])
 
     def app(self) -> Starlette:
         return Starlette(lifespan=self._lifespan, routes=[
@@ -140,7 +147,12 @@ class Gateway:
             Route("/v1/models", self._endpoint(self.models), methods=["GET"]),
             Route("/v1/completions", self._endpoint(self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint(self.chat_completions), methods=["POST"]),
+            Route("/metrics", self.scrape, methods=["GET"]),
         ])
+
+    async def scrape(self, request: Request) -> Response:
+        """The gateway's own metrics, in Prometheus' text format (the services serve theirs)."""
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
@@ -151,7 +163,7 @@ class Gateway:
             await self.client.close()
 
     def _endpoint(self, handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
-        async def run(request: Request) -> Response:
+        async def answer(request: Request) -> Response:
             try:
                 self._authorize(request)
                 return await handler(request)
@@ -162,6 +174,25 @@ class Gateway:
             except Exception as e:  # noqa: BLE001 - a bug here still answers in OpenAI's shape
                 log.exception("%s %s failed", request.method, request.url.path)
                 return _error_response(OpenAIError(500, f"internal error: {type(e).__name__}: {e}"))
+
+        async def run(request: Request) -> Response:
+            start, route = time.monotonic(), request.url.path
+            response = await answer(request)
+            self._requests.labels(route, str(response.status_code)).inc()
+            if isinstance(response, StreamingResponse):  # timed to the stream's end
+                body = response.body_iterator
+
+                async def timed() -> AsyncIterator:
+                    try:
+                        async for part in body:
+                            yield part
+                    finally:
+                        self._seconds.labels(route).observe(time.monotonic() - start)
+
+                response.body_iterator = timed()
+            else:
+                self._seconds.labels(route).observe(time.monotonic() - start)
+            return response
         return run
 
     def _authorize(self, request: Request) -> None:
