@@ -18,6 +18,7 @@ import torch
 from processes import children_of, wait_gone
 from tandem.client import TandemClient
 from tandem.core.cpus import plan_cores
+from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1.stage_worker_pb2 import GetStageInfoRequest
 from tandem.v1.stage_worker_pb2_grpc import StageWorkerStub
 
@@ -125,3 +126,13 @@ def test_serve_rejects_unknown_config_field(tmp_path):
     out = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", "cpu-sampler", "--config", str(cfg)],
                          capture_output=True, text=True, env=ENV, timeout=60)
     assert out.returncode != 0 and "num_replicas" in out.stderr
+
+
+def test_a_service_that_never_gets_ready_is_reported_with_its_error(tmp_path):
+    from tandem.launcher import Launcher
+
+    launcher = Launcher(log_dir=tmp_path, say=lambda line: None)
+    bad = StageWorkerConfig(model=str(tmp_path / "no-such-model"))
+    with pytest.raises(RuntimeError, match=r"stage-worker-0 did not become ready; see .*stage-worker-0.log: .*no-such-model"):
+        launcher.start("stage-worker-0", "stage_worker", bad, timeout_s=120)
+    assert launcher.children == []

@@ -99,7 +99,8 @@ class Launcher:
         reader.join(timeout_s)
         if not address:
             self.stop()
-            raise RuntimeError(f"{name} did not become ready; see {self.log_dir / (name + '.log')}")
+            log = self.log_dir / f"{name}.log"
+            raise RuntimeError(f"{name} did not become ready; see {log}{_last_error(log)}")
         return address[0]
 
     def _spawn(self, name: str, cmd: list[str], cpus: Sequence[int], stdout: Any) -> subprocess.Popen:
@@ -218,3 +219,12 @@ class Launcher:
                     proc.kill()
                     proc.wait()
         self.children.clear()
+
+
+def _last_error(log: Path) -> str:
+    """What a service that died said last (`tandem serve: ...` or an exception's line), or ""."""
+    try:
+        lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1]}" if lines else ""
