@@ -3,7 +3,9 @@ service in this process, so one in-memory exporter collects the spans of all of 
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -13,7 +15,10 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from cluster import start_cluster
+from tandem.client import TandemClient
 from tandem.core import tracing
+from tandem.gateway.config import GatewayConfig
+from tandem.gateway.server import GatewayServer
 from tandem.v1 import common_pb2, coordinator_pb2, coordinator_pb2_grpc
 
 PROMPT = [5, 7, 9, 11, 13, 200, 3]
@@ -97,15 +102,48 @@ def test_one_request_is_one_trace_across_coordinator_stages_and_sampler(cluster,
         assert [s.attributes["tandem.step_id"] for s in sampler_spans].count(step_id) == 1
 
 
-def test_a_client_traceparent_is_continued(cluster, exporter):
-    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
-    generate(cluster.endpoint, "continued", f"00-{trace_id}-{parent_id}-01")
-    root, spans = spans_of_request(exporter, "continued", NUM_SPANS)
+TRACE_ID, PARENT_ID = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+
+
+def assert_continued(exporter: InMemorySpanExporter, request_id: str, trace_id: str = TRACE_ID,
+                     parent_id: str = PARENT_ID) -> None:
+    root, spans = spans_of_request(exporter, request_id, NUM_SPANS)
     assert root.context.trace_id == int(trace_id, 16)
     assert root.parent.span_id == int(parent_id, 16) and root.parent.is_remote
     assert len(spans) == NUM_SPANS
     assert {s.instrumentation_scope.name for s in spans} == {"tandem.coordinator", "tandem.stage_worker",
                                                              "tandem.cpu_sampler"}
+
+
+def test_a_client_traceparent_is_continued(cluster, exporter):
+    generate(cluster.endpoint, "continued", f"00-{TRACE_ID}-{PARENT_ID}-01")
+    assert_continued(exporter, "continued")
+
+
+def test_the_sdk_sends_a_traceparent(cluster, exporter):
+    with TandemClient(cluster.endpoint, timeout_s=60) as client:
+        client.generate(prompt_ids=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                        request_id="from-sdk", traceparent=f"00-{TRACE_ID}-{PARENT_ID}-01")
+    assert_continued(exporter, "from-sdk")
+
+
+def test_the_gateway_forwards_an_http_traceparent(cluster, exporter):
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    gateway = GatewayServer(GatewayConfig(port=0, coordinator=cluster.endpoint, api_key_env="TANDEM_TEST_NO_KEY"))
+    try:
+        body = {"model": "tandem", "prompt": PROMPT, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
+        request = urllib.request.Request(f"http://{gateway.address}/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"content-type": "application/json",
+                                                  "traceparent": f"00-{trace_id}-{PARENT_ID}-01"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.load(response)["usage"]["completion_tokens"] == MAX_TOKENS
+    finally:
+        gateway.stop()
+    deadline = time.monotonic() + 10
+    while not (roots := [s for s in exporter.get_finished_spans() if s.name == "Generate"]):
+        assert time.monotonic() < deadline, "no Generate span"
+        time.sleep(0.05)
+    assert_continued(exporter, roots[0].attributes["tandem.request_id"], trace_id)
 
 
 def test_no_span_at_all_when_tracing_is_off(cluster):
