@@ -16,6 +16,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from cluster import start_cluster
 from tandem.client import TandemClient
+from tandem.coordinator import request_trace
 from tandem.core import tracing
 from tandem.gateway.config import GatewayConfig
 from tandem.gateway.server import GatewayServer
@@ -156,3 +157,25 @@ def test_no_span_at_all_when_tracing_is_off(cluster):
     generate(cluster.endpoint, "untraced", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
     time.sleep(0.5)
     assert exporter.get_finished_spans() == ()
+
+
+def test_requests_sharing_a_step_link_to_the_span_the_plans_name(exporter):
+    tracer = tracing.tracer("coordinator")
+    first, other = tracer.start_span("decode"), tracer.start_span("decode")
+    traceparent = request_trace.step_traceparent([first, other])
+    first.end()
+    other.end()
+    context = first.get_span_context()
+    assert traceparent.startswith(f"00-{context.trace_id:032x}-{context.span_id:016x}-")
+    assert [link.context.span_id for link in exporter.get_finished_spans()[1].links] == [context.span_id]
+
+
+def test_an_endpoint_turns_tracing_on_and_none_leaves_it_off():
+    tracing.configure("", "tandem-test")
+    assert tracing.tracer("coordinator") is None
+    tracing.configure("127.0.0.1:1", "tandem-test")  # nothing listens: spans would be dropped, not raised
+    try:
+        assert tracing.tracer("coordinator") is not None
+    finally:
+        tracing.install(None)
+    assert tracing.tracer("coordinator") is None
