@@ -56,6 +56,7 @@ class GenerateOptions(TypedDict, total=False):
     add_special_tokens: bool | None  # when tokenizing a text prompt; server default true
     request_id: str | None  # unique among live requests; None lets the server choose
     timeout_s: float | None  # deadline of the whole call; None takes the client's
+    traceparent: str | None  # W3C trace context, sent as gRPC metadata: the request's trace continues it
 
 
 _OPTION_NAMES = frozenset(GenerateOptions.__annotations__)
@@ -80,6 +81,13 @@ def open_channel(
 def call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     """Metadata sent with every call: the API key as a bearer token."""
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def generate_metadata(metadata: tuple[tuple[str, str], ...] | None,
+                      options: Mapping[str, Any]) -> tuple[tuple[str, str], ...] | None:
+    """A Generate call's metadata: every call's, plus the `traceparent` option when given."""
+    traceparent = options.get("traceparent")
+    return (*(metadata or ()), ("traceparent", traceparent)) if traceparent else metadata
 
 
 def build_generate_request(

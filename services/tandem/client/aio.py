@@ -15,6 +15,7 @@ from tandem.client._wire import (
     StreamState,
     build_generate_request,
     call_metadata,
+    generate_metadata,
     open_channel,
     server_info_from,
 )
@@ -151,7 +152,8 @@ class AsyncTandemClient:
         """Start generating, as `generate` does; `async for` over the stream for chunks."""
         request = build_generate_request(prompt, options)
         call = self._stub.Generate(
-            request, timeout=self._timeout(options.get("timeout_s")), metadata=self._metadata
+            request, timeout=self._timeout(options.get("timeout_s")),
+            metadata=generate_metadata(self._metadata, options),
         )
         return AsyncGenerateStream(call, StreamState(request))
 

@@ -13,6 +13,7 @@ from tandem.client._wire import (
     StreamState,
     build_generate_request,
     call_metadata,
+    generate_metadata,
     open_channel,
     server_info_from,
 )
@@ -147,7 +148,8 @@ class TandemClient:
         """Start generating, as `generate` does; iterate the stream for chunks as they come."""
         request = build_generate_request(prompt, options)
         call = self._stub.Generate(
-            request, timeout=self._timeout(options.get("timeout_s")), metadata=self._metadata
+            request, timeout=self._timeout(options.get("timeout_s")),
+            metadata=generate_metadata(self._metadata, options),
         )
         return GenerateStream(call, StreamState(request))
 

@@ -51,6 +51,12 @@ class CoordinatorConfig:
     metrics_vllm_names: bool = doc(
         "serve every coordinator metric under `vllm:` as well as `tandem:` (same samples), for dashboards, "
         "KEDA ScaledObjects and llm-d's scheduler written for vLLM", False)
+    tracing_endpoint: str = doc(
+        "OpenTelemetry: the OTLP gRPC collector this process sends its spans to (host:port, or an https:// "
+        "URL); empty: tracing is off (docs/tracing.md)", "")
+    trace_every_n_steps: int = doc(
+        "with tracing on: a request's prefill step has a span, and of its later steps every Nth (counting "
+        "its steps from 0), so a long generation does not make thousands of spans; 1: every step", 16)
     max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
     api_key_env: str = doc(
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
@@ -79,7 +85,7 @@ class CoordinatorConfig:
             raise ConfigError("config field 'samplers' must list at least one sampler (sampler_discovery: static)")
         if self.sampler_discovery == "endpointslices" and not self.sampler_service:
             raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
-        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue",
+        for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "trace_every_n_steps",
                      *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")

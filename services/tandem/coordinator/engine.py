@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from tandem.coordinator import plans
+from tandem.coordinator import plans, request_trace
 from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.events import (
     Aborted,
@@ -194,14 +194,19 @@ class Engine:
 
     def _send(self, step: Step) -> None:
         now = time.monotonic()
+        traced = []  # spans of this step's traced requests
         for s in step.sequences:
             request = self._requests[s.request_id]
             request.scheduled_time = request.scheduled_time or now
+            if request.trace is not None and (span := request.trace.begin_step(
+                    step.step_id, len(s.input_ids), len(step.sequences))) is not None:
+                traced.append(span)
+        traceparent = request_trace.step_traceparent(traced) if traced else ""
         if self.sample_plans:  # ahead of the stages' plans, so they are there before the logits
-            for address, plan in plans.sample_plans(step).items():
+            for address, plan in plans.sample_plans(step, traceparent).items():
                 if (port := self._pool.port(address)) is not None:
                     port.send_plan(plan)
-        plan = plans.step_plan(step, self._sampler_table)
+        plan = plans.step_plan(step, self._sampler_table, traceparent)
         for stage in self._stages:
             stage.send(plan)
 

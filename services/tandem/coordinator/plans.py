@@ -32,10 +32,10 @@ class SamplerTable:
         return self.addresses
 
 
-def step_plan(step: Step, samplers: SamplerTable) -> stage_pb.StepPlan:
+def step_plan(step: Step, samplers: SamplerTable, traceparent: str = "") -> stage_pb.StepPlan:
     """What every stage gets for a step, ahead of its activations: per sequence its new tokens,
     its block table whole or the ids appended to it, and its sampler's index in `samplers`;
-    the sampler table too when it grew."""
+    the sampler table too when it grew; the step span's `traceparent` when it is traced."""
     plan = stage_pb.StepPlan(
         step_id=step.step_id,
         finished_request_ids=step.finished_request_ids,
@@ -48,16 +48,19 @@ def step_plan(step: Step, samplers: SamplerTable) -> stage_pb.StepPlan:
             block_table=s.block_table, new_block_ids=s.new_block_ids, sample_index=s.sample_index,
             sampler_index=samplers.index(s.sampler))
     plan.sampler_addresses.extend(samplers.unsent())
+    if traceparent:
+        plan.traceparent = traceparent
     return plan
 
 
-def sample_plans(step: Step) -> dict[str, cpu_sampler_pb2.SamplePlan]:
-    """Each replica's rows of a step, by address, in plan order: the order of its logits rows."""
+def sample_plans(step: Step, traceparent: str = "") -> dict[str, cpu_sampler_pb2.SamplePlan]:
+    """Each replica's rows of a step, by address, in plan order: the order of its logits rows;
+    each carries the step span's `traceparent` when the step is traced."""
     plans: dict[str, cpu_sampler_pb2.SamplePlan] = {}
     for s in step.sequences:
         plan = plans.get(s.sampler)
         if plan is None:
-            plan = plans[s.sampler] = cpu_sampler_pb2.SamplePlan(step_id=step.step_id)
+            plan = plans[s.sampler] = cpu_sampler_pb2.SamplePlan(step_id=step.step_id, traceparent=traceparent)
         plan.request_ids.append(s.request_id)
         plan.sample_indices.append(s.sample_index)
     return plans

@@ -11,6 +11,7 @@ import queue
 import time
 from dataclasses import dataclass, field
 
+from tandem.coordinator.request_trace import RequestTrace
 from tandem.coordinator.steps import Sequence
 from tandem.core.sampling import SamplingOptions
 from tandem.v1 import common_pb2, cpu_sampler_pb2
@@ -55,6 +56,7 @@ class Request(Sequence):
     scheduled_time: float | None = None
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
     outputs: queue.SimpleQueue[Token | End] = field(default_factory=queue.SimpleQueue)
+    trace: RequestTrace | None = None  # its spans, when it is traced (request_trace.py)
 
     @property
     def is_finished(self) -> bool:
@@ -73,6 +75,8 @@ class Request(Sequence):
         """Send out the token the scheduler just committed (the last of `output_ids`) and end
         the request if a token rule says so."""
         self.outputs.put((self.output_ids[-1], logprobs))
+        if self.trace is not None:
+            self.trace.end_step()
         reason = token_finish_reason(self.options, self.eos_token_ids, self.max_tokens, self.output_ids)
         if reason != common_pb2.FINISH_REASON_UNSPECIFIED:
             self.finish_reason = reason
@@ -80,6 +84,8 @@ class Request(Sequence):
 
     def fail(self, finish_reason: int, error: Exception | None = None) -> None:
         """End the request early (abort, stop string, time limit, error)."""
+        if self.trace is not None:
+            self.trace.end_step()
         if not self.is_finished:
             self.finish_reason = finish_reason
             self.outputs.put(End(finish_reason, error))

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tandem import __version__
-from tandem.coordinator import checks, discovery, ports
+from tandem.coordinator import checks, discovery, ports, request_trace
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import TextStream
@@ -19,6 +19,7 @@ from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
+from tandem.core import tracing
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
@@ -44,6 +45,21 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def Generate(self, request: pb.GenerateRequest, context):
         self.limits.check_generate(request)
         req, text = self._new_request(request)
+        req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
+                                        self.config.trace_every_n_steps)
+        if req.trace is None:
+            yield from self._generate(req, text, context)
+            return
+        error = None
+        try:
+            yield from self._generate(req, text, context)
+        except Exception as e:
+            error = e
+            raise
+        finally:
+            req.trace.finish(text.finish_reason, len(text.output_ids), error)
+
+    def _generate(self, req: Request, text: TextStream, context):
         self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
         if not context.add_callback(lambda: self.engine.abort(req.request_id)):
             self.engine.abort(req.request_id)  # the client left before the callback was in place
@@ -160,6 +176,7 @@ def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServicePro
 def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     """Wait for the stages, samplers and KV store, start the engine and the public server, and its
     metrics on config.metrics_port. Pass `metrics` to observe them (`metrics.port`)."""
+    tracing.configure(config.tracing_endpoint, "tandem-coordinator")
     model = ModelConfig.from_dir(config.model)
     tokenizer = Tokenizer.from_dir(config.model)
     for address in config.stages:

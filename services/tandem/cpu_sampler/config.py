@@ -19,6 +19,9 @@ class SamplerConfig:
     host: str = doc("Address to listen on.", "127.0.0.1")
     port: int = doc("Port to listen on; 0 picks a free one.", 0)
     metrics_port: int = metrics_port_field()
+    tracing_endpoint: str = doc(
+        "OpenTelemetry: the OTLP gRPC collector this process sends its spans to (host:port, or an https:// "
+        "URL); empty: tracing is off (docs/tracing.md).", "")
     max_workers: int = doc(
         "gRPC handler threads; each open stream (Logits, Results) holds one.", 16)
     vocab_size: int = doc(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from tandem.core import codec
+from tandem.core import codec, tracing
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError
 from tandem.core.metrics import Metrics
 from tandem.core.sampling import SamplingOptions, SequenceState
@@ -112,14 +112,14 @@ class SamplerRunner:
 
     def _sample_frame(self, frame: pb.LogitsFrame, layout: tensor_pb2.TensorLayout | None,
                       ring: RingReader | None) -> None:
-        request_ids, sample_indices = frame.request_ids, frame.sample_indices
+        request_ids, sample_indices, traceparent = frame.request_ids, frame.sample_indices, ""
         if not request_ids and not frame.HasField("logits"):  # the rows are in the step's plan
             plan = self.plans.take(frame.step_id, self.config.plan_wait_s)
             if plan is None:
                 self.subscribers.publish(pb.SampledBatch(
                     step_id=frame.step_id, error=f"no plan for step {frame.step_id} within {self.config.plan_wait_s}s"))
                 return
-            request_ids, sample_indices = plan.request_ids, plan.sample_indices
+            request_ids, sample_indices, traceparent = plan.request_ids, plan.sample_indices, plan.traceparent
         shm_bytes = 0
         if frame.HasField("logits"):
             logits = codec.decode(frame.logits, expected_dtype="float32")  # [rows, vocab]
@@ -138,7 +138,9 @@ class SamplerRunner:
         else:
             logits = codec.decode_rows(frame.data, layout, len(request_ids))
         try:
-            self.sample(frame.step_id, request_ids, sample_indices, logits)
+            with tracing.child_span("cpu_sampler", "sample", traceparent, {
+                    "tandem.step_id": frame.step_id, "tandem.num_rows": len(request_ids)}):
+                self.sample(frame.step_id, request_ids, sample_indices, logits)
         finally:
             if shm_bytes:
                 ring.free(frame.ring_slot.index)

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
+from tandem.core import tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.server import Server
 from tandem.cpu_sampler.config import SamplerConfig
@@ -78,6 +79,7 @@ def serve(config: SamplerConfig, runner: SamplerRunner | None = None) -> Server:
     """
     config.validate()
     place_process(parse_cpu_list(config.cpus), config.torch_threads, "cpu-sampler")
+    tracing.configure(config.tracing_endpoint, "tandem-cpu-sampler")
     server = Server(config.host, config.port, max_workers=config.max_workers)
     runner = runner or SamplerRunner(config, name=f"{socket.gethostname()}:{server.port}")
     server.add(cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, CpuSamplerServicer(runner), [SERVICE_NAME])

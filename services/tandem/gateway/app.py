@@ -247,11 +247,13 @@ class Gateway:
     async def _serve(self, request: Request, job: Job, chat: bool) -> Response:
         assert self.client is not None
         timeout_s = self.config.request_timeout_s or None
+        traceparent = request.headers.get("traceparent")  # the coordinator continues the client's trace
         streams: list[AsyncGenerateStream] = []
         try:
             for prompt, options in job.calls():
                 text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-                streams.append(self.client.generate_stream(text, prompt_ids=ids, timeout_s=timeout_s, **options))
+                streams.append(self.client.generate_stream(text, prompt_ids=ids, timeout_s=timeout_s,
+                                                           traceparent=traceparent, **options))
         except (TypeError, ValueError) as e:  # a value the request message cannot hold, such as a huge token id
             for stream in streams:
                 stream.close()

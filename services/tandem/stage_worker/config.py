@@ -27,6 +27,9 @@ class StageWorkerConfig:
     host: str = doc("address to listen on", "127.0.0.1")
     port: int = doc("port to listen on; 0 picks a free one", 0)
     metrics_port: int = metrics_port_field()
+    tracing_endpoint: str = doc(
+        "OpenTelemetry: the OTLP gRPC collector this process sends its spans to (host:port, or an https:// "
+        "URL); empty: tracing is off (docs/tracing.md)", "")
     device: str = doc("torch device: cpu or cuda[:N]", "cpu")
     dtype: str = doc("activation and KV dtype: auto, float32, bfloat16 or float16", "auto")
     num_blocks: int = doc("KV cache blocks on this stage", 512)

@@ -20,7 +20,7 @@ from typing import Protocol
 
 import torch
 
-from tandem.core import codec
+from tandem.core import codec, tracing
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import config_sha256
@@ -158,7 +158,10 @@ class StageRunner:
             done = pb.StepDone(step_id=plan.step_id)
             start = time.perf_counter_ns()
             try:
-                self._execute(prepared, done)
+                with tracing.child_span("stage_worker", "forward", plan.traceparent, {
+                        "tandem.stage_index": self.config.stage_index, "tandem.step_id": plan.step_id,
+                        "tandem.num_sequences": len(plan.sequences)}):
+                    self._execute(prepared, done)
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterable, Iterator
 import grpc
 import torch
 
-from tandem.core import codec
+from tandem.core import codec, tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import CodecError, InvalidArgumentError
 from tandem.core.metrics import Metrics
@@ -106,6 +106,7 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     fresh registry; pass one to share it with a hosted service or to observe it (`metrics.port`).
     """
     place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
+    tracing.configure(config.tracing_endpoint, f"tandem-stage-worker-{config.stage_index}")
     server = Server(config.host, config.port, config.max_workers)
     runner = StageRunner(config, GrpcPeers(config), sample, metrics)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
