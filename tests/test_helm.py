@@ -157,6 +157,15 @@ def test_the_coordinator_drains_within_its_grace_period(example: str) -> None:
                 assert "lifecycle" not in c
 
 
+def test_tracing_endpoint_reaches_every_service_that_traces() -> None:
+    objs = _render({"tracing": {"endpoint": "otel-collector:4317"}})
+    configs = {cm["metadata"]["labels"]["app.kubernetes.io/component"]: yaml.safe_load(cm["data"]["config.yaml"])
+               for cm in _of_kind(objs, "ConfigMap") if "config.yaml" in cm.get("data", {})}
+    for component in ("coordinator", "stage-worker", "cpu-sampler"):
+        assert configs[component]["tracing_endpoint"] == "otel-collector:4317", component
+    assert "tracing_endpoint" not in configs.get("kv-store", {}) and "tracing_endpoint" not in configs.get("gateway", {})
+
+
 def test_coordinator_role_grants_only_endpointslice_reads() -> None:
     objs = _objects("defaults.yaml")
     (role,) = _of_kind(objs, "Role")
