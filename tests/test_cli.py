@@ -17,6 +17,7 @@ import torch
 
 from processes import children_of, wait_gone
 from tandem.client import TandemClient
+from tandem.client.errors import ClientError
 from tandem.core.cpus import plan_cores
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1.stage_worker_pb2 import GetStageInfoRequest
@@ -136,3 +137,18 @@ def test_a_service_that_never_gets_ready_is_reported_with_its_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"stage-worker-0 did not become ready; see .*stage-worker-0.log: .*no-such-model"):
         launcher.start("stage-worker-0", "stage_worker", bad, timeout_s=120)
     assert launcher.children == []
+
+
+def test_up_with_tls_dir_serves_a_client_that_trusts_the_ca(up, tmp_path):
+    from pki import make_pki
+
+    tls_dir = tmp_path / "tls"
+    tls_dir.mkdir()
+    files = make_pki(tls_dir, "cluster")
+    for kind, name in (("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")):
+        files[kind].rename(tls_dir / name)
+    proc, endpoint = up("--stages", "2", "--samplers", "1", "--no-gateway", "--tls-dir", str(tls_dir))
+    with TandemClient(endpoint, timeout_s=120, root_certificates=(tls_dir / "ca.crt").read_bytes()) as client:
+        assert len(client.generate(prompt_ids=[5, 7, 9], max_tokens=4, temperature=0.0).token_ids) == 4
+    with TandemClient(endpoint, timeout_s=5) as plaintext, pytest.raises(ClientError):
+        plaintext.server_info()

@@ -137,9 +137,10 @@ def test_every_container_has_probes_resources_and_runs_as_non_root(example: str)
                 continue
             service = {"coordinator": "tandem.v1.Coordinator", "stage-worker": "tandem.v1.StageWorker",
                        "cpu-sampler": "tandem.v1.CpuSampler", "kv-store": "tandem.v1.KvStore"}[_component(workload)]
-            assert c["readinessProbe"]["grpc"] == {"port": 50051, "service": service}
-            assert c["livenessProbe"]["grpc"] == {"port": 50051}
-            assert c["startupProbe"]["grpc"] == {"port": 50051}
+            port = 50052 if example == "tls-apikey.yaml" else 50051  # with TLS: the plaintext health port
+            assert c["readinessProbe"]["grpc"] == {"port": port, "service": service}
+            assert c["livenessProbe"]["grpc"] == {"port": port}
+            assert c["startupProbe"]["grpc"] == {"port": port}
             assert c["args"][:3] == [_component(workload), "--config", "/etc/tandem/config.yaml"]
 
 
@@ -342,6 +343,39 @@ def test_tls_and_api_key_mounts_only_when_enabled() -> None:
 
     assert secrets("defaults.yaml") == set()
     assert secrets("tls-apikey.yaml") == {"tandem-tls", "tandem-api-key", "hf-token"}
+
+
+def test_tls_reaches_every_service_config_and_the_probes_use_the_health_port() -> None:
+    mounted = {"cert_file": "/etc/tandem/tls/tls.crt", "key_file": "/etc/tandem/tls/tls.key",
+               "ca_file": "/etc/tandem/tls/ca.crt"}
+    for example, enabled in (("tls-apikey.yaml", True), ("defaults.yaml", False)):
+        for cm in _of_kind(_objects(example), "ConfigMap"):
+            cls = CONFIG_CLASSES[_component(cm)]
+            config = load_config(cls, yaml.safe_load(cm["data"]["config.yaml"]))
+            if cls is GatewayConfig:
+                assert config.coordinator_tls_ca_file == (mounted["ca_file"] if enabled else "")
+                continue
+            assert {k: getattr(config.tls, k) for k in mounted} == (mounted if enabled else dict.fromkeys(mounted, ""))
+            assert config.tls.health_port == (50052 if enabled else 0)
+        for w in _of_kind(_objects(example), *WORKLOAD_KINDS):
+            ports = {p["name"]: p["containerPort"] for p in w["spec"]["template"]["spec"]["containers"][0]["ports"]}
+            assert ("health" in ports) == (enabled and _component(w) != "gateway")
+
+
+def test_network_policy_admits_only_the_release_to_internal_ports() -> None:
+    policies = _of_kind(_objects("defaults.yaml"), "NetworkPolicy")
+    assert sorted(_component(p) for p in policies) == ["cpu-sampler", "kv-store", "stage-worker"]
+    release = {"app.kubernetes.io/name": "tandem", "app.kubernetes.io/instance": RELEASE}
+    pods = [w["spec"]["template"]["metadata"]["labels"] for w in _of_kind(_objects("defaults.yaml"), *WORKLOAD_KINDS)]
+    for policy in policies:
+        spec = policy["spec"]
+        assert spec["podSelector"]["matchLabels"] == {**release, "app.kubernetes.io/component": _component(policy)}
+        grpc_rule, open_rule = spec["ingress"]
+        assert grpc_rule["from"] == [{"podSelector": {"matchLabels": release}}]
+        assert grpc_rule["ports"] == [{"port": 50051, "protocol": "TCP"}]
+        assert "from" not in open_rule and 50051 not in [p["port"] for p in open_rule["ports"]]
+        assert any(all(labels.get(k) == v for k, v in spec["podSelector"]["matchLabels"].items()) for labels in pods)
+    assert not _of_kind(tuple(_render({"networkPolicy": {"enabled": False}})), "NetworkPolicy")
 
 
 def test_gateway_serves_http_reads_the_model_files_it_needs_and_can_be_left_out() -> None:

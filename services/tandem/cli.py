@@ -9,6 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from tandem import compose
+from tandem.core.tls import TlsConfig
 from tandem.presets import SWITCHES, resolve
 
 BUNDLED_MODEL = "tiny"
@@ -101,7 +102,8 @@ def _up(args: argparse.Namespace) -> int:
                               kv_store=not args.no_kv_store, device=args.device, preset=args.preset,
                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                               max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
-                              gateway_port=None if args.no_gateway else args.gateway_port)
+                              gateway_port=None if args.no_gateway else args.gateway_port,
+                              tls=_tls_dir(args.tls_dir))
         print(f"tandem ready on {address}", flush=True)
         if launcher.gateway:
             print(f"tandem OpenAI-compatible API on http://{launcher.gateway}/v1", flush=True)
@@ -112,6 +114,15 @@ def _up(args: argparse.Namespace) -> int:
         return 0
     finally:
         launcher.stop()
+
+
+def _tls_dir(directory: str | None) -> TlsConfig | None:
+    """The TlsConfig of a directory holding ca.crt, tls.crt and tls.key (a kubernetes.io/tls Secret's
+    files plus its CA); None: plaintext."""
+    if not directory:
+        return None
+    path = Path(directory)
+    return TlsConfig(cert_file=str(path / "tls.crt"), key_file=str(path / "tls.key"), ca_file=str(path / "ca.crt"))
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -190,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(all but one) or baseline+SWITCH (only one); switches: " + ", ".join(SWITCHES))
     add_layout_arguments(up)
     up.add_argument("--log-dir", help="where each service writes its log (default: a temporary directory)")
+    up.add_argument("--tls-dir", help="directory of ca.crt, tls.crt and tls.key: mutual TLS between the services "
+                                      "and TLS on the public API (default: plaintext)")
     up.set_defaults(func=_up)
 
     gen = sub.add_parser("generate", help="stream a completion from a running deployment")

@@ -21,6 +21,7 @@ from tandem.core.config import dump_config
 from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
 from tandem.core.profile import balanced_split, load_profile
 from tandem.core.stages import parse_boundaries
+from tandem.core.tls import TlsConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.kv_store.config import KvStoreConfig
@@ -126,7 +127,7 @@ class Launcher:
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
-           max_num_seqs: int = 64, gateway_port: int | None = None) -> str:
+           max_num_seqs: int = 64, gateway_port: int | None = None, tls: TlsConfig | None = None) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -137,8 +138,10 @@ class Launcher:
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
         `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig). With `gateway_port`
-        (0: any free port) the OpenAI-compatible gateway starts too, at `self.gateway`.
+        (0: any free port) the OpenAI-compatible gateway starts too, at `self.gateway`. With `tls` every
+        service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.tls).
         """
+        tls = tls or TlsConfig()
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
         if device != "cpu":
@@ -148,10 +151,10 @@ class Launcher:
         others = () if plan.others_float else plan.others
         if isinstance(stage_boundaries, str):  # AUTO
             stage_boundaries = self.balance(model, num_stages, device, plan, dtype, balance_at)
-        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host), cpus=others) if kv_store else ""
+        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host, tls=tls), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
-            sampler = SamplerConfig(host=host, cpus=format_cpu_list(others), **techniques.sampler_options())
+            sampler = SamplerConfig(host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
             samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
@@ -159,18 +162,19 @@ class Launcher:
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
                                     cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
-                                    dtype=dtype,
+                                    dtype=dtype, tls=tls,
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
         self.stages, self.samplers = stages, list(samplers)
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
-                                        max_in_flight=max_in_flight, max_num_seqs=max_num_seqs,
+                                        max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, tls=tls,
                                         **techniques.coordinator_options())
         address = self.start("coordinator", "coordinator", coordinator, cpus=others)
         if gateway_port is not None:
-            gateway = GatewayConfig(host=host, port=gateway_port, coordinator=address, model=model)
+            gateway = GatewayConfig(host=host, port=gateway_port, coordinator=address, model=model,
+                                    coordinator_tls_ca_file=tls.ca_file)
             self.gateway = self.start("gateway", "gateway", gateway, cpus=others)
         return address
 

@@ -243,6 +243,11 @@ spec:
         - name: grpc
           containerPort: {{ $root.Values.port }}
           protocol: TCP
+        {{- if $root.Values.tls.enabled }}
+        - name: health
+          containerPort: {{ $root.Values.tls.healthPort }}
+          protocol: TCP
+        {{- end }}
         {{- end }}
         {{- if .metrics }}
         - name: metrics
@@ -283,17 +288,19 @@ spec:
           port: http
         {{- toYaml $v.probes.readiness | nindent 8 }}
       {{- else }}
+      {{- /* with TLS the main port wants a client certificate, which kubelet has not */}}
+      {{- $probePort := ternary $root.Values.tls.healthPort $root.Values.port $root.Values.tls.enabled }}
       startupProbe:
         grpc:
-          port: {{ $root.Values.port }}
+          port: {{ $probePort }}
         {{- toYaml $v.probes.startup | nindent 8 }}
       livenessProbe:
         grpc:
-          port: {{ $root.Values.port }}
+          port: {{ $probePort }}
         {{- toYaml $v.probes.liveness | nindent 8 }}
       readinessProbe:
         grpc:
-          port: {{ $root.Values.port }}
+          port: {{ $probePort }}
           service: {{ .grpcService }}
         {{- toYaml $v.probes.readiness | nindent 8 }}
       {{- end }}

@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import grpc
-
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.errors import ConfigError
 from tandem.core.model_config import config_sha256
+from tandem.core.tls import Credentials, open_channel
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 
 
-def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0) -> None:
+def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0, credentials: Credentials | None = None) -> None:
     """Raise ConfigError, naming every mismatched field, unless each stage agrees with `config`."""
     infos = []
     for address in config.stages:
-        with grpc.insecure_channel(address) as channel:
+        with open_channel(address, credentials) as channel:
             infos.append(pb_grpc.StageWorkerStub(channel).GetStageInfo(pb.GetStageInfoRequest(), timeout=timeout_s))
     mismatches = stage_mismatches(config, config_sha256(config.model), infos)
     if mismatches:

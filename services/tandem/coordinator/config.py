@@ -9,6 +9,7 @@ from tandem.coordinator.limits import Limits
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
+from tandem.core.tls import TlsConfig, tls_field
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class CoordinatorConfig:
         "(same output); off: the sequences running when it failed fail at once", True)
     step_timeout_s: float = doc("a step not finished within this many seconds fails its requests", 60.0)
     metrics_port: int = metrics_port_field()
+    tls: TlsConfig = tls_field()
     metrics_vllm_names: bool = doc(
         "serve every coordinator metric under `vllm:` as well as `tandem:` (same samples), for dashboards, "
         "KEDA ScaledObjects and llm-d's scheduler written for vLLM", False)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from tandem.core.tls import Credentials, open_channel
 from tandem.v1 import (
     cpu_sampler_pb2,
     cpu_sampler_pb2_grpc,
@@ -49,10 +50,10 @@ class Report:
 
 class ServiceProbe:
     def __init__(self, stages: list[str], kv_store: str, samplers: Callable[[], tuple[str, ...]],
-                 interval_s: float = 1.0):
+                 interval_s: float = 1.0, credentials: Credentials | None = None):
         """Ask the stages and the KV store their static facts (blocking: this is start-up);
         `samplers` gives the addresses of the replicas to follow, whenever asked."""
-        self._samplers, self.interval_s = samplers, interval_s
+        self._samplers, self.interval_s, self._credentials = samplers, interval_s, credentials
         self._channels: dict[str, grpc.Channel] = {}
         self.stages: list[StageFacts] = []
         for address in stages:
@@ -115,5 +116,5 @@ class ServiceProbe:
 
     def _channel(self, address: str) -> grpc.Channel:
         if address not in self._channels:
-            self._channels[address] = grpc.insecure_channel(address)
+            self._channels[address] = open_channel(address, self._credentials)
         return self._channels[address]

@@ -27,6 +27,7 @@ from tandem.coordinator.events import (
 )
 from tandem.core.server import CHANNEL_OPTIONS
 from tandem.core.streams import StreamSender
+from tandem.core.tls import Credentials, open_channel
 from tandem.v1 import (
     cpu_sampler_pb2,
     cpu_sampler_pb2_grpc,
@@ -89,9 +90,9 @@ class KvStorePort(Protocol):
 class _Worker:
     """A channel plus one thread that makes its unary calls in order."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, credentials: Credentials | None):
         self.address = address
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, credentials, CHANNEL_OPTIONS)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=f"rpc->{address}")
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -118,9 +119,10 @@ class _Worker:
 
 
 class GrpcStage:
-    def __init__(self, index: int, address: str, post: Post, probe_interval_s: float = 0.5):
+    def __init__(self, index: int, address: str, post: Post, probe_interval_s: float = 0.5,
+                 credentials: Credentials | None = None):
         self.index, self._post, self._probe_interval_s = index, post, probe_interval_s
-        self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self.channel = open_channel(address, credentials, CHANNEL_OPTIONS)
         self._stub = stage_grpc.StageWorkerStub(self.channel)
         self._closed = threading.Event()
         self._sampler_table: list[str] = []  # the latest sent; written by the streams' threads
@@ -171,9 +173,9 @@ class GrpcStage:
 
 
 class GrpcSampler:
-    def __init__(self, address: str, post: Post):
+    def __init__(self, address: str, post: Post, credentials: Credentials | None = None):
         self.address, self._post = address, post
-        self._worker = _Worker(address)
+        self._worker = _Worker(address, credentials)
         self._stub = cpu_sampler_pb2_grpc.CpuSamplerStub(self._worker.channel)
         self._closed = threading.Event()
         self._call: grpc.Call | None = None  # the Results call, cancelled on close
@@ -233,8 +235,8 @@ class GrpcSampler:
 
 
 class GrpcKvStore:
-    def __init__(self, address: str):
-        self._worker = _Worker(address)
+    def __init__(self, address: str, credentials: Credentials | None = None):
+        self._worker = _Worker(address, credentials)
         self._stub = kv_store_pb2_grpc.KvStoreStub(self._worker.channel)
 
     def free(self, request_ids: list[str]) -> None:

@@ -25,6 +25,7 @@ from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
 from tandem.core.server import Server, wait_ready
+from tandem.core.tls import Credentials
 from tandem.core.tokenizer import Tokenizer
 from tandem.v1 import common_pb2
 from tandem.v1 import coordinator_pb2 as pb
@@ -179,24 +180,27 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     tracing.configure(config.tracing_endpoint, "tandem-coordinator")
     model = ModelConfig.from_dir(config.model)
     tokenizer = Tokenizer.from_dir(config.model)
+    credentials = Credentials.load(config.tls)
     for address in config.stages:
-        wait_ready(address, "tandem.v1.StageWorker")
-    checks.check_stages(config)
+        wait_ready(address, "tandem.v1.StageWorker", credentials=credentials)
+    checks.check_stages(config, credentials=credentials)
     if config.sampler_discovery == "static":
         for address in config.samplers:
-            wait_ready(address, "tandem.v1.CpuSampler")
+            wait_ready(address, "tandem.v1.CpuSampler", credentials=credentials)
     if config.kv_store:
-        wait_ready(config.kv_store, "tandem.v1.KvStore")
+        wait_ready(config.kv_store, "tandem.v1.KvStore", credentials=credentials)
     inbox: Inbox = Inbox()
     engine: Engine | None = None
-    probe = ServiceProbe(list(config.stages), config.kv_store, lambda: engine.snapshot.samplers if engine else ())
+    probe = ServiceProbe(list(config.stages), config.kv_store, lambda: engine.snapshot.samplers if engine else (),
+                         credentials=credentials)
     block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks,
                           prefix_caching=config.enable_prefix_caching)
-    engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put) for i, a in enumerate(config.stages)],
-                    lambda address: ports.GrpcSampler(address, inbox.put),
-                    ports.GrpcKvStore(config.kv_store) if config.kv_store else None, inbox,
+    engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put, credentials=credentials)
+                                for i, a in enumerate(config.stages)],
+                    lambda address: ports.GrpcSampler(address, inbox.put, credentials),
+                    ports.GrpcKvStore(config.kv_store, credentials) if config.kv_store else None, inbox,
                     max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans,
                     stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure))
     engine.start(discovery.from_config(config))
@@ -207,7 +211,8 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
         metrics, Path(config.model).name, max_model_len, config.num_blocks, lambda: engine.snapshot,
         lambda: probe.report, block_bytes=block_bytes, num_host_blocks=num_host_blocks,
         vllm_names=config.metrics_vllm_names)
-    server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""))
+    server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""),
+                    credentials=credentials, public=True, health_port=config.tls.health_port)
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
                CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics),
                [SERVICE_NAME])

@@ -11,6 +11,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from tandem.core import tls
 from tandem.core.errors import (
     AlreadyExistsError,
     CodecError,
@@ -187,10 +188,13 @@ class Server:
     """A gRPC server with health (liveness "" and readiness per service) and reflection.
 
     Services start NOT_SERVING; call `set_ready()` once the model or state is ready. With an
-    `api_key`, calls other than health and reflection must present it as a bearer token.
+    `api_key`, calls other than health and reflection must present it as a bearer token. With
+    `credentials` the port serves TLS, requiring a client certificate signed by the cluster's CA
+    unless `public`, and health is served, plaintext, on `health_port` too (`health_address`).
     """
 
-    def __init__(self, host: str, port: int, max_workers: int = 32, api_key: str = ""):
+    def __init__(self, host: str, port: int, max_workers: int = 32, api_key: str = "",
+                 credentials: tls.Credentials | None = None, public: bool = False, health_port: int = 0):
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
             interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), ErrorInterceptor()],
@@ -198,10 +202,22 @@ class Server:
         )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        if credentials is None:
+            self.port = self.grpc.add_insecure_port(f"{host}:{port}")
+        else:
+            self.port = self.grpc.add_secure_port(f"{host}:{port}", credentials.server(require_client_auth=not public))
         if self.port == 0:
             raise OSError(f"cannot listen on {host}:{port}")
         self.address = f"{host}:{self.port}"
+        self.health_address = self.address
+        self._health_grpc: grpc.Server | None = None
+        if credentials is not None:
+            self._health_grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
+            bound = self._health_grpc.add_insecure_port(f"{host}:{health_port}")
+            if bound == 0:
+                raise OSError(f"cannot listen on {host}:{health_port} for health")
+            self.health_address = f"{host}:{bound}"
         self._service_names: list[str] = []
         self._on_stop: list[Callable[[], None]] = []
         self._on_drain: list[Callable[[float], object]] = []
@@ -216,6 +232,8 @@ class Server:
         for name in self._service_names:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.start()
+        if self._health_grpc is not None:
+            self._health_grpc.start()
         return self
 
     def set_ready(self, ready: bool = True) -> None:
@@ -246,14 +264,17 @@ class Server:
         for callback in reversed(self._on_stop):
             callback()
         self.grpc.stop(grace_s).wait()
+        if self._health_grpc is not None:
+            self._health_grpc.stop(0).wait()
 
 
-def wait_ready(address: str, service: str, timeout_s: float = 60.0) -> None:
+def wait_ready(address: str, service: str, timeout_s: float = 60.0,
+               credentials: tls.Credentials | None = None) -> None:
     """Block until `service` at `address` reports SERVING, or raise TimeoutError."""
     import time
 
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with tls.open_channel(address, credentials) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             try:

@@ -8,6 +8,7 @@ from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
+from tandem.core.tls import TlsConfig, tls_field
 
 MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
 
@@ -19,6 +20,7 @@ class SamplerConfig:
     host: str = doc("Address to listen on.", "127.0.0.1")
     port: int = doc("Port to listen on; 0 picks a free one.", 0)
     metrics_port: int = metrics_port_field()
+    tls: TlsConfig = tls_field()
     tracing_endpoint: str = doc(
         "OpenTelemetry: the OTLP gRPC collector this process sends its spans to (host:port, or an https:// "
         "URL); empty: tracing is off (docs/tracing.md).", "")

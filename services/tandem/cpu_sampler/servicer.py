@@ -10,6 +10,7 @@ import grpc
 from tandem.core import tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.server import Server
+from tandem.core.tls import Credentials
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.runner import SamplerRunner
 from tandem.v1 import cpu_sampler_pb2 as pb
@@ -80,7 +81,8 @@ def serve(config: SamplerConfig, runner: SamplerRunner | None = None) -> Server:
     config.validate()
     place_process(parse_cpu_list(config.cpus), config.torch_threads, "cpu-sampler")
     tracing.configure(config.tracing_endpoint, "tandem-cpu-sampler")
-    server = Server(config.host, config.port, max_workers=config.max_workers)
+    server = Server(config.host, config.port, max_workers=config.max_workers,
+                    credentials=Credentials.load(config.tls), health_port=config.tls.health_port)
     runner = runner or SamplerRunner(config, name=f"{socket.gethostname()}:{server.port}")
     server.add(cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, CpuSamplerServicer(runner), [SERVICE_NAME])
     runner.metrics.serve(config.host, config.metrics_port)

@@ -156,7 +156,9 @@ class Gateway:
 
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
-        self.client = AsyncTandemClient(self.config.coordinator, api_key=self.api_key or None)
+        ca_file = self.config.coordinator_tls_ca_file
+        self.client = AsyncTandemClient(self.config.coordinator, api_key=self.api_key or None,
+                                        root_certificates=Path(ca_file).read_bytes() if ca_file else None)
         try:
             yield
         finally:

@@ -15,6 +15,9 @@ class GatewayConfig:
     host: str = doc("address to listen on; 0.0.0.0 in a pod", "127.0.0.1")
     port: int = doc("HTTP port to listen on; 0 picks a free one", 8000)
     coordinator: str = doc("host:port of the coordinator's gRPC API", "127.0.0.1:50051")
+    coordinator_tls_ca_file: str = doc(
+        "PEM certificate of the CA that signed the coordinator's (its tls.cert_file): the gateway then "
+        "calls it over TLS; empty: plaintext", "")
     model: str = doc(
         "Hugging Face model directory whose chat_template.jinja or tokenizer_config.json gives the chat "
         "template and its special tokens; empty: /v1/chat/completions needs chat_template", "")

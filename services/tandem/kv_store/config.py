@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
+from tandem.core.tls import TlsConfig, tls_field
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class KvStoreConfig:
     capacity_bytes: int = doc("Most bytes of KV blocks held at once.", 4 * 1024**3)
     max_workers: int = doc("Threads serving RPCs.", 16)
     metrics_port: int = metrics_port_field()
+    tls: TlsConfig = tls_field()
 
     def __post_init__(self) -> None:
         self.validate()

@@ -12,6 +12,7 @@ from prometheus_client.registry import Collector
 from tandem.core import codec
 from tandem.core.metrics import PREFIX, Metrics
 from tandem.core.server import Server
+from tandem.core.tls import Credentials
 from tandem.kv_store.config import KvStoreConfig
 from tandem.kv_store.store import BlockStore
 from tandem.v1 import kv_store_pb2, kv_store_pb2_grpc
@@ -76,7 +77,8 @@ class UsageCollector(Collector):
 def serve(config: KvStoreConfig, metrics: Metrics | None = None) -> Server:
     """Start a kv-store server for `config` and its metrics on config.metrics_port, mark it ready,
     and return it (call `.stop()`). Pass `metrics` to observe them (`metrics.port`)."""
-    server = Server(config.host, config.port, max_workers=config.max_workers)
+    server = Server(config.host, config.port, max_workers=config.max_workers,
+                    credentials=Credentials.load(config.tls), health_port=config.tls.health_port)
     servicer = KvStoreServicer(BlockStore(config.capacity_bytes))
     server.add(kv_store_pb2_grpc.add_KvStoreServicer_to_server, servicer, [SERVICE_NAME])
     metrics = metrics or Metrics()

@@ -9,6 +9,7 @@ from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
 from tandem.core.stages import AUTO
+from tandem.core.tls import TlsConfig, tls_field
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class StageWorkerConfig:
     host: str = doc("address to listen on", "127.0.0.1")
     port: int = doc("port to listen on; 0 picks a free one", 0)
     metrics_port: int = metrics_port_field()
+    tls: TlsConfig = tls_field()
     tracing_endpoint: str = doc(
         "OpenTelemetry: the OTLP gRPC collector this process sends its spans to (host:port, or an https:// "
         "URL); empty: tracing is off (docs/tracing.md)", "")

@@ -9,6 +9,7 @@ import torch
 
 from tandem.core import codec
 from tandem.core.server import CHANNEL_OPTIONS
+from tandem.core.tls import Credentials, open_channel
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions, Traffic
@@ -19,8 +20,8 @@ from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 class GrpcPeers:
     """The StagePeers of stage_worker.runner over gRPC; a sampler's stream opens on its first logits."""
 
-    def __init__(self, config: StageWorkerConfig):
-        self.config = config
+    def __init__(self, config: StageWorkerConfig, credentials: Credentials | None = None):
+        self.config, self._credentials = config, credentials
         self._channels: list[grpc.Channel] = []
         self._kv = kv_store_pb2_grpc.KvStoreStub(self._channel(config.kv_store)) if config.kv_store else None
         self.has_kv_store = self._kv is not None
@@ -83,6 +84,6 @@ class GrpcPeers:
         return [*self._samplers.values(), *([self._next] if self._next is not None else [])]
 
     def _channel(self, address: str) -> grpc.Channel:
-        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        channel = open_channel(address, self._credentials, CHANNEL_OPTIONS)
         self._channels.append(channel)
         return channel

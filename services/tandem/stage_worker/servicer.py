@@ -15,6 +15,7 @@ from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import CodecError, InvalidArgumentError
 from tandem.core.metrics import Metrics
 from tandem.core.server import Server
+from tandem.core.tls import Credentials
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
 from tandem.stage_worker.runner import Arrived, Sample, StageRunner
@@ -107,8 +108,10 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     """
     place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
     tracing.configure(config.tracing_endpoint, f"tandem-stage-worker-{config.stage_index}")
-    server = Server(config.host, config.port, config.max_workers)
-    runner = StageRunner(config, GrpcPeers(config), sample, metrics)
+    credentials = Credentials.load(config.tls)
+    server = Server(config.host, config.port, config.max_workers, credentials=credentials,
+                    health_port=config.tls.health_port)
+    runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
     for register, servicer, names in hosted:
         server.add(register, servicer, names)
