@@ -266,6 +266,18 @@ def test_a_server_with_an_api_key_refuses_calls_without_it() -> None:
         with grpc.insecure_channel(server.address) as channel:  # probes carry no key
             check = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=WAIT_S)
             assert check.status == health_pb2.HealthCheckResponse.SERVING
+            # Two authorization headers never pass, whichever order the right one comes in.
+            tokenize = channel.unary_unary("/tandem.v1.Coordinator/Tokenize",
+                                           request_serializer=coordinator_pb2.TokenizeRequest.SerializeToString,
+                                           response_deserializer=coordinator_pb2.TokenizeResponse.FromString)
+            for headers in ((("authorization", "Bearer wrong"), ("authorization", "Bearer sekret")),
+                            (("authorization", "Bearer sekret"), ("authorization", "Bearer wrong"))):
+                with pytest.raises(grpc.RpcError) as refused:
+                    tokenize(coordinator_pb2.TokenizeRequest(text="hi"), metadata=headers, timeout=WAIT_S)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            answer = tokenize(coordinator_pb2.TokenizeRequest(text="hi"), metadata=(("authorization", "Bearer sekret"),),
+                              timeout=WAIT_S)
+            assert list(answer.token_ids)[-2:] == [ord("h"), ord("i")]  # one right header passes
     finally:
         server.stop(0)
 

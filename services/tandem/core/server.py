@@ -172,9 +172,9 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self.OPEN_PREFIXES):
             return handler
-        sent = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), self._expected):
-            return handler
+        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        if len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), self._expected):
+            return handler  # exactly one header, and the right key: two headers never pass
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
