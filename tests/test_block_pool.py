@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tandem.coordinator.block_pool import BlockPool
+from tandem.core.block_pool import BlockPool
 from tandem.core.errors import ResourceExhaustedError
 
 BS = 4

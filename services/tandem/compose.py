@@ -15,29 +15,28 @@ if TYPE_CHECKING:
     from tandem.core.server import Server
     from tandem.stage_worker.config import StageWorkerConfig
 
-SERVICES = ("coordinator", "stage_worker", "cpu_sampler", "kv_store", "gateway")
-CONFIG_CLASSES = {
-    "coordinator": ("tandem.coordinator.config", "CoordinatorConfig"),
-    "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig"),
-    "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig"),
-    "kv_store": ("tandem.kv_store.config", "KvStoreConfig"),
-    "gateway": ("tandem.gateway.config", "GatewayConfig"),
+# service -> (its config module, config class, the module whose serve(config) starts it)
+SERVICE_MODULES = {
+    "coordinator": ("tandem.coordinator.config", "CoordinatorConfig", "tandem.coordinator.servicer"),
+    "stage_worker": ("tandem.stage_worker.config", "StageWorkerConfig", "tandem.stage_worker.servicer"),
+    "cpu_sampler": ("tandem.cpu_sampler.config", "SamplerConfig", "tandem.cpu_sampler.servicer"),
+    "kv_store": ("tandem.kv_store.config", "KvStoreConfig", "tandem.kv_store.servicer"),
+    "gateway": ("tandem.gateway.config", "GatewayConfig", "tandem.gateway.server"),  # HTTP; same address and stop()
 }
+SERVICES = tuple(SERVICE_MODULES)
 
 
 def config_class(service: str) -> type:
     """The configuration dataclass of `service` (one of SERVICES)."""
-    module, name = CONFIG_CLASSES[service]
+    module, name, _ = SERVICE_MODULES[service]
     return getattr(importlib.import_module(module), name)
 
 
 def serve(service: str, config: Any) -> Server:
     """Start `service` (one of SERVICES) with `config` and mark it ready; the caller stops it."""
-    if service == "stage_worker":
+    if service == "stage_worker":  # composed here: a last stage may host the baseline's sampler
         return serve_stage_worker(config)
-    if service == "gateway":  # HTTP, not gRPC: its server has the same address and stop()
-        return importlib.import_module("tandem.gateway.server").serve(config)
-    return importlib.import_module(f"tandem.{service}.servicer").serve(config)
+    return importlib.import_module(SERVICE_MODULES[service][2]).serve(config)
 
 
 def serve_stage_worker(config: StageWorkerConfig, metrics: Metrics | None = None) -> Server:

@@ -13,7 +13,7 @@ resumes swapped sequences, then admits waiting prompts while blocks and the toke
 allow. When blocks run out, the most recently arrived idle sequence is preempted: swapped
 to the KV store when it has room, else its blocks are freed and it is recomputed later.
 
-With prefix caching (coordinator.block_pool), a prompt admitted starts from the longest run of
+With prefix caching (core.block_pool), a prompt admitted starts from the longest run of
 its full blocks already cached, computing only the rest (at least its last token, whose logits
 it samples from); blocks are published once the step that computed them commits.
 """
@@ -24,7 +24,6 @@ import time
 from collections import deque
 from collections.abc import Mapping
 
-from tandem.coordinator.block_pool import BlockPool
 from tandem.coordinator.steps import (
     Commit,
     InFlight,
@@ -34,6 +33,7 @@ from tandem.coordinator.steps import (
     Status,
     Step,
 )
+from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
 

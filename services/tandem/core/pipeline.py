@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from tandem.core.attention import AttentionMetadata, SequenceSlice
+from tandem.core.block_pool import BlockPool
 from tandem.core.cuda_graphs import DecodeGraphs
-from tandem.core.kv_cache import BlockAllocator
 from tandem.core.model import StageModel
 from tandem.core.model_config import ModelConfig
 from tandem.core.stages import plan_stages
@@ -71,7 +71,7 @@ class LocalPipeline:
         self.stages = [StageModel.load(model_dir, r, self.device, dtype, self.config) for r in self.layer_ranges]
         spare = 1 if decode_graphs else 0  # the graphs' spare block, never handed out
         self.kv_caches = [s.new_kv_cache(num_blocks + spare, block_size) for s in self.stages]
-        self.allocator = BlockAllocator(num_blocks)
+        self.allocator = BlockPool(num_blocks, block_size, prefix_caching=False)
         self.graphs = [DecodeGraphs(s, c, graph_max_batch, self.config.max_position_embeddings,
                                     capture=self.device.type == "cuda")
                        for s, c in zip(self.stages, self.kv_caches)] if decode_graphs else []

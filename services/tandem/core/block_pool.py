@@ -1,4 +1,5 @@
-"""The coordinator's KV block ids: who holds each block, and which blocks hold a known prefix.
+"""KV block ids: who holds each block, and which blocks hold a known prefix (the coordinator's
+scheduler; core.pipeline uses it without prefix caching).
 
 Every block has a reference count: the requests whose block tables name it. With prefix
 caching, a full block whose keys and values every stage has computed is published under a hash
