@@ -168,3 +168,16 @@ def test_without_prefix_caching_every_prompt_is_computed():
     s.add(prompt_seq("b", list(range(1, 10))))
     (b,) = [x for x in s.schedule().sequences if x.request_id == "b"]
     assert b.num_computed_tokens == 0 and s.blocks.num_hit_tokens == 0
+
+
+def test_a_prompt_waiting_for_blocks_is_counted_in_the_cache_statistics_once():
+    s = scheduler(num_blocks=3)
+    s.add(prompt_seq("a", list(range(1, 10))))  # 3 blocks: the pool is full
+    run_prefill(s, "a")
+    s.add(prompt_seq("b", list(range(1, 10))))
+    steps = [s.schedule() for _ in range(3)]  # a decodes; b cannot get a block while a holds all three
+    assert all("b" not in {x.request_id for x in step.sequences} for step in steps if step is not None)
+    assert (s.blocks.num_queried_tokens, s.blocks.num_hit_tokens) == (8, 0)  # a's lookup alone
+    s.finish("a")
+    (b,) = [x for x in s.schedule().sequences if x.request_id == "b"]
+    assert b.num_computed_tokens == 8 and (s.blocks.num_queried_tokens, s.blocks.num_hit_tokens) == (16, 8)

@@ -126,11 +126,11 @@ class Scheduler:
             seq = self.seqs[self.waiting[0]]
             if not seq.sampler:
                 break
-            cached = self._match_prefix(seq)
+            queried = self._match_prefix(seq)
             num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
             if (num_new > budget and step.sequences) or not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
-                if cached:  # not admitted: give the cached blocks back, to match again next time
-                    self.blocks.free(cached)
+                if queried:  # not admitted: the lookup is undone, to be made again next time
+                    self.blocks.unmatch(seq.block_table, queried)
                     seq.block_table, seq.num_computed_tokens = [], 0
                 break
             self.waiting.popleft()
@@ -244,16 +244,16 @@ class Scheduler:
             commits.append((seq, row))
         return commits
 
-    def _match_prefix(self, seq: Sequence) -> list[int]:
+    def _match_prefix(self, seq: Sequence) -> int:
         """For a sequence with nothing computed and no blocks: take the cached blocks its tokens
-        begin with (all but its last token, which must be computed for its logits)."""
+        begin with (all but its last token, which must be computed for its logits). Returns the
+        tokens looked up, 0 when there was no lookup."""
         if seq.num_computed_tokens or seq.block_table:
-            return []
-        tokens = seq.tokens_from(0)
-        cached = self.blocks.match(tokens[:-1])
-        seq.block_table = list(cached)
-        seq.num_computed_tokens = len(cached) * self.block_size
-        return cached
+            return 0
+        lookup = seq.tokens_from(0)[:-1]
+        seq.block_table = self.blocks.match(lookup)
+        seq.num_computed_tokens = len(seq.block_table) * self.block_size
+        return len(lookup)
 
     def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table))

@@ -101,6 +101,13 @@ class BlockPool:
         self.num_hit_tokens += len(blocks) * bs
         return blocks
 
+    def unmatch(self, blocks: Sequence[int], num_queried: int) -> None:
+        """Undo a `match` that found `blocks` for `num_queried` tokens: the references are given
+        back and the lookup leaves the hit statistics (its request was not admitted after all)."""
+        self.free(blocks)
+        self.num_queried_tokens -= num_queried
+        self.num_hit_tokens -= len(blocks) * self.block_size
+
     def publish(self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int) -> None:
         """Publish the full blocks of `block_table` among the first `num_computed` tokens of
         `token_ids`, whose keys and values are computed on every stage. A prefix already cached
