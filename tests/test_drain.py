@@ -15,7 +15,7 @@ from tandem.client import TandemClient
 from tandem.client import errors as client_errors
 from test_cli import start_up
 
-MAX_TOKENS = 60
+MAX_TOKENS = 240  # long enough that the streams outlive the SIGTERM and the refused probe (prompt 3 + 240 < 256 positions)
 
 
 def coordinator_pid(supervisor: int) -> int:
