@@ -30,8 +30,10 @@ def test_service_options_follow_the_switches():
     assert full.stage_options(is_last=True)["sample_on_stage"] is False
     assert baseline.stage_options(is_last=True)["sample_on_stage"] is True
     assert baseline.stage_options(is_last=False)["sample_on_stage"] is False
-    assert full.coordinator_options() == {"sample_plans": True}
+    assert full.coordinator_options() == {"sample_plans": True, "temporal_phases": True}
+    assert baseline.coordinator_options() == {"sample_plans": False, "temporal_phases": False}
+    assert resolve("full-temporal_phases").coordinator_options()["temporal_phases"] is False
     # row plans only make sense when samplers are separate and streams are structured
-    assert resolve("full-cpu_sampling").coordinator_options() == {"sample_plans": False}
-    assert resolve("full-structured_streams").coordinator_options() == {"sample_plans": False}
+    assert resolve("full-cpu_sampling").coordinator_options()["sample_plans"] is False
+    assert resolve("full-structured_streams").coordinator_options()["sample_plans"] is False
     assert resolve("full-shared_memory_logits").stage_options(is_last=True)["shared_memory_logits"] is False

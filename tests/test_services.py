@@ -209,15 +209,33 @@ def test_concurrent_requests_with_one_id_run_exactly_once(llama, reference_model
 @pytest.mark.parametrize("with_kv_store", [True, False], ids=["swap", "recompute"])
 def test_preemption_gives_identical_output(llama, reference_model, with_kv_store):
     prompts = [list(range(10 + i, 22 + i)) for i in range(4)]
-    # 14 blocks of 4 tokens cannot hold four sequences of 12 + 24 tokens at once.
+    # 14 blocks of 4 tokens cannot hold four sequences of 12 + 24 tokens at once. Temporal phases
+    # (on in `full`) would admit them one by one; told that each makes 1 token, they admit all four.
     c = start_cluster(llama, num_stages=2, num_samplers=1, num_blocks=14, with_kv_store=with_kv_store)
     try:
-        results = run_concurrently(c.endpoint, prompts, stagger_s=0.0, max_tokens=24, temperature=0.0, ignore_eos=True)
+        results = run_concurrently(c.endpoint, prompts, stagger_s=0.0, max_tokens=24, temperature=0.0, ignore_eos=True,
+                                   output_len_hint=1)
         for prompt, r in zip(prompts, results):
             assert list(r.token_ids) == reference(reference_model(llama), prompt, 24)
         with TandemClient(c.endpoint) as client:
             info = client.server_info()
         assert info.num_preemptions_total > 0
+        assert_all_released(c)
+    finally:
+        c.stop()
+
+
+def test_temporal_phases_admit_what_the_memory_projection_allows(llama, reference_model):
+    """The same four requests as above, with the server's own prediction (at most max_tokens):
+    temporal phases admit a prompt only while the projected KV peak fits, so none is preempted."""
+    prompts = [list(range(10 + i, 22 + i)) for i in range(4)]
+    c = start_cluster(llama, num_stages=2, num_samplers=1, num_blocks=14, preset="full")
+    try:
+        results = run_concurrently(c.endpoint, prompts, stagger_s=0.0, max_tokens=24, temperature=0.0, ignore_eos=True)
+        for prompt, r in zip(prompts, results):
+            assert list(r.token_ids) == reference(reference_model(llama), prompt, 24)
+        with TandemClient(c.endpoint) as client:
+            assert client.server_info().num_preemptions_total == 0
         assert_all_released(c)
     finally:
         c.stop()

@@ -5,7 +5,18 @@ from __future__ import annotations
 import random
 
 from tandem.coordinator.output_lengths import BucketMeans
-from tandem.coordinator.td_pipe import Running, admits, micro_batch_sizes, projected_peak, switch_to_prefill
+from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence
+from tandem.coordinator.td_pipe import (
+    Phase,
+    Projection,
+    Running,
+    TemporalPhases,
+    admits,
+    micro_batch_sizes,
+    projected_peak,
+    saturating_tokens,
+    switch_to_prefill,
+)
 
 
 def test_projected_peak_by_hand():
@@ -67,3 +78,101 @@ def test_bucket_means_converge_and_a_hint_wins():
     assert abs(p.predict(700, 4096) - 40) <= 3
     assert abs(p.predict(70, 4096) - 120) <= 5  # an unseen bucket: the mean over all
     assert p.predict(12, 4096, hint=77) == 77
+
+
+def test_the_incremental_projection_equals_the_reference():
+    rng = random.Random(7)
+    for _ in range(50):
+        running = [Running(rng.randrange(1, 300), rng.randrange(0, 500)) for _ in range(rng.randrange(0, 20))]
+        projection = Projection(running[:-1] if running else [], 16, limit=10**9)
+        if running:
+            projection.add(running[-1])
+        assert projection.peak == projected_peak(running, 16)
+        candidate = Running(rng.randrange(1, 300), rng.randrange(0, 500))
+        peak_with = projected_peak([*running, candidate], 16)
+        assert Projection(running, 16, limit=peak_with + 1).fits(candidate)
+        assert not Projection(running, 16, limit=peak_with).fits(candidate)
+
+
+def test_saturating_tokens_of_a_linear_profile():
+    # n / (10 ms + 0.1 ms n) tends to 10,000 tokens/s; 90% of the best power of two up to 2048
+    # (2048 / 214.8 ms = 9,534/s) is 8,581/s, first reached at 1024 (1024 / 112.4 ms = 9,110/s;
+    # 512 gives 512 / 61.2 ms = 8,366/s).
+    assert saturating_tokens(linear, 2048) == 1024
+    assert saturating_tokens(linear, 1) == 1
+
+
+def phased(num_blocks: int = 64, hint: int = 8, **options) -> tuple[Scheduler, TemporalPhases]:
+    phases = TemporalPhases(num_blocks, 4, num_stages=2, forward_s=linear, saturating_tokens=1024,
+                            predictor=BucketMeans(prior=hint))
+    args = dict(num_blocks=num_blocks, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=3)
+    return Scheduler(**{**args, **options}, phases=phases), phases
+
+
+def prompt(rid: str, length: int = 6, hint: int = 0) -> Sequence:
+    return Sequence(rid, list(range(1, length + 1)), max_tokens=100, sampler="s0", output_len_hint=hint)
+
+
+def answer(s: Scheduler, step) -> None:
+    s.update(step.step_id, {x.request_id: Sampled(7) for x in step.sequences})
+
+
+def kinds(step) -> set[str]:
+    return {"prefill" if len(x.input_ids) > 1 else "decode" for x in step.sequences}
+
+
+def test_temporal_phases_never_mix_prefill_and_decode_in_a_micro_batch():
+    s, phases = phased()
+    for i in range(3):
+        s.add(prompt(f"a{i}"))
+    first = s.schedule()
+    assert kinds(first) == {"prefill"} and phases.phase is Phase.PREFILL
+    answer(s, first)
+    # Nothing waits: the pipeline turns to decode and stays there while nothing new comes.
+    second = s.schedule()
+    assert kinds(second) == {"decode"} and phases.phase is Phase.DECODE
+    # A prompt arrives. The next decode micro-batch (3 rows, intensity far under the prefill
+    # round's) is the last before the switch: then the prompt runs alone, decodes wait.
+    s.add(prompt("b", length=40))
+    answer(s, second)
+    third = s.schedule()
+    assert kinds(third) == {"decode"} and phases.phase is Phase.PREFILL
+    fourth = s.schedule()
+    assert kinds(fourth) == {"prefill"} and [x.request_id for x in fourth.sequences] == ["b"]
+    assert phases.num_switches == {Phase.PREFILL: 1, Phase.DECODE: 1}
+    answer(s, third)
+    answer(s, fourth)
+    # Nothing waits again: back to decode, the four sequences spread over the micro-batches.
+    fifth, sixth = s.schedule(), s.schedule()
+    assert kinds(fifth) == kinds(sixth) == {"decode"} and len(fifth.sequences) == len(sixth.sequences) == 2
+    assert phases.state() == ("decode", (1, 2))
+
+
+def test_admission_stops_at_the_projected_peak_and_decoding_takes_over():
+    # 20 blocks of 4 tokens, limit 0.9 * 20 = 18. Each 6-token prompt with a hint of 10 output
+    # tokens holds 2 blocks now and 4 at +8 (6 + 8 = 14 tokens; at +16 it is done): the projected
+    # peak is 4 blocks a prompt, so four fit (16 < 18) and the fifth does not (20).
+    s, phases = phased(num_blocks=20)
+    for i in range(6):
+        s.add(prompt(f"p{i}", hint=10))
+    first = s.schedule()
+    assert [x.request_id for x in first.sequences] == ["p0", "p1", "p2", "p3"]
+    assert s.schedule() is None and phases.phase is Phase.DECODE  # p4 does not fit; nothing is ready yet
+    answer(s, first)
+    assert kinds(s.schedule()) == {"decode"}
+
+
+def test_with_nothing_running_a_prompt_over_the_projection_still_runs():
+    s, _ = phased(num_blocks=8)
+    s.add(prompt("big", length=20, hint=50))  # projected 18 blocks, over 0.9 * 8
+    step = s.schedule()
+    assert [x.request_id for x in step.sequences] == ["big"]
+
+
+def test_completed_requests_teach_the_predictor():
+    s, phases = phased(hint=100)
+    for i in range(8):
+        s.add(prompt(f"r{i}"))
+        s.seqs[f"r{i}"].output_ids = [1] * 12
+        s.finish(f"r{i}")
+    assert phases.predict(6, max_tokens=1000) == 12

@@ -34,6 +34,11 @@ class Techniques:
     """A sampler on the same host as the last stage reads logits from a shared-memory ring and
     only a slot handle crosses gRPC (off, or on another host: logits bytes go over the stream)."""
 
+    temporal_phases: bool
+    """TD-Pipe: the whole pipeline runs prefill micro-batches or decode micro-batches, never mixed,
+    admitting prompts while their projected KV fits and switching back to prefill by the stages'
+    measured forward time (off: every micro-batch mixes decodes and new prompts, vLLM-style)."""
+
     def sampler_options(self) -> dict[str, Any]:
         """The SamplerConfig fields of a sampler replica."""
         return {"fast_sampler": self.fast_sampler}
@@ -46,7 +51,7 @@ class Techniques:
 
     def coordinator_options(self) -> dict[str, Any]:
         """The CoordinatorConfig fields: samplers get row plans only with structured streams."""
-        return {"sample_plans": self.cpu_sampling and self.structured_streams}
+        return {"sample_plans": self.cpu_sampling and self.structured_streams, "temporal_phases": self.temporal_phases}
 
 
 SWITCHES = tuple(f.name for f in dataclasses.fields(Techniques))

@@ -54,6 +54,7 @@ class GenerateOptions(TypedDict, total=False):
     logprobs: int | None  # top alternatives per token; 0 for the sampled token only
     logit_bias: Mapping[int, float] | None
     add_special_tokens: bool | None  # when tokenizing a text prompt; server default true
+    output_len_hint: int | None  # expected output tokens, for the server's temporal scheduling
     request_id: str | None  # unique among live requests; None lets the server choose
     timeout_s: float | None  # deadline of the whole call; None takes the client's
     traceparent: str | None  # W3C trace context, sent as gRPC metadata: the request's trace continues it
@@ -119,6 +120,8 @@ def build_generate_request(
         request.token_ids.ids.extend(prompt_ids or ())
     if options.get("add_special_tokens") is not None:
         request.add_special_tokens = bool(options["add_special_tokens"])
+    if options.get("output_len_hint") is not None:
+        request.output_len_hint = options["output_len_hint"]
     return request
 
 

@@ -139,7 +139,7 @@ class TandemClient:
         Options are those of `GenerateOptions`: vLLM's sampling parameters (max_tokens,
         temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed, stop, stop_token_ids, ignore_eos, min_tokens, logprobs,
-        logit_bias), plus add_special_tokens, request_id and timeout_s.
+        logit_bias), plus add_special_tokens, output_len_hint, request_id and timeout_s.
         """
         with self.generate_stream(prompt, **options) as stream:
             return stream.wait()

@@ -18,8 +18,10 @@ from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 
 
-def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0, credentials: Credentials | None = None) -> None:
-    """Raise ConfigError, naming every mismatched field, unless each stage agrees with `config`."""
+def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0,
+                 credentials: Credentials | None = None) -> list[pb.GetStageInfoResponse]:
+    """Raise ConfigError, naming every mismatched field, unless each stage agrees with `config`;
+    the stages' GetStageInfo answers when they do."""
     infos = []
     for address in config.stages:
         with open_channel(address, credentials) as channel:
@@ -28,6 +30,7 @@ def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0, credentials
     if mismatches:
         raise ConfigError("the stages do not match the coordinator's configuration, so it will not serve: "
                           + "; ".join(mismatches))
+    return infos
 
 
 def stage_mismatches(config: CoordinatorConfig, model_config_sha256: str,

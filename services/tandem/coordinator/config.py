@@ -35,6 +35,10 @@ class CoordinatorConfig:
     enable_prefix_caching: bool = doc(
         "reuse the KV blocks of prompt prefixes computed before (whole blocks, found by a hash of every "
         "token up to them); cached blocks no request holds are given up, oldest first, when memory is needed", True)
+    temporal_phases: bool = doc(
+        "TD-Pipe: the whole pipeline runs prefill micro-batches or decode micro-batches, switching rarely, "
+        "and admits prompts while the projected KV peak (from predicted output lengths) fits 90% of the blocks",
+        False)
     max_queue: int = doc("most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED", 256)
     max_model_len: int = doc("longest prompt plus output in tokens; 0 means the model's max positions", 0)
     sample_plans: bool = doc(

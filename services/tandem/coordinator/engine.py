@@ -70,6 +70,8 @@ class Snapshot:
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, found there
     unavailable: str = ""  # why new requests are refused (a stage down too long); empty: they are not
+    phase: str = ""  # with temporal phases: "prefill" or "decode"; empty: off
+    phase_switches: tuple[int, int] = (0, 0)  # with temporal phases: switches to prefill, to decode
 
 
 class Engine:
@@ -251,7 +253,8 @@ class Engine:
         snapshot = Snapshot(s.num_running, s.num_waiting, s.blocks.num_blocks - s.blocks.num_free,
                             s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
                             s.blocks.num_hit_tokens,
-                            self._health.message() if self._health.expired(time.monotonic()) else "")
+                            self._health.message() if self._health.expired(time.monotonic()) else "",
+                            *s.phases.state() if s.phases is not None else ())
         with self._lock:
             self.snapshot = snapshot
             self._num_unreceived -= num_received

@@ -37,6 +37,8 @@ class Limits:
             _at_most(f"sampling.stop[{i}]", len(stop.encode()), self.max_stop_string_bytes, "bytes")
         _at_most("sampling.stop_token_ids", len(params.stop_token_ids), self.max_stop_token_ids, "ids")
         _at_most("sampling.logit_bias", len(params.logit_bias), self.max_logit_bias, "entries")
+        if request.output_len_hint < 0:
+            raise InvalidArgumentError(f"output_len_hint is {request.output_len_hint}; it must be >= 0 (0: no hint)")
 
     def check_text(self, field: str, text: str) -> None:
         # str length first: its UTF-8 form is at least that long, and encoding a huge text costs

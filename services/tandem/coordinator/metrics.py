@@ -176,6 +176,16 @@ class StateCollector(Collector):
                      s.prefix_cache_hits)
         yield family(CounterMetricFamily, "num_preemptions", "Cumulative number of preemption from the engine.",
                      s.num_preemptions)
+        if s.phase:
+            switches = CounterMetricFamily(PREFIX + "phase_switches", "Temporal phases: switches of the whole "
+                                           "pipeline into each phase.", labels=(*LABELS, "phase"))
+            phase = GaugeMetricFamily(PREFIX + "phase", "Temporal phases: 1 for the phase the pipeline is in.",
+                                      labels=(*LABELS, "phase"))
+            for name, count in zip(("prefill", "decode"), s.phase_switches):
+                switches.add_metric([*values, name], count)
+                phase.add_metric([*values, name], float(s.phase == name))
+            yield switches
+            yield phase
         yield family(GaugeMetricFamily, "sampler_pool_size", "Sampler replicas up (taking sequences).",
                      len(s.samplers))
         sequences = GaugeMetricFamily(PREFIX + "sampler_pool_sequences",

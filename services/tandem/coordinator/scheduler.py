@@ -13,6 +13,11 @@ resumes swapped sequences, then admits waiting prompts while blocks and the toke
 allow. When blocks run out, the most recently arrived idle sequence is preempted: swapped
 to the KV store when it has room, else its blocks are freed and it is recomputed later.
 
+With temporal phases (TD-Pipe; coordinator/td_pipe.py) the whole pipeline runs either
+prefill micro-batches or decode micro-batches, never both: the phase is decided at each
+`schedule()`, prompts are admitted only while the projected KV peak fits, and the switch back
+to prefill follows the stages' forward time.
+
 With prefix caching (core.block_pool), a prompt admitted starts from the longest run of
 its full blocks already cached, computing only the rest (at least its last token, whose logits
 it samples from); blocks are published once the step that computed them commits.
@@ -33,6 +38,7 @@ from tandem.coordinator.steps import (
     Status,
     Step,
 )
+from tandem.coordinator.td_pipe import Phase, Projection, Running, TemporalPhases
 from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
@@ -48,12 +54,14 @@ class Scheduler:
         max_in_flight: int,
         num_host_blocks: int = 0,
         prefix_caching: bool = True,
+        phases: TemporalPhases | None = None,
     ):
         self.blocks = BlockPool(num_blocks, block_size, prefix_caching)
         self.host_blocks_free = num_host_blocks
         self.block_size = block_size
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_in_flight = max_in_flight
+        self.phases = phases
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
         self.swapped: deque[str] = deque()
@@ -96,6 +104,8 @@ class Scheduler:
     # --- the contract -------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
+        if self.phases is not None:
+            seq.predicted_output_len = self.phases.predict(len(seq.prompt_ids), seq.max_tokens, seq.output_len_hint or None)
         self.seqs[seq.request_id] = seq
         self.waiting.append(seq.request_id)
 
@@ -105,13 +115,19 @@ class Scheduler:
             return None
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
-        ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler]
+        decode = admit = True
+        projection: Projection | None = None
+        if self.phases is not None:
+            projection = self.phases.projection(self._running())
+            phase = self.phases.begin_step(projection, self._head(), len(self.waiting))
+            decode, admit = phase is Phase.DECODE, phase is Phase.PREFILL
+        ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
         share = -(-(len(ready) + sum(len(r.rows) for r in self.in_flight.values())) // self.max_in_flight)
         for seq in ready[: min(share, self.max_num_seqs)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
                 self._take(seq, step)
-        while self.swapped and len(step.sequences) < self.max_num_seqs:
+        while decode and self.swapped and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.swapped[0]]
             if not seq.sampler or not self.blocks.can_allocate(self._swapped_blocks[seq.request_id] + 1):
                 break
@@ -122,9 +138,12 @@ class Scheduler:
             self._grow(seq, 1, step)
             budget -= 1
             self._take(seq, step)
-        while self.waiting and len(step.sequences) < self.max_num_seqs:
+        while admit and self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
             if not seq.sampler:
+                break
+            candidate = self._as_running(seq)
+            if projection is not None and self.phases is not None and not self.phases.fits(projection, candidate):
                 break
             queried = self._match_prefix(seq)
             num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
@@ -137,6 +156,10 @@ class Scheduler:
             self._grow(seq, num_new, step)
             budget -= num_new
             self._take(seq, step)
+            if projection is not None:
+                projection.add(candidate)
+        if self.phases is not None and projection is not None and decode and step.sequences:
+            self.phases.after_decode(len(step.sequences), self._waiting_prompt_lens(), projection, self._head())
         if not step.sequences and not step.swap_out and not self._finished_ids:
             return None
         step.finished_request_ids, self._finished_ids = self._finished_ids, []
@@ -185,6 +208,8 @@ class Scheduler:
         if seq is None:
             return []
         seq.status = Status.FINISHED
+        if self.phases is not None and seq.output_ids:
+            self.phases.observe(len(seq.prompt_ids), len(seq.output_ids))
         if request_id in self.waiting:
             self.waiting.remove(request_id)
         if request_id in self.swapped:  # the caller frees its blocks in the KV store
@@ -228,6 +253,26 @@ class Scheduler:
         return swapped
 
     # --- helpers ------------------------------------------------------------------------
+
+    def _as_running(self, seq: Sequence) -> Running:
+        return Running(len(seq.prompt_ids) + len(seq.output_ids), max(0, seq.predicted_output_len - len(seq.output_ids)))
+
+    def _running(self) -> list[Running]:
+        """What temporal phases project: every sequence holding (or owed) KV blocks."""
+        return [self._as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING]
+
+    def _head(self) -> Running | None:
+        return self._as_running(self.seqs[self.waiting[0]]) if self.waiting else None
+
+    def _waiting_prompt_lens(self, most: int = 256) -> list[int]:
+        """Tokens to prefill of the prompts a prefill round would take first (at most `most`)."""
+        lens = []
+        for rid in self.waiting:
+            seq = self.seqs[rid]
+            lens.append(len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens)
+            if len(lens) >= most:
+                break
+        return lens
 
     def _commit_if_complete(self, record: InFlight) -> list[Commit]:
         if not record.is_complete:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tandem import __version__
-from tandem.coordinator import checks, discovery, ports, request_trace
+from tandem.coordinator import checks, discovery, ports, request_trace, td_pipe
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import TextStream
@@ -147,7 +147,8 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         # Any int64 seed is accepted; the samplers take it modulo 2**64 (their seeds are uint64).
         seed = options.seed % 2**64 if options.seed is not None else secrets.randbits(63)
         req = Request(request_id=request_id, prompt_ids=prompt_ids, max_tokens=options.max_tokens, params=params,
-                      options=options, seed=seed, eos_token_ids=frozenset(self.model.eos_token_ids))
+                      options=options, seed=seed, eos_token_ids=frozenset(self.model.eos_token_ids),
+                      output_len_hint=request.output_len_hint)
         return req, TextStream(req, self.tokenizer.detokenizer(prompt_ids))
 
     def _check_ids(self, ids: list[int], field: str) -> list[int]:
@@ -183,7 +184,7 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     credentials = Credentials.load(config.tls)
     for address in config.stages:
         wait_ready(address, "tandem.v1.StageWorker", credentials=credentials)
-    checks.check_stages(config, credentials=credentials)
+    stage_infos = checks.check_stages(config, credentials=credentials)
     if config.sampler_discovery == "static":
         for address in config.samplers:
             wait_ready(address, "tandem.v1.CpuSampler", credentials=credentials)
@@ -196,7 +197,9 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks,
-                          prefix_caching=config.enable_prefix_caching)
+                          prefix_caching=config.enable_prefix_caching,
+                          phases=td_pipe.for_stages(config.num_blocks, config.block_size, config.max_num_batched_tokens,
+                                                    stage_infos) if config.temporal_phases else None)
     engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put, credentials=credentials)
                                 for i, a in enumerate(config.stages)],
                     lambda address: ports.GrpcSampler(address, inbox.put, credentials),

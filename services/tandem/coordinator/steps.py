@@ -28,6 +28,8 @@ class Sequence:
     num_blocks_on_stages: int = 0  # entries of block_table the stages hold; 0: none, the next step sends it whole
     status: Status = Status.WAITING
     step_id: int = 0  # the in-flight step it is in; 0: none
+    output_len_hint: int = 0  # the client's guess of its output length; 0: none
+    predicted_output_len: int = 0  # temporal phases' prediction (set when added)
 
     @property
     def token_ids(self) -> list[int]:

@@ -12,13 +12,23 @@ switches rarely. Three decisions drive it, each a function of numbers the schedu
   micro-batch uses the stages less well than a prefill round would after its bubbles, by the
   stages' measured forward time against tokens (the stage profile's T(n)).
 
-Not yet wired into the scheduler (issue 12); these are the decisions it will call.
+`TemporalPhases` holds the phase and makes these decisions for the scheduler
+(coordinator/scheduler.py), which asks it at every `schedule()` whether decodes or prefills may
+run, and whether one more prompt fits the projected memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import enum
+import logging
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
+
+from tandem.coordinator.output_lengths import BucketMeans, OutputLengthPredictor
+from tandem.core.profile import BALANCE_CONTEXT, StageProfile, parse_profile
+
+log = logging.getLogger(__name__)
 
 # Steps ahead at which the KV peak is projected, as TD-Pipe's code does: 5, 8, then powers of two.
 CHECKPOINTS = (5, 8, *(1 << k for k in range(4, 13)))
@@ -47,6 +57,35 @@ def admits(running: Sequence[Running], candidate: Running, num_blocks: int, bloc
     """Whether one more prefill (`candidate`: its prompt and predicted output) keeps the projected
     peak under `share` of `num_blocks`."""
     return projected_peak([*running, candidate], block_size) < share * num_blocks
+
+
+class Projection:
+    """The KV blocks projected at now and each checkpoint for a set of running requests, kept up
+    to date as prompts are admitted one by one (what `projected_peak` computes from scratch)."""
+
+    def __init__(self, running: Iterable[Running], block_size: int, limit: float,
+                 checkpoints: Sequence[int] = CHECKPOINTS):
+        self.block_size, self.limit, self.steps = block_size, limit, (0, *checkpoints)
+        self.blocks = [0] * len(self.steps)
+        self.num_running = 0
+        for r in running:
+            self.add(r)
+
+    def _blocks(self, r: Running) -> list[int]:
+        return [-(-(r.num_tokens + m) // self.block_size) if m == 0 or r.predicted_remaining >= m else 0
+                for m in self.steps]
+
+    @property
+    def peak(self) -> int:
+        return max(self.blocks)
+
+    def fits(self, candidate: Running) -> bool:
+        """Whether the peak with `candidate` admitted stays under the limit."""
+        return max(b + c for b, c in zip(self.blocks, self._blocks(candidate))) < self.limit
+
+    def add(self, r: Running) -> None:
+        self.blocks = [b + c for b, c in zip(self.blocks, self._blocks(r))]
+        self.num_running += 1
 
 
 def micro_batch_sizes(num_ready: int, num_in_flight: int) -> list[int]:
@@ -87,3 +126,139 @@ def switch_to_prefill(decode_tokens: int, waiting_prompt_lens: Sequence[int], nu
     bubble = max(0.0, longest - forward_s(decode_tokens) / p) * (p - 1)
     threshold = (prefill - bubble) / prefill
     return SwitchDecision(intensity < threshold, intensity, threshold, prefill, bubble)
+
+
+class Phase(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+# The forward time of a batch of n tokens when no stage profile is known: a fixed cost and a
+# per-token one, in seconds, in the proportions of a small model on one CPU core (the mid model's
+# 6 layers: about 10 ms a step at 1 token, plus 0.5 ms a token). Only its shape matters to
+# `switch_to_prefill`, which compares ratios.
+def linear_forward_s(fixed_s: float = 0.010, per_token_s: float = 0.0005) -> Callable[[int], float]:
+    return lambda n: fixed_s + per_token_s * n
+
+
+def profiled_forward_s(stages: Sequence[tuple[StageProfile, int]], context: int = BALANCE_CONTEXT) -> Callable[[int], float]:
+    """The whole pipeline's forward time of a batch of n tokens, in seconds, from each stage's
+    profile and its number of layers (embedding on the first, LM head on the last)."""
+    def forward_s(n: int) -> float:
+        ms = stages[0][0].embed(n) + stages[-1][0].head(min(n, stages[-1][0].num_seqs(n)))
+        ms += sum(layers * profile.layer(n, context) for profile, layers in stages)
+        return ms / 1e3
+    return forward_s
+
+
+@dataclass(frozen=True)
+class Switch:
+    """One phase switch, with the numbers that decided it (logged, and kept for the timeline)."""
+
+    to: Phase
+    reason: str
+    running: int
+    waiting: int
+    decision: SwitchDecision | None = None
+
+
+class TemporalPhases:
+    """TD-Pipe's phase for the whole pipeline, and its three decisions.
+
+    In PREFILL the scheduler admits waiting prompts only (no decode rows), each while `admits`
+    says the projected KV peak stays under `share` of the blocks; when the next prompt does not
+    fit, or none waits, the phase turns to DECODE. In DECODE the scheduler runs decode rows only,
+    spread evenly over the micro-batches in flight; after each decode micro-batch, with prompts
+    waiting that fit, `switch_to_prefill` on the stages' forward time decides whether to go back.
+    With nothing left to decode and prompts waiting, the phase turns to PREFILL.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, num_stages: int,
+                 forward_s: Callable[[int], float] | None = None, saturating_tokens: int = 256,
+                 predictor: OutputLengthPredictor | None = None, share: float = MEMORY_SHARE):
+        self.num_blocks, self.block_size, self.num_stages = num_blocks, block_size, num_stages
+        self.forward_s = forward_s or linear_forward_s()
+        self.saturating_tokens = saturating_tokens
+        self.predictor: OutputLengthPredictor = predictor or BucketMeans()
+        self.share = share
+        self.phase = Phase.PREFILL
+        self.switches: list[Switch] = []
+        self.num_switches = {Phase.PREFILL: 0, Phase.DECODE: 0}
+
+    def state(self) -> tuple[str, tuple[int, int]]:
+        """The phase's name and the switches so far (to prefill, to decode), for the snapshot."""
+        return self.phase.value, (self.num_switches[Phase.PREFILL], self.num_switches[Phase.DECODE])
+
+    def predict(self, prompt_len: int, max_tokens: int, hint: int | None = None) -> int:
+        return self.predictor.predict(prompt_len, max_tokens, hint)
+
+    def observe(self, prompt_len: int, output_len: int) -> None:
+        self.predictor.observe(prompt_len, output_len)
+
+    def projection(self, running: Iterable[Running]) -> Projection:
+        return Projection(running, self.block_size, self.share * self.num_blocks)
+
+    def fits(self, projection: Projection, candidate: Running) -> bool:
+        """Whether one more prompt keeps the projected peak under the share of the blocks; with
+        nothing running, any prompt does (the block pool alone decides, or none would ever run)."""
+        return projection.num_running == 0 or projection.fits(candidate)
+
+    def begin_step(self, projection: Projection, head: Running | None, num_waiting: int) -> Phase:
+        """The phase for the next micro-batch: PREFILL turns to DECODE once the head of the queue
+        no longer fits, or none waits, while something runs; DECODE turns to PREFILL when nothing
+        runs and a prompt waits."""
+        running = projection.num_running
+        if self.phase is Phase.PREFILL and running and (head is None or not self.fits(projection, head)):
+            self._switch(Phase.DECODE, "the next prompt does not fit the projected memory" if head else "no prompt waits",
+                         running, num_waiting)
+        elif self.phase is Phase.DECODE and not running and head is not None:
+            self._switch(Phase.PREFILL, "nothing left to decode", running, num_waiting)
+        return self.phase
+
+    def after_decode(self, decode_tokens: int, waiting_prompt_lens: Sequence[int], projection: Projection,
+                     head: Running | None) -> SwitchDecision | None:
+        """After a decode micro-batch of `decode_tokens` rows: switch to PREFILL when the waiting
+        prompts would use the stages better than this decode batch does, and the head one fits."""
+        if self.phase is not Phase.DECODE or head is None or not self.fits(projection, head):
+            return None
+        decision = switch_to_prefill(decode_tokens, waiting_prompt_lens, self.num_stages, self.forward_s,
+                                     self.saturating_tokens)
+        if decision.switch:
+            self._switch(Phase.PREFILL, "decode intensity under the prefill round's", projection.num_running,
+                         len(waiting_prompt_lens), decision)
+        return decision
+
+    def _switch(self, to: Phase, reason: str, running: int, waiting: int, decision: SwitchDecision | None = None) -> None:
+        self.phase = to
+        self.num_switches[to] += 1
+        switch = Switch(to, reason, running, waiting, decision)
+        self.switches.append(switch)
+        del self.switches[:-64]  # the recent ones only
+        if decision is not None:
+            log.info("phase -> %s: %s (running %d, waiting %d; intensity %.3f < threshold %.3f, prefill round "
+                     "%.1f ms, bubble %.1f ms)", to.value, reason, running, waiting, decision.intensity,
+                     decision.threshold, decision.prefill_s * 1e3, decision.bubble_s * 1e3)
+        else:
+            log.info("phase -> %s: %s (running %d, waiting %d)", to.value, reason, running, waiting)
+
+
+def for_stages(num_blocks: int, block_size: int, max_num_batched_tokens: int,
+               stage_infos: Sequence[Any]) -> TemporalPhases:
+    """Temporal phases for a pipeline whose stages answered GetStageInfo with `stage_infos`: their
+    start-up profiles give T(n) when every stage measured one, else `linear_forward_s`'s shape."""
+    forward_s = None
+    if stage_infos and all(info.profile_json for info in stage_infos):
+        forward_s = profiled_forward_s([(parse_profile(info.profile_json, f"stage {i}'s profile"),
+                                         info.layer_end - info.layer_start) for i, info in enumerate(stage_infos)])
+    forward_s = forward_s or linear_forward_s()
+    return TemporalPhases(num_blocks, block_size, max(1, len(stage_infos)), forward_s,
+                          saturating_tokens=saturating_tokens(forward_s, max_num_batched_tokens))
+
+
+def saturating_tokens(forward_s: Callable[[int], float], most: int, share: float = 0.9) -> int:
+    """B*: the fewest tokens in a batch (powers of two up to `most`) whose tokens a second reach
+    `share` of the best rate among them; past it, bigger batches gain little."""
+    sizes = [1 << k for k in range(max(1, most).bit_length()) if 1 << k <= most]
+    rates = {n: n / forward_s(n) for n in sizes}
+    best = max(rates.values())
+    return next(n for n in sizes if rates[n] >= share * best)
