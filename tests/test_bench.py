@@ -625,7 +625,7 @@ def test_stages_log_their_steps_for_the_timeline(checkpoint, tmp_path):
     from tandem.client import TandemClient
     from tandem.launcher import Launcher
 
-    launcher = Launcher(workdir=str(tmp_path / "up"))
+    launcher = Launcher(workdir=str(tmp_path))
     try:
         endpoint = launcher.up(str(checkpoint("llama")), 2, 1, port=0, step_logs=True)
         with TandemClient(endpoint) as client:
