@@ -592,3 +592,48 @@ def test_auto_split_balances_the_workloads_decode_step():
     assert typical_decode_step(Workload(requests, (), {}), num_stages=2) == (22, 96)
     many = tuple(Request(i, (1, 2), 10) for i in range(1000))
     assert typical_decode_step(Workload(many, (), {}), num_stages=1) == (64, 7)
+
+
+def test_a_shared_prefix_starts_every_measured_prompt_and_no_warmup():
+    plain, shared = synthetic(4, prompt="fixed:5"), synthetic(4, prompt="fixed:5", shared_prefix_len=7)
+    prefix = shared.requests[0].prompt_ids[:7]
+    assert all(r.prompt_ids[:7] == prefix and r.prompt_len == 12 for r in shared.requests)
+    assert [r.prompt_ids[7:] for r in shared.requests] == [r.prompt_ids for r in plain.requests]
+    assert not any(r.prompt_ids[:7] == prefix for r in shared.warmup)
+    assert shared.description["shared_prefix_len"] == 7
+
+
+def test_the_timeline_keeps_the_window_and_tells_prefill_from_decode(tmp_path):
+    from tandem.bench.timeline import plot_timeline, read_timeline
+
+    ms = 1_000_000
+    log = tmp_path / "steps-0.jsonl"
+    steps = [(0, 5, 64, 0), (10, 30, 96, 0), (30, 50, 0, 8), (50, 70, 16, 4), (120, 130, 0, 8)]
+    log.write_text("".join(json.dumps({"step": i, "start_ns": a * ms, "end_ns": b * ms, "prefill_tokens": p,
+                                       "decode_rows": d}) + "\n" for i, (a, b, p, d) in enumerate(steps)))
+    t = read_timeline([log], (10 * ms, 110 * ms))  # the first and the last step fall outside
+    (stage,) = t["stages"]
+    assert [k for *_, k in stage["steps"]] == ["prefill", "decode", "mixed"]
+    assert stage["steps"][0][:2] == [0.0, 0.02]
+    assert abs(stage["busy"] - 0.6) < 1e-9 and abs(t["window_s"] - 0.1) < 1e-12
+    assert stage["kinds"] == {"prefill": 1, "decode": 1, "mixed": 1}
+    plot_timeline(t, tmp_path / "t.png", "a run")
+    assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stages_log_their_steps_for_the_timeline(checkpoint, tmp_path):
+    from tandem.client import TandemClient
+    from tandem.launcher import Launcher
+
+    launcher = Launcher(workdir=str(tmp_path))
+    try:
+        endpoint = launcher.up(str(checkpoint("llama")), 2, 1, port=0, step_logs=True)
+        with TandemClient(endpoint) as client:
+            client.generate(prompt_ids=[5, 6, 7, 8], max_tokens=4, ignore_eos=True, temperature=0.0)
+    finally:
+        launcher.stop()
+    assert len(launcher.step_logs) == 2
+    for path in launcher.step_logs:
+        steps = [json.loads(line) for line in path.read_text().splitlines()]
+        assert [(s["prefill_tokens"], s["decode_rows"]) for s in steps] == [(4, 0), (0, 1), (0, 1), (0, 1)]
+        assert all(s["start_ns"] <= s["end_ns"] for s in steps)

@@ -127,7 +127,8 @@ class Launcher:
            num_blocks: int = 512, block_size: int = 16, kv_store: bool = True, device: str = "cpu",
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
-           max_num_seqs: int = 64, gateway_port: int | None = None, tls: TlsConfig | None = None) -> str:
+           max_num_seqs: int = 64, gateway_port: int | None = None, tls: TlsConfig | None = None,
+           step_logs: bool = False) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -140,6 +141,7 @@ class Launcher:
         `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig). With `gateway_port`
         (0: any free port) the OpenAI-compatible gateway starts too, at `self.gateway`. With `tls` every
         service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.tls).
+        With `step_logs` every stage logs its steps to `self.step_logs[i]` (StageWorkerConfig.step_log).
         """
         tls = tls or TlsConfig()
         techniques = resolve(preset)
@@ -163,10 +165,12 @@ class Launcher:
                                     num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
                                     cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
                                     dtype=dtype, tls=tls,
+                                    step_log=str(self.workdir / f"steps-{index}.jsonl") if step_logs else "",
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
         self.stages, self.samplers = stages, list(samplers)
+        self.step_logs = [self.workdir / f"steps-{i}.jsonl" for i in range(num_stages)] if step_logs else []
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
                                         max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, tls=tls,

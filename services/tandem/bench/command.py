@@ -127,6 +127,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--dataset", help="JSONL trace, one {\"prompt_len\": N, \"output_len\": M[, \"prompt\": "
                                         "TEXT]} per line, instead of --prompt-len/--output-len")
     load.add_argument("--seed", type=int, default=0, help="seed of lengths, prompts, arrivals and sampling")
+    load.add_argument("--shared-prefix-len", type=int, default=0,
+                      help="tokens of one random system prompt every measured prompt starts with, before its own "
+                           "prompt length (default: 0; a prefix cache's workload)")
     load.add_argument("--request-rate", type=_positive(float), default=math.inf,
                       help="Poisson arrivals per second (default: inf, every request at once)")
     load.add_argument("--max-concurrency", type=_positive(int),
@@ -150,6 +153,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write every figure to this JSON file")
     out.add_argument("--plot", metavar="PATH.png", help="draw throughput and latency side by side to this PNG")
+    out.add_argument("--timeline", metavar="PATH.png",
+                     help="draw each Tandem run's first repeat as a timeline of its stages' steps (prefill, decode or "
+                          "both) to PATH-RUN.png")
     out.add_argument("--profile", metavar="DIR",
                      help="record every process of each run with py-spy over the measured window, to "
                           "DIR/RUN-PROCESS.txt (collapsed stacks), and report each one's hottest functions; "
@@ -206,7 +212,7 @@ def plan_targets(args: argparse.Namespace) -> list[Target]:
 def check_extras(targets: Sequence[Target], args: argparse.Namespace) -> None:
     """ValueError if a package of the `bench` extra that the options need is not installed."""
     kinds = {t.kind for t in targets}
-    needed = [pkg for pkg, wanted in (("transformers", TRANSFORMERS in kinds), ("matplotlib", bool(args.plot)),
+    needed = [pkg for pkg, wanted in (("transformers", TRANSFORMERS in kinds), ("matplotlib", bool(args.plot or args.timeline)),
                                       ("aiohttp", bool(kinds & {VLLM, "openai"}))) if wanted]
     missing = [pkg for pkg in needed if importlib.util.find_spec(pkg) is None]
     if args.profile and find_py_spy() is None:  # a dependency of tandem, but an executable, not a module
@@ -249,7 +255,8 @@ def make_workload(args: argparse.Namespace, vocab_size: int, tokenize: Callable[
         description = {"prompt_len": args.prompt_len.spec(), "output_len": args.output_len.spec()}
     description.update(**sampling_options(args), max_concurrency=args.max_concurrency)
     return build_workload(entries, vocab_size, args.seed, num_warmup=max(0, args.warmup),
-                          request_rate=args.request_rate, tokenize=tokenize, description=description)
+                          request_rate=args.request_rate, tokenize=tokenize, description=description,
+                          shared_prefix_len=max(0, args.shared_prefix_len))
 
 
 def model_facts(args: argparse.Namespace, model: str | None
@@ -337,6 +344,14 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
         figures = report.run_figures(target.name, m, machine["num_cores"], model=config, peak_flops_per_s=peak,
                                      kind=target.kind, description=target.description, repeat=repeat)
         repeats[target.name].append(figures)
+        if args.timeline and m.timeline and repeat == 1:
+            from tandem.bench.timeline import plot_timeline
+
+            out = Path(args.timeline)
+            out = out.with_name(f"{out.stem}-{target.name}{out.suffix or '.png'}")
+            plot_timeline(m.timeline, out, f"{label}: {figures['output_tokens_per_s']:.0f} output tok/s")
+            figures["timeline"] = [{"busy": s["busy"], "steps": s["kinds"]} for s in m.timeline["stages"]]
+            log(f"timeline written to {out}")
         print(report.format_run(figures, args.repeats), flush=True)
         print()
     runs = [median_figures(figures) for figures in repeats.values()]

@@ -66,7 +66,8 @@ def deployment(args: argparse.Namespace, model: str, preset: str, label: str, wo
                                max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
                                device=args.device, preset=preset, dtype=args.dtype,
                                balance_at=typical_decode_step(workload, args.stages, args.max_in_flight,
-                                                              args.max_num_seqs))
+                                                              args.max_num_seqs),
+                               step_logs=bool(args.timeline))
         log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
@@ -116,4 +117,8 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
         watch = process_watch(args, label, {name: proc.pid for name, proc in launcher.children})
         m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, label, watch)
         m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
+        if launcher.step_logs:
+            from tandem.bench.timeline import read_timeline
+
+            m.timeline = read_timeline(launcher.step_logs, m.window_ns)
         return m

@@ -54,6 +54,8 @@ class Measurement:
     profiles: dict[str, dict] | None = None  # by process, see tandem.bench.profiling
     layout: list[str] = field(default_factory=list)  # how the deployment was laid out: cores, layer split
     layout_warnings: list[str] = field(default_factory=list)  # where processes outnumber cores
+    window_ns: tuple[int, int] = (0, 0)  # the measured requests' span on the host's monotonic clock
+    timeline: dict | None = None  # with --timeline: the stages' steps in the window (tandem.bench.timeline)
 
 
 @dataclass(frozen=True)
@@ -87,11 +89,13 @@ def measure_requests(send: SendAll, requests: Sequence[Request], warmup: Sequenc
         asyncio.run(send(warmup, False))
     with watch or nullcontext():
         before = probe.read() if probe else None
+        start_ns = time.monotonic_ns()
         records, wall_s = asyncio.run(send(requests, True))
+        end_ns = time.monotonic_ns()
         after = probe.read() if probe else None
     return Measurement(records, wall_s, after.minus(before) if probe else None,
                        tuple(probe.stage_addresses) if probe else (), tuple(probe.sampler_addresses) if probe else (),
-                       watch.cpu if watch else None, watch.profiles if watch else None)
+                       watch.cpu if watch else None, watch.profiles if watch else None, window_ns=(start_ns, end_ns))
 
 
 async def send_all(endpoint: str, requests: Sequence[Request], options: SendOptions, progress: bool = False,

@@ -213,12 +213,15 @@ def fit_to_length(ids: Sequence[int], length: int) -> tuple[int, ...]:
 
 def build_workload(entries: Sequence[TraceEntry], vocab_size: int, seed: int, *, num_warmup: int = 2,
                    request_rate: float = math.inf, tokenize: Callable[[str], list[int]] | None = None,
-                   description: dict | None = None) -> Workload:
+                   description: dict | None = None, shared_prefix_len: int = 0) -> Workload:
     """Turn lengths (synthetic or from a trace) into requests with prompts and arrival times.
 
+    With `shared_prefix_len`, every measured prompt starts with the same that many random tokens
+    (a system prompt) before its own `prompt_len` tokens: a prefix cache's workload.
     Warm-up requests get fresh random prompts, not the measured ones: a prefix cache would
     otherwise make the measured requests cheaper than they are.
     """
+    prefix = random_prompt(_rng(seed, "shared_prefix"), shared_prefix_len, vocab_size)
     prompt_rng = _rng(seed, "prompt_ids")
     arrivals = arrival_times(len(entries), request_rate, _rng(seed, "arrivals"))
     requests = []
@@ -229,14 +232,14 @@ def build_workload(entries: Sequence[TraceEntry], vocab_size: int, seed: int, *,
             prompt = fit_to_length(tokenize(entry.prompt), entry.prompt_len)
         else:
             prompt = random_prompt(prompt_rng, entry.prompt_len, vocab_size)
-        requests.append(Request(i, prompt, entry.output_len, arrival))
+        requests.append(Request(i, prefix + prompt, entry.output_len, arrival))
     warm_rng = _rng(seed, "warmup")
     warmup = tuple(Request(-1 - i, random_prompt(warm_rng, e.prompt_len, vocab_size),
                            min(e.output_len, WARMUP_MAX_OUTPUT_LEN))
                    for i, e in enumerate(entries[:num_warmup]))
     info = dict(description or {})
     info.update(seed=seed, num_requests=len(requests), num_warmup=len(warmup),
-                request_rate=None if math.isinf(request_rate) else request_rate,
+                request_rate=None if math.isinf(request_rate) else request_rate, shared_prefix_len=shared_prefix_len,
                 prompt_tokens=sum(r.prompt_len for r in requests),
                 output_tokens=sum(r.output_len for r in requests), vocab_size=vocab_size)
     return Workload(tuple(requests), warmup, info)

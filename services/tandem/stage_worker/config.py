@@ -74,6 +74,9 @@ class StageWorkerConfig:
         "context, a few seconds at most; it loads the last layer and the LM head for the while) and serve it "
         "by GetStageInfo", True)
     profile_file: str = doc("also write the start-up profile to this JSON file; empty: do not", "")
+    step_log: str = doc(
+        "append one JSON line per step to this file (start and end on the host's monotonic clock, rows, "
+        "prefill tokens): the timeline `tandem bench --timeline` draws; empty: none", "")
 
     def validate(self) -> None:
         if not self.model:

@@ -9,6 +9,7 @@ tandem.compose wires it).
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -16,7 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, TextIO
 
 import torch
 
@@ -89,6 +90,7 @@ class StageRunner:
         self._epoch = 0
         self._plan_epochs: dict[int, int] = {}  # id(plan) -> the epoch it came in, until it runs
         self.ready_ns = 0
+        self._step_log: TextIO | None = None  # config.step_log, opened by load()
         self.profile: StageProfile | None = None  # measured by load() when config.profile_at_startup
         self.profile_json = ""
         self.model_config_sha256 = ""  # set by load()
@@ -114,6 +116,8 @@ class StageRunner:
         self._inputs = InputPreparer(lambda plan, slot: executor.prepare(plan, slot.buffers),
                                      overlap=c.overlap_input_prep)
         self.ready_ns = self._idle_since_ns = time.perf_counter_ns()
+        if c.step_log:  # line-buffered, open for the process's life
+            self._step_log = open(c.step_log, "a", buffering=1)  # noqa: SIM115
         threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
 
     def ready(self) -> StageExecutor:
@@ -156,7 +160,7 @@ class StageRunner:
         while (prepared := self._inputs.next()) is not None:
             plan = prepared.plan
             done = pb.StepDone(step_id=plan.step_id)
-            start = time.perf_counter_ns()
+            start, start_wall = time.perf_counter_ns(), time.monotonic_ns()
             try:
                 with tracing.child_span("stage_worker", "forward", plan.traceparent, {
                         "tandem.stage_index": self.config.stage_index, "tandem.step_id": plan.step_id,
@@ -175,7 +179,17 @@ class StageRunner:
             self.wait_ns_total += done.wait_ns
             self.compute_ns_total += done.forward_ns
             self._meters.executed(busy_ns, idle_ns, done.forward_ns)
+            if self._step_log is not None and plan.sequences:
+                self._log_step(plan, start_wall + done.wait_ns, start_wall + end - start)
             self._done.put(done)
+
+    def _log_step(self, plan: pb.StepPlan, start_ns: int, end_ns: int) -> None:
+        """One line of the step log: when the step computed (after its activations came), its rows
+        and the prompt tokens among them."""
+        prefill = sum(len(s.input_ids) for s in plan.sequences if len(s.input_ids) > 1)
+        decode = sum(1 for s in plan.sequences if len(s.input_ids) == 1)
+        self._step_log.write(json.dumps({"step": plan.step_id, "start_ns": start_ns, "end_ns": end_ns,
+                                         "prefill_tokens": prefill, "decode_rows": decode}) + "\n")
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
