@@ -116,3 +116,16 @@ def test_a_started_stage_and_sampler_report_their_threads_and_cores(launcher, ch
                                                                           timeout=30)
     assert list(info.cpus) == CORES and info.torch_threads == 1 and info.num_threads == 2
     assert info.num_interop_threads == 1
+
+
+def test_freed_memory_is_kept_unless_the_user_chose_an_allocator(monkeypatch):
+    from tandem.core.cpus import keep_freed_memory
+
+    for name in [k for k in os.environ if k.startswith("MALLOC_")] + ["LD_PRELOAD"]:
+        monkeypatch.delenv(name, raising=False)
+    assert keep_freed_memory()  # glibc here: the settings are taken
+    monkeypatch.setenv("MALLOC_ARENA_MAX", "2")
+    assert not keep_freed_memory()
+    monkeypatch.delenv("MALLOC_ARENA_MAX")
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert not keep_freed_memory()

@@ -68,9 +68,10 @@ def _serve(args: argparse.Namespace) -> int:
     import threading
 
     from tandem.core.config import load_config
-    from tandem.core.cpus import limit_interop_threads
+    from tandem.core.cpus import keep_freed_memory, limit_interop_threads
     from tandem.launcher import READY_PREFIX
 
+    keep_freed_memory()  # before the service allocates its working memory
     limit_interop_threads()  # before the service runs any torch work
 
     service = args.service.replace("-", "_")

@@ -64,5 +64,5 @@ def plot_timeline(timeline: Mapping, path: str | Path, title: str) -> None:
     ax.set_xlim(0, timeline["window_s"])
     ax.set_xlabel("seconds into the measured window")
     ax.set_title(title)
-    ax.legend(handles=[Patch(color=c, label=k) for k, c in KINDS.items()], loc="upper right", ncols=3)
+    fig.legend(handles=[Patch(color=c, label=k) for k, c in KINDS.items()], loc="outside upper right", ncols=3)
     fig.savefig(path, dpi=110)
