@@ -151,3 +151,43 @@ def test_cuda_graphs_match_transformers(checkpoint, reference_model):
                          decode_graphs=True)
     check_decode_graphs(pipe, path, reference_model)
     assert all(entry.graph is not None for g in pipe.graphs for entry in g.graphs.values())
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral"])
+def test_decode_in_groups_of_similar_length_matches_transformers(arch, checkpoint, reference_model, monkeypatch):
+    """With groups free (no fixed cost), the prompts of 1 to 27 tokens decode in groups of
+    similar length, each padded to its own longest; the tokens and logits still equal
+    transformers', across Mistral's sliding window too."""
+    from tandem.core import attention
+
+    monkeypatch.setattr(attention, "GROUP_COST_BLOCKS", 0)
+    built = []
+    original = attention.AttentionMetadata.build.__func__
+
+    def build(cls, *args, **kwargs):
+        meta = original(cls, *args, **kwargs)
+        built.append(len(meta.groups))
+        return meta
+
+    monkeypatch.setattr(attention.AttentionMetadata, "build", classmethod(build))
+    path = checkpoint(arch)
+    pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=96)
+    got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=(), keep_logits=True)
+    for prompt, ids, logits in zip(PROMPTS, got.output_ids, got.logits):
+        want_ids, want_logits = reference_generate(reference_model(path), prompt)
+        assert ids == want_ids, f"prompt of {len(prompt)} tokens diverged"
+        torch.testing.assert_close(logits, want_logits, atol=2e-4, rtol=1e-4)
+    assert max(built) >= 2  # the decode steps did run in groups
+    assert pipe.allocator.num_free == 96
+
+
+def test_decode_groups_balance_padding_against_their_fixed_cost():
+    from tandem.core.attention import decode_groups
+
+    blocks = [30, 1, 60, 1, 2, 31]
+    assert decode_groups(blocks, overhead=0) == [[1, 3, 4], [0, 2, 5]]  # 1, 1, 2 | 30, 31, 60
+    assert decode_groups(blocks, overhead=40) == [[1, 3, 4], [0, 2, 5]]  # 46 + 220 < 400
+    assert decode_groups(blocks, overhead=200) == [[0, 1, 2, 3, 4, 5]]  # 206 + 380 > 560
+    assert decode_groups([5, 6, 7], overhead=0) == [[0, 1, 2]]
+    assert decode_groups([1, 4, 16, 64], overhead=0) == [[0], [1], [2], [3]]
+    assert decode_groups([], overhead=0) == []

@@ -96,6 +96,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "checkpoint's dtype on CUDA and float32 on CPU)")
     add_layout_arguments(where)
     where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
+    where.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="start Tandem's coordinators with prefix caching off (vLLM: --no-enable-prefix-caching "
+                            "in --vllm-args)")
     where.add_argument("--log-dir", help="where the started services (and vLLM) write their logs, one folder per run "
                                          "(default: a temporary folder)")
     where.add_argument("--endpoint", help="HOST:PORT of a running deployment to measure instead of starting one")

@@ -67,7 +67,7 @@ def deployment(args: argparse.Namespace, model: str, preset: str, label: str, wo
                                device=args.device, preset=preset, dtype=args.dtype,
                                balance_at=typical_decode_step(workload, args.stages, args.max_in_flight,
                                                               args.max_num_seqs),
-                               step_logs=bool(args.timeline))
+                               step_logs=bool(args.timeline), prefix_caching=args.prefix_caching)
         log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:
@@ -117,6 +117,11 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
         watch = process_watch(args, label, {name: proc.pid for name, proc in launcher.children})
         m = measure_endpoint(endpoint, workload.requests, workload.warmup, options, probe, label, watch)
         m.layout, m.layout_warnings = list(launcher.notes), list(launcher.warnings)
+        from tandem.client import TandemClient
+
+        with TandemClient(endpoint) as client:
+            info = client.server_info()
+        m.prefix_cache = (info.prefix_cache_queries_total, info.prefix_cache_hits_total)
         if launcher.step_logs:
             from tandem.bench.timeline import read_timeline
 

@@ -114,6 +114,9 @@ def run_figures(name: str, m: Measurement, num_cores: int, *, model: ModelConfig
     flops = sum(request_flops(model, r.prompt_len, r.output_tokens) for r in done) if model else None
     fig["model_flops_per_s"] = stats.ratio(flops, m.wall_s)
     fig["fraction_of_peak"] = stats.ratio(fig["model_flops_per_s"], peak_flops_per_s)
+    if m.prefix_cache is not None:
+        queried, hit = m.prefix_cache
+        fig.update(prefix_cache_queries=queried, prefix_cache_hits=hit, prefix_cache_hit_rate=stats.ratio(hit, queried))
     fig["errors"] = sorted({r.error for r in m.records if r.error})[:5]
     fig["requests"] = requests
     return fig
@@ -160,6 +163,9 @@ def format_run(f: Mapping, num_repeats: int = 1) -> str:
              f"  TTFT         p50 {_ms(f['ttft_p50_s'])}, p99 {_ms(f['ttft_p99_s'])}",
              f"  TPOT         p50 {_ms(f['tpot_p50_s'])}, p99 {_ms(f['tpot_p99_s'])}",
              f"  end-to-end   p50 {_ms(f['e2e_p50_s'])}, p99 {_ms(f['e2e_p99_s'])}"]
+    if f.get("prefix_cache_queries") is not None:
+        lines.append(f"  prefix cache {_pct(f['prefix_cache_hit_rate'])} of {f['prefix_cache_queries']} prompt tokens "
+                     "looked up were cached (warm-up included)")
     lines += [f"  layout       {line}" for line in f.get("layout", [])]
     lines += [f"  WARNING      {line}" for line in f.get("layout_warnings", [])]
     for s in f.get("stages", []):

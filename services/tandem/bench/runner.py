@@ -56,6 +56,7 @@ class Measurement:
     layout_warnings: list[str] = field(default_factory=list)  # where processes outnumber cores
     window_ns: tuple[int, int] = (0, 0)  # the measured requests' span on the host's monotonic clock
     timeline: dict | None = None  # with --timeline: the stages' steps in the window (tandem.bench.timeline)
+    prefix_cache: tuple[int, int] | None = None  # a Tandem deployment's prompt tokens looked up, and found cached
 
 
 @dataclass(frozen=True)
