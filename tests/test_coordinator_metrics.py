@@ -120,13 +120,14 @@ def test_coordinator_metrics_equal_what_was_served(llama, vllm_names):
 
 def test_kv_store_blocks_follow_preemptions(llama):
     """With too few KV blocks for the batch, sequences are swapped out to the KV store: the
-    preemption counter and the KV store's figures move."""
+    preemption counter and the KV store's figures move. (Told that each request makes one token,
+    temporal phases admit all four at once, as a scheduler without them would.)"""
     c = start_cluster(llama, num_stages=2, num_samplers=1, num_blocks=12)
     try:
         with TandemClient(c.endpoint, timeout_s=120) as client:
             with cf.ThreadPoolExecutor(4) as pool:
-                list(pool.map(lambda p: client.generate(prompt_ids=p, max_tokens=12, temperature=0.0,
-                                                        ignore_eos=True), [list(range(10 + i, 26 + i))
+                list(pool.map(lambda p: client.generate(prompt_ids=p, max_tokens=12, temperature=0.0, ignore_eos=True,
+                                                        output_len_hint=1), [list(range(10 + i, 26 + i))
                                                                            for i in range(4)]))
         samples = settled(c)
         labels = {**MODEL, "model_name": llama.name}
