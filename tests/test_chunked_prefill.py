@@ -116,6 +116,22 @@ def test_services_with_chunked_prefill_match_transformers(llama, reference_model
         c.stop()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_services_on_cuda_with_chunked_prefill_match_transformers(llama, reference_model):
+    # Budget 3 beside decodes: chunks of one token run through the decode CUDA graphs, and the
+    # last stage picks the sampled rows' logits on the device.
+    prompts = [[5, 7, 9, 11, 13, 200, 3], [100, 4, 40], list(range(20, 47))]
+    c = start_cluster(llama, num_stages=2, num_samplers=2, device="cuda", max_num_batched_tokens=3)
+    try:
+        results = run_concurrently(c.endpoint, prompts, max_tokens=8, temperature=0.0, ignore_eos=True)
+        for prompt, r in zip(prompts, results):
+            assert list(r.token_ids) == reference(reference_model(llama), prompt, 8)
+        assert_all_released(c)
+    finally:
+        c.stop()
+
+
 def test_seeded_sampling_is_the_same_with_chunked_prefill_on_and_off(llama):
     prompts = [list(range(20, 47)), [5, 7, 9, 11, 13, 200, 3]]
     sampling = dict(max_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=77, ignore_eos=True,
