@@ -74,19 +74,26 @@ def pipe(llama):
     return LocalPipeline(llama, num_stages=2, block_size=4, num_blocks=32)
 
 
-def test_every_chunk_boundary_gives_the_reference_tokens(pipe, llama, reference_model):
-    want = reference(reference_model(llama), PROMPT, MAX_TOKENS)
-    for budget in range(1, len(PROMPT) + 1):
+@pytest.mark.parametrize("arch,prompt", [
+    ("llama", PROMPT),
+    ("mistral", list(range(20, 35))),  # 15 tokens: chunks cross its sliding window of 12
+])
+def test_every_chunk_boundary_gives_the_reference_tokens(checkpoint, reference_model, arch, prompt):
+    path = checkpoint(arch)
+    pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=32)
+    want = reference(reference_model(path), prompt, MAX_TOKENS)
+    num_cached = (len(prompt) - 1) // 4 * 4  # the full blocks of all but its last token
+    for budget in range(1, len(prompt) + 1):
         s = Scheduler(num_blocks=32, block_size=4, max_num_seqs=8, max_num_batched_tokens=budget, max_in_flight=1)
-        (got,), steps = generate(pipe, s, [PROMPT], MAX_TOKENS)
+        (got,), steps = generate(pipe, s, [prompt], MAX_TOKENS)
         assert got == want, f"budget {budget}"
         prefill = [x for rows in steps for x in rows if x.sample_index == 0]
-        assert [len(x.input_ids) for x in prefill] == [min(budget, len(PROMPT) - i) for i in range(0, len(PROMPT), budget)]
+        assert [len(x.input_ids) for x in prefill] == [min(budget, len(prompt) - i) for i in range(0, len(prompt), budget)]
         assert [x.is_partial_prefill for x in prefill] == [True] * (len(prefill) - 1) + [False]
-        # the chunks published the prompt's full blocks: the same prompt again computes only its last token
-        (again,), steps = generate(pipe, s, [PROMPT], MAX_TOKENS)
+        # the chunks published the prompt's full blocks: the same prompt again computes only the rest
+        (again,), steps = generate(pipe, s, [prompt], MAX_TOKENS)
         assert again == want, f"budget {budget}, from the prefix cache"
-        assert [(x.num_computed_tokens, len(x.input_ids)) for x in steps[0]] == [(8, 1)]
+        assert [(x.num_computed_tokens, len(x.input_ids)) for x in steps[0]] == [(num_cached, min(budget, len(prompt) - num_cached))]
 
 
 def test_chunks_beside_decodes_and_through_preemption_give_the_reference_tokens(pipe, llama, reference_model):
