@@ -130,7 +130,7 @@ class Scheduler:
                 break
             budget -= num_new
             self._take(seq, step, num_new)
-        while self.swapped and len(step.sequences) < self.max_num_seqs and budget:
+        while self.swapped and len(step.sequences) < self.max_num_seqs and budget > 0:
             seq = self.seqs[self.swapped.first]
             if not seq.sampler or not self.blocks.can_allocate(self.swapped.num_blocks_of(seq.request_id) + 1):
                 break
