@@ -8,7 +8,7 @@ import torch
 
 from cluster import start_cluster
 from tandem.client import TandemClient
-from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence
+from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
 from tandem.core.attention import SequenceSlice
 from tandem.core.pipeline import LocalPipeline
 from test_services import assert_all_released, reference, run_concurrently
@@ -21,23 +21,34 @@ def held_blocks(s: Scheduler) -> set[int]:
     return {b for q in s.seqs.values() for b in q.block_table}
 
 
+class Run:
+    """What `generate` saw: each step's rows, and how often a partly prefilled sequence was preempted."""
+
+    def __init__(self) -> None:
+        self.steps: list[list] = []
+        self.num_partial_preempted = 0
+
+
 def generate(pipe: LocalPipeline, s: Scheduler, prompts: list[list[int]], max_tokens: int,
-             arrivals: dict[int, int] | None = None) -> tuple[list[list[int]], list]:
+             arrivals: dict[int, int] | None = None) -> tuple[list[list[int]], Run]:
     """Greedy generation of `prompts` with `s` deciding every step and `pipe` computing it, as the
     stages would: block tables rebuilt from the steps, chunks computed and not sampled. Prompt i
-    arrives before step `arrivals[i]` (default: all before the first). The steps' rows are
-    returned too. Checks the block accounting after every step."""
+    arrives before step `arrivals[i]` (default: all before the first). Checks the block
+    accounting after every step."""
     arrivals = arrivals or {}
     tables: dict[str, list[int]] = {}
     outputs: dict[str, list[int]] = {}
-    steps = []
+    run = Run()
+    steps = run.steps
     for n in range(1000):
         for i, p in enumerate(prompts):
             if arrivals.get(i, 0) == n:
                 s.add(Sequence(f"r{i}", list(p), max_tokens, sampler="s0"))
         if len(outputs) == len(prompts):
             break
+        prefilling = [q for q in s.seqs.values() if q.status == Status.PREFILLING]
         step = s.schedule()
+        run.num_partial_preempted += sum(q.status == Status.WAITING for q in prefilling)
         if step is None:
             continue
         for rid in step.finished_request_ids:
@@ -61,7 +72,7 @@ def generate(pipe: LocalPipeline, s: Scheduler, prompts: list[list[int]], max_to
         assert s.blocks.num_blocks - s.blocks.num_free == len(held_blocks(s))
     assert len(outputs) == len(prompts), "the prompts did not finish"
     assert s.seqs == {} and s.in_flight == {} and s.blocks.num_free == s.blocks.num_blocks
-    return [outputs[f"r{i}"] for i in range(len(prompts))], steps
+    return [outputs[f"r{i}"] for i in range(len(prompts))], run
 
 
 @pytest.fixture(scope="module")
@@ -85,25 +96,27 @@ def test_every_chunk_boundary_gives_the_reference_tokens(checkpoint, reference_m
     num_cached = (len(prompt) - 1) // 4 * 4  # the full blocks of all but its last token
     for budget in range(1, len(prompt) + 1):
         s = Scheduler(num_blocks=32, block_size=4, max_num_seqs=8, max_num_batched_tokens=budget, max_in_flight=1)
-        (got,), steps = generate(pipe, s, [prompt], MAX_TOKENS)
+        (got,), run = generate(pipe, s, [prompt], MAX_TOKENS)
         assert got == want, f"budget {budget}"
-        prefill = [x for rows in steps for x in rows if x.sample_index == 0]
+        prefill = [x for rows in run.steps for x in rows if x.sample_index == 0]
         assert [len(x.input_ids) for x in prefill] == [min(budget, len(prompt) - i) for i in range(0, len(prompt), budget)]
         assert [x.is_partial_prefill for x in prefill] == [True] * (len(prefill) - 1) + [False]
         # the chunks published the prompt's full blocks: the same prompt again computes only the rest
-        (again,), steps = generate(pipe, s, [prompt], MAX_TOKENS)
+        (again,), run = generate(pipe, s, [prompt], MAX_TOKENS)
         assert again == want, f"budget {budget}, from the prefix cache"
-        assert [(x.num_computed_tokens, len(x.input_ids)) for x in steps[0]] == [(num_cached, min(budget, len(prompt) - num_cached))]
+        assert [(x.num_computed_tokens, len(x.input_ids)) for x in run.steps[0]] == [(num_cached, min(budget, len(prompt) - num_cached))]
 
 
 def test_chunks_beside_decodes_and_through_preemption_give_the_reference_tokens(pipe, llama, reference_model):
-    prompts = [[5, 7, 9], [100, 4, 40, 41, 42], list(range(20, 47)), [300, 17, 18, 19, 20, 21, 22]]
+    prompts = [[5, 7, 9], [100, 4, 40, 41, 42], list(range(20, 40)), [300, 17, 18, 19, 20, 21, 22]]
     want = [reference(reference_model(llama), p, 10) for p in prompts]
-    # 12 blocks of 4 cannot hold all four at once: partly prefilled sequences are preempted too
-    s = Scheduler(num_blocks=12, block_size=4, max_num_seqs=4, max_num_batched_tokens=5, max_in_flight=1)
-    got, steps = generate(pipe, s, prompts, 10, arrivals={2: 3, 3: 5})
+    # 9 blocks of 4 cannot hold all four at once: the sequences preempt each other, a partly
+    # prefilled one among them (it starts its prefill over)
+    s = Scheduler(num_blocks=9, block_size=4, max_num_seqs=4, max_num_batched_tokens=5, max_in_flight=1)
+    got, run = generate(pipe, s, prompts, 10, arrivals={2: 3, 3: 5})
     assert got == want
-    assert s.num_preemptions > 0
+    assert s.num_preemptions > 1 and run.num_partial_preempted > 0
+    steps = run.steps
     mixed = [rows for rows in steps if any(x.is_partial_prefill for x in rows) and
              any(len(x.input_ids) == 1 and x.sample_index > 0 for x in rows)]
     assert mixed, "no step carried a decode and a prefill chunk together"
