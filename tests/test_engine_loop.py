@@ -21,6 +21,7 @@ from tandem.coordinator.events import (
     SequencesAdded,
     StageDown,
     StageUp,
+    StepComputed,
     StepFailed,
     TokensSampled,
 )
@@ -122,13 +123,14 @@ class Rig:
     """An engine over fakes, turned by hand."""
 
     def __init__(self, samplers=("s0", "s1"), num_stages: int = 2, num_blocks: int = 64, num_host_blocks: int = 0,
-                 max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0, stage_health=None):
+                 max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0, stage_health=None,
+                 max_num_batched_tokens: int = 64):
         self.inbox: Inbox = Inbox()
         self.stages = [FakeStage() for _ in range(num_stages)]
         self.samplers: dict[str, FakeSampler] = {}
         self.add_errors: dict[str, str] = {}
         self.kv_store = FakeKvStore()
-        self.scheduler = Scheduler(num_blocks, 4, 8, 64, max_in_flight, num_host_blocks)
+        self.scheduler = Scheduler(num_blocks, 4, 8, max_num_batched_tokens, max_in_flight, num_host_blocks)
         self.engine = Engine(self.scheduler, self.stages, self.open_sampler, self.kv_store, self.inbox,
                              max_queue=max_queue, step_timeout_s=step_timeout_s, stage_health=stage_health)
         self.answered: set[int] = set()
@@ -161,11 +163,13 @@ class Rig:
         return [p for p in self.stages[0].plans if p.sequences and p.step_id not in self.answered]
 
     def answer(self, plan, skip=()) -> None:
-        """Each replica answers its rows of a step (those in `skip` stay unanswered)."""
+        """The last stage has run a step, and each replica answers its rows of it (those in `skip`
+        stay unanswered; partial prefill chunks have none)."""
         self.answered.add(plan.step_id)
+        self.post(StepComputed(plan.step_id))
         by_sampler: dict[str, list] = {}
         for s in plan.sequences:
-            if s.request_id not in skip:
+            if s.request_id not in skip and not s.is_partial_prefill:
                 by_sampler.setdefault(self.stages[0].sampler(s), []).append((s.request_id, s.sample_index))
         for address, rows in by_sampler.items():
             self.samplers[address].answer(plan.step_id, rows)
@@ -502,4 +506,42 @@ def test_a_stage_down_too_long_fails_everything_and_refuses_until_it_is_back():
     c = rig.request("c", max_tokens=2)
     rig.run()
     assert tokens(c) == expected("c", 2)
+    assert_all_released(rig)
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_decodes_and_its_sampler_sees_only_its_last():
+    rig = Rig(samplers=("s0",), max_num_batched_tokens=4)
+    a = rig.request("a", prompt=(5, 6), max_tokens=8)
+    rig.turn()
+    rig.answer(rig.open_steps()[0])  # a's prefill
+    rig.turn()
+    b = rig.request("b", prompt=tuple(range(10, 21)), max_tokens=2)
+    rig.run()
+    assert tokens(a) == expected("a", 8) and tokens(b) == expected("b", 2)
+    b_rows = [s for p in rig.stages[0].plans for s in p.sequences if s.request_id == "b"]
+    prefill = [s for s in b_rows if s.sample_index == 0]
+    assert sum(len(s.input_ids) for s in prefill) == 11 and len(prefill) > 1
+    assert [s.is_partial_prefill for s in prefill] == [True] * (len(prefill) - 1) + [False]
+    assert any(len(p.sequences) == 2 and p.sequences[1].is_partial_prefill for p in rig.stages[0].plans)  # a decode beside a chunk
+    assert all(sum(len(s.input_ids) for s in p.sequences) <= 4 for p in rig.stages[0].plans)
+    sampled = [(rid, i) for p in rig.samplers["s0"].plans for rid, i in zip(p.request_ids, p.sample_indices)]
+    assert sampled.count(("b", 0)) == 1 and len(sampled) == len(set(sampled))  # no row twice, no chunk
+    assert_all_released(rig)
+
+
+def test_a_chunk_only_step_commits_when_the_last_stage_has_run_it_and_a_lost_one_fails_its_request():
+    rig = Rig(samplers=("s0",), max_num_batched_tokens=4)
+    a = rig.request("a", prompt=tuple(range(10, 20)), max_tokens=2)
+    rig.turn()
+    (first,) = rig.open_steps()
+    assert [s.is_partial_prefill for s in first.sequences] == [True] and rig.samplers["s0"].plans == []
+    rig.turn()
+    assert rig.open_steps() == [first]  # nothing more of a until its chunk is computed
+    rig.answer(first)
+    rig.turn()
+    (second,) = rig.open_steps()
+    assert second.sequences[0].num_computed_tokens == 4
+    rig.post(StepFailed(second.step_id, 1, "boom"))
+    rig.turn()
+    assert a.finish_reason == FINISH.FINISH_REASON_ERROR and "boom" in str(outputs(a)[-1].error)
     assert_all_released(rig)

@@ -280,6 +280,18 @@ def test_service_monitor_dashboard_and_vllm_names_when_asked_for() -> None:
     assert config.metrics_vllm_names
 
 
+def _coordinator_config(values: dict[str, Any]) -> CoordinatorConfig:
+    (cm,) = [cm for cm in _of_kind(tuple(_render(values)), "ConfigMap") if _component(cm) == "coordinator"]
+    return load_config(CoordinatorConfig, yaml.safe_load(cm["data"]["config.yaml"]))
+
+
+def test_chunked_prefill_is_on_unless_turned_off() -> None:
+    assert _coordinator_config({}).enable_chunked_prefill
+    assert not _coordinator_config({"pipeline": {"enableChunkedPrefill": False}}).enable_chunked_prefill
+    budget = _coordinator_config({"coordinator": {"config": {"max_num_batched_tokens": 512}}})
+    assert (budget.max_num_batched_tokens, budget.enable_chunked_prefill) == (512, True)
+
+
 def test_four_stage_partition_is_passed_through() -> None:
     stages = [load_config(StageWorkerConfig, yaml.safe_load(cm["data"]["config.yaml"]))
               for cm in _of_kind(_objects("four-stages.yaml"), "ConfigMap") if _component(cm) == "stage-worker"]

@@ -125,10 +125,34 @@ def test_the_executor_refuses_a_bad_plan_and_runs_a_diffed_one(checkpoint):
     assert torch.equal(executor.run(whole, executor.prepare(whole, {}), None).logits, diffed)
 
 
+def test_a_partial_prefill_is_computed_on_every_stage_and_sampled_by_no_one(checkpoint):
+    s = Scheduler(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=6, max_in_flight=1)
+    s.add(Sequence("a", [5, 6], 100, sampler="s0:1"))
+    s.add(Sequence("b", list(range(10, 20)), 100, sampler="s1:1"))
+    step = s.schedule()
+    plan = pb.StepPlan.FromString(plans.step_plan(step, plans.SamplerTable()).SerializeToString())
+    assert [(x.request_id, x.is_partial_prefill) for x in plan.sequences] == [("a", False), ("b", True)]
+    assert {address: list(p.request_ids) for address, p in plans.sample_plans(step).items()} == {"s0:1": ["a"]}
+    # The last stage computes b's chunk and gives logits for a's row alone; b's last chunk then
+    # gives the logits its whole prompt gives in one step.
+    executor = StageExecutor(StageWorkerConfig(model=str(checkpoint("llama")), num_blocks=16, block_size=4))
+    assert [list(x.block_table) for x in plan.sequences] == [[0], [1]]
+    out = executor.run(plan, executor.prepare(plan, {}), None)
+    whole = pb.StepPlan(step_id=9, sampler_addresses=["s0:1"], sequences=[
+        pb.SequencePlan(request_id="a2", input_ids=[5, 6], block_table=[12]),
+        pb.SequencePlan(request_id="b2", input_ids=list(range(10, 20)), block_table=[13, 14, 15])])
+    want = executor.run(whole, executor.prepare(whole, {}), None).logits
+    assert out.logits.shape == (1, want.shape[1])
+    torch.testing.assert_close(out.logits, want[:1])
+    rest = pb.StepPlan(step_id=2, sequences=[pb.SequencePlan(
+        request_id="b", input_ids=list(range(14, 20)), num_computed_tokens=4, new_block_ids=[2, 3])])
+    torch.testing.assert_close(executor.run(rest, executor.prepare(rest, {}), None).logits, want[1:])
+
+
 def test_a_stage_stream_opened_again_begins_with_the_sampler_table():
     from tandem.coordinator.ports import GrpcStage
 
-    port = GrpcStage(0, "127.0.0.1:1", lambda event: None)  # never dialled: the stream is driven by hand
+    port = GrpcStage(0, "127.0.0.1:1", lambda event: None, is_last=True)  # never dialled: the stream is driven by hand
     first = [pb.StepPlan(step_id=1, sampler_addresses=["s0:1", "s1:1"]), pb.StepPlan(step_id=2)]
     assert list(port._with_sampler_table(iter(first))) == first
     (table, plan) = port._with_sampler_table(iter([pb.StepPlan(step_id=3)]))

@@ -37,3 +37,11 @@ def test_service_options_follow_the_switches():
     assert resolve("full-cpu_sampling").coordinator_options()["sample_plans"] is False
     assert resolve("full-structured_streams").coordinator_options()["sample_plans"] is False
     assert resolve("full-shared_memory_logits").stage_options(is_last=True)["shared_memory_logits"] is False
+
+
+@pytest.mark.parametrize("name", ["full", "baseline", *(f"full-{s}" for s in SWITCHES), *(f"baseline+{s}" for s in SWITCHES)])
+def test_every_preset_prefills_in_chunks_as_vllm_does(name):
+    from tandem.coordinator.config import CoordinatorConfig
+
+    config = CoordinatorConfig(model="m", stages=("s:1",), samplers=("x:1",), **resolve(name).coordinator_options())
+    assert config.enable_chunked_prefill and config.max_num_batched_tokens == 2048

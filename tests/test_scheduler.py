@@ -1,7 +1,9 @@
-"""The coordinator's pure scheduler: token safety, sampler-less sequences, lost rows, preemption."""
+"""The coordinator's pure scheduler: token safety, sampler-less sequences, lost rows, preemption,
+prefix caching, and how a step's token budget is spent (decodes first, prefills in chunks)."""
 
 from __future__ import annotations
 
+from tandem.coordinator.budget import num_decodes, prefill_chunk
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
 
 
@@ -181,3 +183,172 @@ def test_a_prompt_waiting_for_blocks_is_counted_in_the_cache_statistics_once():
     s.finish("a")
     (b,) = [x for x in s.schedule().sequences if x.request_id == "b"]
     assert b.num_computed_tokens == 8 and (s.blocks.num_queried_tokens, s.blocks.num_hit_tokens) == (16, 8)
+
+
+# --- the token budget and chunked prefill ---------------------------------------------------
+
+def held_blocks(s: Scheduler) -> set[int]:
+    return {b for q in s.seqs.values() for b in q.block_table}
+
+
+def assert_blocks_accounted(s: Scheduler) -> None:
+    """Every block is held by a live sequence, or free (cached blocks nobody holds count as free)."""
+    assert s.blocks.num_blocks - s.blocks.num_free == len(held_blocks(s))
+
+
+def test_a_prefill_takes_what_the_budget_leaves_in_chunks_or_whole_without_chunking():
+    assert prefill_chunk(10, budget=4, chunked=True, step_is_empty=True) == 4
+    assert prefill_chunk(3, budget=4, chunked=True, step_is_empty=False) == 3
+    assert prefill_chunk(10, budget=0, chunked=True, step_is_empty=False) == 0
+    assert prefill_chunk(10, budget=4, chunked=False, step_is_empty=False) == 0  # waits for a step of its own
+    assert prefill_chunk(10, budget=4, chunked=False, step_is_empty=True) == 10  # and there runs whole
+    assert prefill_chunk(4, budget=4, chunked=False, step_is_empty=False) == 4
+
+
+def test_decodes_take_their_share_of_the_micro_batches_within_rows_and_budget():
+    assert num_decodes(6, 0, max_in_flight=3, max_num_seqs=8, budget=64) == 2  # 6 ready over 3 micro-batches
+    assert num_decodes(4, 2, max_in_flight=3, max_num_seqs=8, budget=64) == 2
+    assert num_decodes(1, 8, max_in_flight=3, max_num_seqs=8, budget=64) == 1  # never more than are ready
+    assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=8, budget=64) == 8
+    assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=64, budget=5) == 5
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_only_its_last_chunk_is_sampled():
+    s = scheduler(max_num_batched_tokens=4)
+    s.add(seq("a", prompt_len=10))
+    first = s.schedule()
+    (x,) = first.sequences
+    assert (x.num_computed_tokens, x.input_ids, x.is_partial_prefill, x.sample_index) == (0, [1, 2, 3, 4], True, 0)
+    assert len(x.block_table) == 1  # blocks for the chunk only
+    assert s.unanswered(first.step_id) == [] and s.schedule() is None  # in one step at a time
+    assert s.update(first.step_id, rows(a=99)) == []  # not a sampled row: an answer for it is ignored
+    assert s.computed(first.step_id) == [] and s.seqs["a"].status == Status.PREFILLING
+    assert s.seqs["a"].num_computed_tokens == 4 and s.seqs["a"].output_ids == [] and s.in_flight == {}
+    second = s.schedule()
+    (x,) = second.sequences
+    assert (x.num_computed_tokens, x.input_ids, x.is_partial_prefill, x.block_table) == (4, [5, 6, 7, 8], True, [])
+    assert len(x.new_block_ids) == 1
+    s.computed(second.step_id)
+    last = s.schedule()
+    (x,) = last.sequences
+    assert (x.num_computed_tokens, x.input_ids, x.is_partial_prefill, x.sample_index) == (8, [9, 10], False, 0)
+    assert s.unanswered(last.step_id) == ["a"]
+    assert s.computed(last.step_id) == []  # a sampled row waits for its token
+    (commit,) = s.update(last.step_id, rows(a=42))
+    assert commit[0].output_ids == [42] and s.seqs["a"].num_computed_tokens == 10
+    (decode,) = s.schedule().sequences
+    assert (decode.input_ids, decode.sample_index) == ([42], 1)
+    assert_blocks_accounted(s)
+
+
+def test_decodes_go_first_and_a_prefill_chunk_fills_the_rest_of_the_budget():
+    s = scheduler(max_num_batched_tokens=6, max_in_flight=1, prefix_caching=False)  # the prompts share tokens
+    s.add(seq("a", prompt_len=3))
+    s.add(seq("b", prompt_len=3))
+    first = s.schedule()
+    s.update(first.step_id, rows(a=1, b=2))
+    s.add(seq("c", prompt_len=20))
+    mixed = s.schedule()
+    assert [(x.request_id, len(x.input_ids), x.is_partial_prefill) for x in mixed.sequences] == [
+        ("a", 1, False), ("b", 1, False), ("c", 4, True)]
+    assert s.computed(mixed.step_id) == []  # the decodes' tokens are not in yet
+    assert [q.request_id for q, _ in s.update(mixed.step_id, rows(a=3, b=4))] == ["a", "b"]
+    assert s.seqs["c"].num_computed_tokens == 4
+    s.add(seq("d", prompt_len=5))
+    # the next chunk of c comes before the waiting d, which gets what is left
+    step = s.schedule()
+    assert [(x.request_id, x.num_computed_tokens, len(x.input_ids)) for x in step.sequences] == [
+        ("a", 4, 1), ("b", 4, 1), ("c", 4, 4)]
+    s.computed(step.step_id)
+    s.update(step.step_id, rows(a=5, b=6))
+    s.finish("a")
+    s.finish("b")
+    step = s.schedule()
+    assert [(x.request_id, x.num_computed_tokens, len(x.input_ids), x.is_partial_prefill) for x in step.sequences] == [
+        ("c", 8, 6, True)]
+    s.computed(step.step_id)
+    step = s.schedule()
+    assert [(x.request_id, len(x.input_ids), x.is_partial_prefill) for x in step.sequences] == [
+        ("c", 6, False)]  # c's last chunk; d waits for budget
+    s.update(step.step_id, rows(c=7))
+    step = s.schedule()
+    assert [(x.request_id, len(x.input_ids), x.is_partial_prefill) for x in step.sequences] == [
+        ("c", 1, False), ("d", 5, False)]
+    assert_blocks_accounted(s)
+
+
+def test_without_chunked_prefill_a_long_prompt_runs_whole_and_alone():
+    s = scheduler(max_num_batched_tokens=4, max_in_flight=1, chunked_prefill=False)
+    s.add(seq("a", prompt_len=3))
+    first = s.schedule()
+    s.update(first.step_id, rows(a=1))
+    s.add(seq("b", prompt_len=10))
+    decode = s.schedule()
+    assert [x.request_id for x in decode.sequences] == ["a"]  # b does not fit beside it
+    s.update(decode.step_id, rows(a=2))
+    s.finish("a")
+    (whole,) = s.schedule().sequences
+    assert (whole.request_id, len(whole.input_ids), whole.is_partial_prefill) == ("b", 10, False)
+
+
+def test_a_partly_prefilled_sequence_is_preempted_by_recompute_and_starts_over():
+    s = scheduler(num_blocks=4, num_host_blocks=8, max_num_batched_tokens=4, max_in_flight=1, prefix_caching=False)
+    s.add(seq("a", prompt_len=6))  # 2 blocks
+    s.add(seq("b", prompt_len=12))  # 3 blocks, in chunks of what the budget leaves
+    step = s.schedule()
+    assert [(x.request_id, len(x.input_ids)) for x in step.sequences] == [("a", 4)]
+    s.computed(step.step_id)
+    step = s.schedule()
+    assert [(x.request_id, len(x.input_ids), x.is_partial_prefill) for x in step.sequences] == [
+        ("a", 2, False), ("b", 2, True)]
+    s.computed(step.step_id)
+    s.update(step.step_id, rows(a=1))
+    step = s.schedule()  # a decodes; b's next chunk needs more blocks than are free
+    s.computed(step.step_id)
+    s.update(step.step_id, rows(a=2))
+    while s.seqs["b"].status != Status.WAITING:  # a grows into b's blocks: b is recomputed, never swapped
+        step = s.schedule()
+        assert step.swap_out == []
+        s.computed(step.step_id)
+        s.update(step.step_id, rows(**{x.request_id: 3 for x in step.sequences if not x.is_partial_prefill}))
+        assert_blocks_accounted(s)
+    assert s.num_preemptions >= 1
+    assert (s.seqs["b"].block_table, s.seqs["b"].num_computed_tokens, s.seqs["b"].num_blocks_on_stages) == ([], 0, 0)
+    s.finish("a")
+    step = s.schedule()
+    (x,) = step.sequences
+    assert (x.request_id, x.num_computed_tokens, x.input_ids, x.is_partial_prefill) == ("b", 0, [1, 2, 3, 4], True)
+    assert x.block_table  # the stages get its table whole again
+    assert_blocks_accounted(s)
+
+
+def test_a_chunk_in_flight_that_ends_or_is_lost_leaves_nothing_behind():
+    s = scheduler(max_num_batched_tokens=4)
+    s.add(seq("a", prompt_len=10))
+    step = s.schedule()
+    assert s.finish("a") == [] and s.in_flight == {}  # aborted mid-prefill: its step waits for nothing
+    assert s.blocks.num_free == 64
+    s.add(seq("b", prompt_len=10))
+    step = s.schedule()
+    assert s.fail(step.step_id) == ["b"] and s.seqs["b"].step_id == 0  # the caller ends b
+    s.finish("b")
+    assert s.blocks.num_free == 64 and s.seqs == {}
+
+
+def test_chunks_publish_their_full_blocks_to_the_prefix_cache_as_they_complete():
+    s = scheduler(max_num_batched_tokens=4)
+    s.add(prompt_seq("a", list(range(1, 11))))
+    step = s.schedule()
+    s.computed(step.step_id)  # [1-4] is on every stage now
+    s.add(prompt_seq("b", [1, 2, 3, 4, 30, 31]))
+    step = s.schedule()
+    b = [x for x in step.sequences if x.request_id == "b"]
+    assert b == [] or b[0].num_computed_tokens == 4  # b (if it fits) starts after the cached block
+    s.computed(step.step_id)
+    while "b" not in {x.request_id for x in step.sequences}:
+        step = s.schedule()
+        s.computed(step.step_id)
+        s.update(step.step_id, rows(**{x.request_id: 0 for x in step.sequences if not x.is_partial_prefill}))
+    (b,) = [x for x in step.sequences if x.request_id == "b"]
+    assert b.num_computed_tokens == 4 and b.input_ids == [30, 31]
+    assert_blocks_accounted(s)

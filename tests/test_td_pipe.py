@@ -176,3 +176,18 @@ def test_completed_requests_teach_the_predictor():
         s.seqs[f"r{i}"].output_ids = [1] * 12
         s.finish(f"r{i}")
     assert phases.predict(6, max_tokens=1000) == 12
+
+
+def test_a_prompt_part_way_through_its_chunks_keeps_the_prefill_phase():
+    s, phases = phased(max_num_batched_tokens=4)  # chunked prefill: 4 tokens a step
+    s.add(prompt("long", length=10))
+    first = s.schedule()
+    assert [len(x.input_ids) for x in first.sequences] == [4]
+    s.computed(first.step_id)  # a chunk that samples nothing completes once the last stage ran it
+    second = s.schedule()
+    assert [len(x.input_ids) for x in second.sequences] == [4] and phases.phase is Phase.PREFILL
+    s.computed(second.step_id)
+    third = s.schedule()
+    assert [len(x.input_ids) for x in third.sequences] == [2]  # the last chunk, which samples
+    answer(s, third)
+    assert kinds(s.schedule()) == {"decode"} and phases.phase is Phase.DECODE

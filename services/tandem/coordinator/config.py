@@ -30,7 +30,12 @@ class CoordinatorConfig:
     num_blocks: int = doc("KV blocks per stage (every stage has the same number)", 512)
     block_size: int = doc("tokens per KV block", 16)
     max_num_seqs: int = doc("most sequences in one micro-batch", 64)
-    max_num_batched_tokens: int = doc("most tokens in one micro-batch (a longer prompt runs alone)", 2048)
+    max_num_batched_tokens: int = doc(
+        "most tokens in one micro-batch: decodes first, then prefills with what is left (in chunks with "
+        "enable_chunked_prefill, else whole, and a longer prompt runs alone)", 2048)
+    enable_chunked_prefill: bool = doc(
+        "split a prefill over several micro-batches to fit max_num_batched_tokens, each beside the running "
+        "sequences' decodes, as vLLM does; only a prompt's last chunk is sampled", True)
     max_in_flight: int = doc("micro-batches in flight; 0 means number of stages + 1", 0)
     enable_prefix_caching: bool = doc(
         "reuse the KV blocks of prompt prefixes computed before (whole blocks, found by a hash of every "

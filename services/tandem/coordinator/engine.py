@@ -30,6 +30,7 @@ from tandem.coordinator.events import (
     SequencesAdded,
     StageDown,
     StageUp,
+    StepComputed,
     StepFailed,
     Submitted,
     TokensSampled,
@@ -97,7 +98,8 @@ class Engine:
             Submitted: self._on_submitted, Aborted: self._on_aborted, MembershipChanged: self._on_membership,
             SamplerUp: self._on_sampler_up, SamplerDown: self._on_sampler_down,
             SequencesAdded: self._on_sequences_added, TokensSampled: self._on_tokens_sampled,
-            StepFailed: self._on_step_failed, StageDown: self._on_stage_down, StageUp: self._on_stage_up,
+            StepComputed: self._on_step_computed, StepFailed: self._on_step_failed,
+            StageDown: self._on_stage_down, StageUp: self._on_stage_up,
         }
 
     def start(self, discovery: SamplerDiscovery) -> None:
@@ -282,6 +284,9 @@ class Engine:
                 if self._requests[rid].sampler == event.port.address:
                     commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)
         self._commit(commits)
+
+    def _on_step_computed(self, event: StepComputed) -> None:
+        self._commit(self.scheduler.computed(event.step_id))
 
     def _on_step_failed(self, event: StepFailed) -> None:
         who = f"stage {event.stage}" if event.stage >= 0 else "the pipeline"

@@ -71,6 +71,13 @@ class TokensSampled:
 
 
 @dataclass(frozen=True)
+class StepComputed:
+    """The last stage ran a step: every stage holds the KV it computed (prefill chunks commit)."""
+
+    step_id: int
+
+
+@dataclass(frozen=True)
 class StepFailed:
     """A stage could not run a step (stage -1: the step timed out)."""
 
@@ -95,4 +102,4 @@ class StageUp:
 
 
 Event = (Submitted | Aborted | MembershipChanged | SamplerUp | SamplerDown | SequencesAdded | TokensSampled
-         | StepFailed | StageDown | StageUp)
+         | StepComputed | StepFailed | StageDown | StageUp)

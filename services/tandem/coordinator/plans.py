@@ -46,7 +46,7 @@ def step_plan(step: Step, samplers: SamplerTable, traceparent: str = "") -> stag
     for s in step.sequences:
         add(request_id=s.request_id, num_computed_tokens=s.num_computed_tokens, input_ids=s.input_ids,
             block_table=s.block_table, new_block_ids=s.new_block_ids, sample_index=s.sample_index,
-            sampler_index=samplers.index(s.sampler))
+            sampler_index=samplers.index(s.sampler), is_partial_prefill=s.is_partial_prefill)
     plan.sampler_addresses.extend(samplers.unsent())
     if traceparent:
         plan.traceparent = traceparent
@@ -55,9 +55,12 @@ def step_plan(step: Step, samplers: SamplerTable, traceparent: str = "") -> stag
 
 def sample_plans(step: Step, traceparent: str = "") -> dict[str, cpu_sampler_pb2.SamplePlan]:
     """Each replica's rows of a step, by address, in plan order: the order of its logits rows;
-    each carries the step span's `traceparent` when the step is traced."""
+    each carries the step span's `traceparent` when the step is traced. Partial prefill chunks
+    are not sampled: they are in no replica's plan."""
     plans: dict[str, cpu_sampler_pb2.SamplePlan] = {}
     for s in step.sequences:
+        if s.is_partial_prefill:
+            continue
         plan = plans.get(s.sampler)
         if plan is None:
             plan = plans[s.sampler] = cpu_sampler_pb2.SamplePlan(step_id=step.step_id, traceparent=traceparent)

@@ -22,6 +22,7 @@ from tandem.coordinator.events import (
     SequencesAdded,
     StageDown,
     StageUp,
+    StepComputed,
     StepFailed,
     TokensSampled,
 )
@@ -45,8 +46,8 @@ RPC_TIMEOUT_S = 10.0
 
 class StagePort(Protocol):
     def send(self, plan: stage_pb.StepPlan) -> None:
-        """Queue a step plan; a stage that fails the step answers with `StepFailed`, and a plan
-        stream that breaks posts `StageDown`."""
+        """Queue a step plan; a stage that fails the step answers with `StepFailed`, the last
+        stage that runs it with `StepComputed`, and a plan stream that breaks posts `StageDown`."""
 
     def reset(self) -> None:
         """Start a new plan stream: the stage drops the plans of the old one it has not run."""
@@ -120,8 +121,8 @@ class _Worker:
 
 class GrpcStage:
     def __init__(self, index: int, address: str, post: Post, probe_interval_s: float = 0.5,
-                 credentials: Credentials | None = None):
-        self.index, self._post, self._probe_interval_s = index, post, probe_interval_s
+                 credentials: Credentials | None = None, *, is_last: bool):
+        self.index, self._post, self._probe_interval_s, self.is_last = index, post, probe_interval_s, is_last
         self.channel = open_channel(address, credentials, CHANNEL_OPTIONS)
         self._stub = stage_grpc.StageWorkerStub(self.channel)
         self._closed = threading.Event()
@@ -129,12 +130,14 @@ class GrpcStage:
         self._plans = self._open()
 
     def _open(self) -> StreamSender:
-        stub, index, post = self._stub, self.index, self._post
+        stub, index, post, is_last = self._stub, self.index, self._post, self.is_last
 
         def call(plans):
             for done in stub.Steps(self._with_sampler_table(plans)):
                 if done.error:
                     post(StepFailed(done.step_id, index, done.error))
+                elif is_last and done.step_id:
+                    post(StepComputed(done.step_id))
 
         return StreamSender(call, f"plans->stage{index}", on_break=lambda why: post(StageDown(index, why)))
 

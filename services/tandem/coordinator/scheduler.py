@@ -7,11 +7,18 @@ lost rows, ended sequences and lost steps. The scheduler holds the one record of
 flight, so what it returns is all the loop needs to act on.
 
 Continuous batching over micro-batches: a sequence is in at most one in-flight step, and it
-joins a later step only after its token is committed (token safety). Each step takes its
-share of the ready decodes (all ready sequences spread over the micro-batches in flight),
-resumes swapped sequences, then admits waiting prompts while blocks and the token budget
-allow. When blocks run out, the most recently arrived idle sequence is preempted: swapped
-to the KV store when it has room, else its blocks are freed and it is recomputed later.
+joins a later step only after its token is committed (token safety). Each step spends a budget
+of `max_num_batched_tokens` tokens: first its share of the ready decodes (all ready sequences
+spread over the micro-batches in flight), then the next chunks of partly prefilled prompts,
+swapped sequences coming back, and waiting prompts, while blocks and the budget allow. When
+blocks run out, the most recently arrived idle sequence is preempted: swapped to the KV store
+when it has room, else its blocks are freed and it is recomputed later.
+
+Chunked prefill (on by default, as in vLLM): a prefill takes what the budget leaves, so a
+long prompt runs over several steps, each beside other sequences' decodes. A chunk that stops
+short of the sequence's last token samples nothing: its step's record waits only for the last
+stage to have computed it (`computed`), and the sequence then waits (PREFILLING) for its next
+chunk. Without chunking a prefill runs whole, and one longer than the budget runs alone.
 
 With temporal phases (TD-Pipe; coordinator/td_pipe.py) the whole pipeline runs either
 prefill micro-batches or decode micro-batches, never both: the phase is decided at each
@@ -25,10 +32,11 @@ it samples from); blocks are published once the step that computed them commits.
 
 from __future__ import annotations
 
-import time
 from collections import deque
 from collections.abc import Mapping
 
+from tandem.coordinator.budget import num_decodes, prefill_chunk
+from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
 from tandem.coordinator.steps import (
     Commit,
     InFlight,
@@ -38,7 +46,8 @@ from tandem.coordinator.steps import (
     Status,
     Step,
 )
-from tandem.coordinator.td_pipe import Phase, Projection, Running, TemporalPhases
+from tandem.coordinator.swap_space import SwapSpace
+from tandem.coordinator.td_pipe import Phase, Projection, Running, TemporalPhases, as_running, waiting_prompt_lens
 from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
@@ -54,21 +63,20 @@ class Scheduler:
         max_in_flight: int,
         num_host_blocks: int = 0,
         prefix_caching: bool = True,
+        chunked_prefill: bool = True,
         phases: TemporalPhases | None = None,
     ):
         self.blocks = BlockPool(num_blocks, block_size, prefix_caching)
-        self.host_blocks_free = num_host_blocks
+        self.swapped = SwapSpace(num_host_blocks)
         self.block_size = block_size
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.max_in_flight = max_in_flight
+        self.max_in_flight, self.chunked_prefill = max_in_flight, chunked_prefill
         self.phases = phases
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
-        self.swapped: deque[str] = deque()
         self.in_flight: dict[int, InFlight] = {}
         self.num_preemptions = 0
         self._finished_ids: list[str] = []
-        self._swapped_blocks: dict[str, int] = {}
         self._next_step = 1
 
     # --- queries ------------------------------------------------------------------------
@@ -115,58 +123,59 @@ class Scheduler:
             return None
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
-        decode = admit = True
-        projection: Projection | None = None
-        if self.phases is not None:
-            projection = self.phases.projection(self._running())
-            phase = self.phases.begin_step(projection, self._head(), len(self.waiting))
-            decode, admit = phase is Phase.DECODE, phase is Phase.PREFILL
+        decode, admit, projection = self._phase()
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
-        share = -(-(len(ready) + sum(len(r.rows) for r in self.in_flight.values())) // self.max_in_flight)
-        for seq in ready[: min(share, self.max_num_seqs)]:
+        num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values())
+        for seq in ready[: num_decodes(len(ready), num_rows_in_flight, self.max_in_flight, self.max_num_seqs, budget)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
-                self._take(seq, step)
-        while decode and self.swapped and len(step.sequences) < self.max_num_seqs:
-            seq = self.seqs[self.swapped[0]]
-            if not seq.sampler or not self.blocks.can_allocate(self._swapped_blocks[seq.request_id] + 1):
+                self._take(seq, step, 1)
+        for seq in [s for s in self.seqs.values() if s.status == Status.PREFILLING and s.sampler and admit]:
+            num_new = prefill_chunk(seq.num_tokens - seq.num_computed_tokens, budget, self.chunked_prefill,
+                                    not step.sequences)
+            if not num_new or len(step.sequences) == self.max_num_seqs:
                 break
-            self.swapped.popleft()
-            seq.block_table = self.blocks.allocate(self._swapped_blocks[seq.request_id])
-            self.host_blocks_free += self._swapped_blocks.pop(seq.request_id)
+            if seq.status != Status.PREFILLING:  # preempted for a sequence before it in this loop
+                continue
+            if not self._grow(seq, num_new, step):
+                break
+            budget -= num_new
+            self._take(seq, step, num_new)
+        while decode and self.swapped and len(step.sequences) < self.max_num_seqs and budget > 0:
+            seq = self.seqs[self.swapped.first]
+            if not seq.sampler or not self.blocks.can_allocate(self.swapped.num_blocks_of(seq.request_id) + 1):
+                break
+            seq.block_table = self.blocks.allocate(self.swapped.take(seq.request_id))
             step.swap_in.append((seq.request_id, list(seq.block_table)))
             self._grow(seq, 1, step)
             budget -= 1
-            self._take(seq, step)
+            self._take(seq, step, 1)
         while admit and self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
-            if not seq.sampler:
+            if not seq.sampler or (projection is not None and not projection.fits_or_alone(as_running(seq))):
                 break
-            candidate = self._as_running(seq)
-            if projection is not None and self.phases is not None and not self.phases.fits(projection, candidate):
-                break
-            queried = self._match_prefix(seq)
-            num_new = len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens
-            if (num_new > budget and step.sequences) or not self.blocks.can_allocate(self._blocks_needed(seq, num_new)):
+            queried = match_prefix(self.blocks, seq)
+            num_new = prefill_chunk(seq.num_tokens - seq.num_computed_tokens, budget, self.chunked_prefill,
+                                    not step.sequences)
+            if not num_new or not self.blocks.can_allocate(blocks_needed(self.blocks, seq, num_new)):
                 if queried:  # not admitted: the lookup is undone, to be made again next time
-                    self.blocks.unmatch(seq.block_table, queried)
-                    seq.block_table, seq.num_computed_tokens = [], 0
+                    unmatch_prefix(self.blocks, seq, queried)
                 break
             self.waiting.popleft()
             self._grow(seq, num_new, step)
             budget -= num_new
-            self._take(seq, step)
+            self._take(seq, step, num_new)
             if projection is not None:
-                projection.add(candidate)
+                projection.add(as_running(seq))
         if self.phases is not None and projection is not None and decode and step.sequences:
-            self.phases.after_decode(len(step.sequences), self._waiting_prompt_lens(), projection, self._head())
+            self.phases.after_decode(len(step.sequences), waiting_prompt_lens(self.seqs, self.waiting), projection,
+                                     self._head())
         if not step.sequences and not step.swap_out and not self._finished_ids:
             return None
         step.finished_request_ids, self._finished_ids = self._finished_ids, []
         self._next_step += 1
         if step.sequences:
-            rows: dict[str, Sampled | None] = {s.request_id: None for s in step.sequences}
-            self.in_flight[step.step_id] = InFlight(step.step_id, time.monotonic(), rows)
+            self.in_flight[step.step_id] = InFlight.of(step)
         return step
 
     def update(self, step_id: int, sampled: Mapping[str, Sampled]) -> list[Commit]:
@@ -175,10 +184,16 @@ class Scheduler:
         record = self.in_flight.get(step_id)
         if record is None:
             return []
-        for rid, row in sampled.items():
-            if rid in record.rows and record.rows[rid] is None:
-                record.rows[rid] = row
-                record.num_answered += 1
+        record.answer(sampled)
+        return self._commit_if_complete(record)
+
+    def computed(self, step_id: int) -> list[Commit]:
+        """The last stage ran step `step_id`, so every stage holds the KV of its prefill chunks;
+        returns what that completes."""
+        record = self.in_flight.get(step_id)
+        if record is None:
+            return []
+        record.is_computed = True
         return self._commit_if_complete(record)
 
     def retry(self, request_ids: list[str]) -> list[Commit]:
@@ -193,7 +208,7 @@ class Scheduler:
                 continue  # not in flight, or answered already: it commits with its step
             del record.rows[rid]
             seq.step_id = 0
-            if len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens > 1:  # a prefill: it queues again, first
+            if seq.num_tokens - seq.num_computed_tokens > 1:  # a prefill: it queues again, first
                 seq.status = Status.WAITING
                 self.waiting.appendleft(rid)
             else:
@@ -213,16 +228,14 @@ class Scheduler:
         if request_id in self.waiting:
             self.waiting.remove(request_id)
         if request_id in self.swapped:  # the caller frees its blocks in the KV store
-            self.swapped.remove(request_id)
-            self.host_blocks_free += self._swapped_blocks.pop(request_id)
+            self.swapped.take(request_id)
         self.blocks.free(seq.block_table)
         seq.block_table = []
         self._finished_ids.append(request_id)
         record = self.in_flight.get(seq.step_id)
         if record is None:
             return []
-        if record.rows.pop(request_id) is not None:
-            record.num_answered -= 1
+        record.drop(request_id)
         return self._commit_if_complete(record)
 
     def fail(self, step_id: int) -> list[str]:
@@ -230,9 +243,9 @@ class Scheduler:
         record = self.in_flight.pop(step_id, None)
         if record is None:
             return []
-        for rid in record.rows:
+        for rid in record.request_ids:
             self.seqs[rid].step_id = 0
-        return list(record.rows)
+        return record.request_ids
 
     def recompute_all(self) -> list[str]:
         """A stage lost its KV cache: every step in flight is dropped and every sequence computes
@@ -240,10 +253,7 @@ class Scheduler:
         sampling the same rows again gives the same tokens). Returns the sequences that were
         swapped out, whose blocks the caller frees in the KV store."""
         self.in_flight.clear()
-        swapped = list(self.swapped)
-        self.swapped.clear()
-        self.host_blocks_free += sum(self._swapped_blocks.values())
-        self._swapped_blocks.clear()
+        swapped = self.swapped.clear()
         for seq in self.seqs.values():
             self.blocks.free(seq.block_table)
             seq.block_table, seq.num_blocks_on_stages, seq.num_computed_tokens, seq.step_id = [], 0, 0, 0
@@ -254,58 +264,41 @@ class Scheduler:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _as_running(self, seq: Sequence) -> Running:
-        return Running(len(seq.prompt_ids) + len(seq.output_ids), max(0, seq.predicted_output_len - len(seq.output_ids)))
-
-    def _running(self) -> list[Running]:
-        """What temporal phases project: every sequence holding (or owed) KV blocks."""
-        return [self._as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING]
+    def _phase(self) -> tuple[bool, bool, Projection | None]:
+        """Whether this micro-batch may take decodes, and prompts; with temporal phases, the
+        projection its admissions are checked against."""
+        if self.phases is None:
+            return True, True, None
+        projection = self.phases.projection(as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING)
+        statuses = {s.status for s in self.seqs.values()}
+        phase = self.phases.begin_step(projection, self._head(), len(self.waiting),
+                                       prefilling=Status.PREFILLING in statuses,
+                                       can_decode=bool(statuses & {Status.READY, Status.SWAPPED}) or bool(self.in_flight))
+        return phase is Phase.DECODE, phase is Phase.PREFILL, projection
 
     def _head(self) -> Running | None:
-        return self._as_running(self.seqs[self.waiting[0]]) if self.waiting else None
-
-    def _waiting_prompt_lens(self, most: int = 256) -> list[int]:
-        """Tokens to prefill of the prompts a prefill round would take first (at most `most`)."""
-        lens = []
-        for rid in self.waiting:
-            seq = self.seqs[rid]
-            lens.append(len(seq.prompt_ids) + len(seq.output_ids) - seq.num_computed_tokens)
-            if len(lens) >= most:
-                break
-        return lens
+        return as_running(self.seqs[self.waiting[0]]) if self.waiting else None
 
     def _commit_if_complete(self, record: InFlight) -> list[Commit]:
         if not record.is_complete:
             return []
         del self.in_flight[record.step_id]
+        for rid, num_computed in record.chunks.items():
+            seq = self.seqs[rid]
+            seq.status, seq.step_id = Status.PREFILLING, 0
+            set_computed(self.blocks, seq, num_computed)
         commits = []
         for rid, row in record.rows.items():
             seq = self.seqs[rid]
             seq.status, seq.step_id = Status.READY, 0
-            computed, seq.num_computed_tokens = seq.num_computed_tokens, len(seq.prompt_ids) + len(seq.output_ids)
-            if seq.num_computed_tokens // self.block_size > computed // self.block_size:  # a block filled up
-                self.blocks.publish(seq.block_table, seq.tokens_from(0), seq.num_computed_tokens)
+            set_computed(self.blocks, seq, seq.num_tokens)
             seq.output_ids.append(row.token_id)
             commits.append((seq, row))
         return commits
 
-    def _match_prefix(self, seq: Sequence) -> int:
-        """For a sequence with nothing computed and no blocks: take the cached blocks its tokens
-        begin with (all but its last token, which must be computed for its logits). Returns the
-        tokens looked up, 0 when there was no lookup."""
-        if seq.num_computed_tokens or seq.block_table:
-            return 0
-        lookup = seq.tokens_from(0)[:-1]
-        seq.block_table = self.blocks.match(lookup)
-        seq.num_computed_tokens = len(seq.block_table) * self.block_size
-        return len(lookup)
-
-    def _blocks_needed(self, seq: Sequence, num_new: int) -> int:
-        return max(0, -(-(seq.num_computed_tokens + num_new) // self.block_size) - len(seq.block_table))
-
     def _grow(self, seq: Sequence, num_new: int, step: Step) -> bool:
         """Give `seq` blocks for `num_new` more tokens, preempting idle sequences if needed."""
-        needed = self._blocks_needed(seq, num_new)
+        needed = blocks_needed(self.blocks, seq, num_new)
         if needed == 0:  # most decode steps
             return True
         while not self.blocks.can_allocate(needed):
@@ -316,18 +309,17 @@ class Scheduler:
 
     def _preempt_one(self, step: Step, exclude: Sequence) -> bool:
         in_step = {s.request_id for s in step.sequences}
-        victims = [s for s in self.seqs.values() if s.status == Status.READY and s is not exclude and s.request_id not in in_step]
+        victims = [s for s in self.seqs.values() if s.status in (Status.READY, Status.PREFILLING)
+                   and s is not exclude and s.request_id not in in_step]
         if not victims:
             return False
         victim = victims[-1]  # the most recently arrived
         self.num_preemptions += 1
         n = len(victim.block_table)
-        if n <= self.host_blocks_free:
+        if self.swapped.can_hold(n) and victim.status == Status.READY:  # a partial prefill recomputes
             step.swap_out.append((victim.request_id, list(victim.block_table)))
-            self.host_blocks_free -= n
-            self._swapped_blocks[victim.request_id] = n
+            self.swapped.put(victim.request_id, n)
             victim.status = Status.SWAPPED
-            self.swapped.append(victim.request_id)
         else:  # recompute: prompt and output so far are prefilled again
             victim.num_computed_tokens = 0
             victim.status = Status.WAITING
@@ -336,17 +328,20 @@ class Scheduler:
         victim.block_table, victim.num_blocks_on_stages = [], 0  # the stages get its next table whole
         return True
 
-    def _take(self, seq: Sequence, step: Step) -> None:
+    def _take(self, seq: Sequence, step: Step, num_new: int) -> None:
         seq.status, seq.step_id = Status.IN_FLIGHT, step.step_id
         held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
+        end = seq.num_computed_tokens + num_new
         step.sequences.append(
             ScheduledSequence(
                 request_id=seq.request_id,
                 num_computed_tokens=seq.num_computed_tokens,
-                input_ids=seq.tokens_from(seq.num_computed_tokens),
+                input_ids=seq.tokens_from(seq.num_computed_tokens, end),
                 block_table=[] if held else list(seq.block_table),
                 new_block_ids=seq.block_table[held:] if held else [],
                 sample_index=len(seq.output_ids),
                 sampler=seq.sampler,
+                is_partial_prefill=end < seq.num_tokens,
             )
         )
+

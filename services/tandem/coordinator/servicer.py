@@ -197,10 +197,11 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
                           config.max_in_flight or len(config.stages) + 1, num_host_blocks,
-                          prefix_caching=config.enable_prefix_caching,
+                          prefix_caching=config.enable_prefix_caching, chunked_prefill=config.enable_chunked_prefill,
                           phases=td_pipe.for_stages(config.num_blocks, config.block_size, config.max_num_batched_tokens,
                                                     stage_infos) if config.temporal_phases else None)
-    engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put, credentials=credentials)
+    last = len(config.stages) - 1
+    engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put, credentials=credentials, is_last=i == last)
                                 for i, a in enumerate(config.stages)],
                     lambda address: ports.GrpcSampler(address, inbox.put, credentials),
                     ports.GrpcKvStore(config.kv_store, credentials) if config.kv_store else None, inbox,

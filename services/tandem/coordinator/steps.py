@@ -4,6 +4,8 @@ and the record of a step in flight."""
 from __future__ import annotations
 
 import enum
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -11,6 +13,7 @@ from typing import Any, NamedTuple
 class Status(enum.Enum):
     WAITING = "waiting"  # needs prefill (new, or preempted for recompute)
     READY = "ready"  # has its last token committed, waits for a step
+    PREFILLING = "prefilling"  # part of its prefill computed (chunked prefill), waits for its next chunk
     IN_FLIGHT = "in_flight"
     SWAPPED = "swapped"  # its KV is in the KV store
     FINISHED = "finished"
@@ -35,12 +38,18 @@ class Sequence:
     def token_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    def tokens_from(self, start: int) -> list[int]:
-        """token_ids[start:], without copying the whole history (a decode needs one token)."""
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens_from(self, start: int, end: int | None = None) -> list[int]:
+        """token_ids[start:end], without copying the whole history (a decode needs one token)."""
         num_prompt = len(self.prompt_ids)
         if start >= num_prompt:
-            return self.output_ids[start - num_prompt :]
-        return self.prompt_ids[start:] + self.output_ids
+            return self.output_ids[start - num_prompt : None if end is None else end - num_prompt]
+        if end is not None and end <= num_prompt:
+            return self.prompt_ids[start:end]
+        return self.prompt_ids[start:] + self.output_ids[: None if end is None else end - num_prompt]
 
 
 class ScheduledSequence(NamedTuple):  # a tuple: one is made per sequence per step, and cheaply
@@ -51,6 +60,7 @@ class ScheduledSequence(NamedTuple):  # a tuple: one is made per sequence per st
     new_block_ids: list[int]  # with an empty block_table: the ids appended since the stages' copy
     sample_index: int
     sampler: str
+    is_partial_prefill: bool = False  # a prefill chunk short of the end of the tokens: computed, not sampled
 
 
 @dataclass
@@ -74,13 +84,41 @@ Commit = tuple[Sequence, Sampled]
 
 @dataclass
 class InFlight:
-    """A step sent and not yet committed: its rows in plan order, each None until answered."""
+    """A step sent and not yet committed: its sampled rows in plan order, each None until
+    answered, and its partial prefill chunks, which wait only for the step to be computed."""
 
     step_id: int
     sent_time: float
     rows: dict[str, Sampled | None]
     num_answered: int = 0
+    chunks: dict[str, int] = field(default_factory=dict)  # request id -> its computed tokens once the step is
+    is_computed: bool = False  # the last stage ran the step: every stage holds its chunks' KV
+
+    @classmethod
+    def of(cls, step: Step) -> InFlight:
+        """The record of a step about to be sent: a row for each sequence it samples, a chunk for
+        each partial prefill."""
+        rows: dict[str, Sampled | None] = {s.request_id: None for s in step.sequences if not s.is_partial_prefill}
+        chunks = {s.request_id: s.num_computed_tokens + len(s.input_ids) for s in step.sequences if s.is_partial_prefill}
+        return cls(step.step_id, time.monotonic(), rows, chunks=chunks)
 
     @property
     def is_complete(self) -> bool:
-        return self.num_answered == len(self.rows)
+        return self.num_answered == len(self.rows) and (self.is_computed or not self.chunks)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return [*self.rows, *self.chunks]
+
+    def answer(self, sampled: Mapping[str, Sampled]) -> None:
+        """Take a sampler's answers. Rows not in the step (moved elsewhere) and rows answered
+        already are ignored."""
+        for rid, row in sampled.items():
+            if rid in self.rows and self.rows[rid] is None:
+                self.rows[rid] = row
+                self.num_answered += 1
+
+    def drop(self, request_id: str) -> None:
+        """A sequence of the step ended: the step no longer waits for it."""
+        if self.chunks.pop(request_id, None) is None and self.rows.pop(request_id) is not None:
+            self.num_answered -= 1

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import enum
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from tandem.coordinator.output_lengths import BucketMeans, OutputLengthPredictor
+from tandem.coordinator.steps import Sequence as Seq
 from tandem.core.profile import BALANCE_CONTEXT, StageProfile, parse_profile
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,30 @@ class Projection:
         """Whether the peak with `candidate` admitted stays under the limit."""
         return max(b + c for b, c in zip(self.blocks, self._blocks(candidate))) < self.limit
 
+    def fits_or_alone(self, candidate: Running) -> bool:
+        """`fits`, or nothing runs: then any prompt may (the block pool alone decides), or one
+        longer than the projection allows would never run."""
+        return self.num_running == 0 or self.fits(candidate)
+
     def add(self, r: Running) -> None:
         self.blocks = [b + c for b, c in zip(self.blocks, self._blocks(r))]
         self.num_running += 1
+
+
+def as_running(seq: Seq) -> Running:
+    """A sequence as the projection sees it: its tokens now, and the output still predicted."""
+    return Running(seq.num_tokens, max(0, seq.predicted_output_len - len(seq.output_ids)))
+
+
+def waiting_prompt_lens(seqs: Mapping[str, Seq], waiting: Iterable[str], most: int = 256) -> list[int]:
+    """Tokens to prefill of the prompts a prefill round would take first (at most `most`)."""
+    lens = []
+    for rid in waiting:
+        seq = seqs[rid]
+        lens.append(seq.num_tokens - seq.num_computed_tokens)
+        if len(lens) >= most:
+            break
+    return lens
 
 
 def micro_batch_sizes(num_ready: int, num_in_flight: int) -> list[int]:
@@ -198,20 +220,17 @@ class TemporalPhases:
     def projection(self, running: Iterable[Running]) -> Projection:
         return Projection(running, self.block_size, self.share * self.num_blocks)
 
-    def fits(self, projection: Projection, candidate: Running) -> bool:
-        """Whether one more prompt keeps the projected peak under the share of the blocks; with
-        nothing running, any prompt does (the block pool alone decides, or none would ever run)."""
-        return projection.num_running == 0 or projection.fits(candidate)
-
-    def begin_step(self, projection: Projection, head: Running | None, num_waiting: int) -> Phase:
-        """The phase for the next micro-batch: PREFILL turns to DECODE once the head of the queue
-        no longer fits, or none waits, while something runs; DECODE turns to PREFILL when nothing
-        runs and a prompt waits."""
+    def begin_step(self, projection: Projection, head: Running | None, num_waiting: int, *,
+                   prefilling: bool = False, can_decode: bool = True) -> Phase:
+        """The phase for the next micro-batch. PREFILL turns to DECODE once no prompt is part-way
+        through its chunks and the head of the queue no longer fits, or none waits, while
+        something runs; DECODE turns to PREFILL when nothing is left to decode (none ready,
+        swapped out or in flight) and a prompt waits or is part-way through."""
         running = projection.num_running
-        if self.phase is Phase.PREFILL and running and (head is None or not self.fits(projection, head)):
+        if self.phase is Phase.PREFILL and running and not prefilling and (head is None or not projection.fits(head)):
             self._switch(Phase.DECODE, "the next prompt does not fit the projected memory" if head else "no prompt waits",
                          running, num_waiting)
-        elif self.phase is Phase.DECODE and not running and head is not None:
+        elif self.phase is Phase.DECODE and not can_decode and (head is not None or prefilling):
             self._switch(Phase.PREFILL, "nothing left to decode", running, num_waiting)
         return self.phase
 
@@ -219,7 +238,7 @@ class TemporalPhases:
                      head: Running | None) -> SwitchDecision | None:
         """After a decode micro-batch of `decode_tokens` rows: switch to PREFILL when the waiting
         prompts would use the stages better than this decode batch does, and the head one fits."""
-        if self.phase is not Phase.DECODE or head is None or not self.fits(projection, head):
+        if self.phase is not Phase.DECODE or head is None or not projection.fits_or_alone(head):
             return None
         decision = switch_to_prefill(decode_tokens, waiting_prompt_lens, self.num_stages, self.forward_s,
                                      self.saturating_tokens)

@@ -118,8 +118,11 @@ class StageModel(nn.Module):
         return x
 
     @torch.inference_mode()
-    def compute_logits(self, hidden: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        """Final norm and LM head on each sequence's last token -> float32 logits [B, vocab]."""
+    def compute_logits(self, hidden: torch.Tensor, meta: AttentionMetadata,
+                       rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Final norm and LM head on each sequence's last token -> float32 logits [B, vocab]; with
+        `rows` ([R] int64 sequence indices), only on those sequences' -> [R, vocab]."""
         if self.lm_head is None:
             raise RuntimeError("compute_logits runs only on the last stage")
-        return self.lm_head(self.norm(hidden[meta.last_token_indices])).float()
+        last = meta.last_token_indices if rows is None else meta.last_token_indices[rows]
+        return self.lm_head(self.norm(hidden[last])).float()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +35,9 @@ class StepInputs:
     samplers: list[str]  # host:port of each row's sampler, from the stream's sampler table
     hidden: torch.Tensor | None = None  # [T, hidden] device buffer the activations are copied into (GPU stages)
     ready: torch.cuda.Event | None = None  # GPU stages: recorded after the input copies, on the preparing stream
+    # The last stage, when some rows are partial prefill chunks: [R] int64 on the device, the rows
+    # that get logits (the others are not sampled); None: every row.
+    logit_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -43,7 +47,7 @@ class StepInputs:
 @dataclass(frozen=True)
 class StepOutput:
     hidden: torch.Tensor | None  # [T, hidden] for the next stage, or None on the last stage
-    logits: torch.Tensor | None  # [B, vocab] float32 on the last stage
+    logits: torch.Tensor | None  # [R, vocab] float32 on the last stage: the rows that are not partial prefills
 
 
 class StageExecutor:
@@ -124,7 +128,7 @@ class StageExecutor:
             inputs = self._prepare(plan, slices, resolved.samplers, buffers)
             ready = torch.cuda.Event()
             ready.record()
-        return StepInputs(inputs.slices, inputs.meta, inputs.input_ids, inputs.samplers, inputs.hidden, ready)
+        return dataclasses.replace(inputs, ready=ready)
 
     def _prepare(self, plan: pb.StepPlan, slices: list[SequenceSlice], samplers: list[str],
                  buffers: dict[str, torch.Tensor]) -> StepInputs:
@@ -137,7 +141,11 @@ class StageExecutor:
         elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
             shape = (sum(s.num_new_tokens for s in slices), self.model_config.hidden_size)
             hidden = _slot_buffer(buffers, "hidden", shape, self.dtype, self.device)
-        return StepInputs(slices, meta, input_ids, samplers, hidden)
+        logit_rows = None
+        if self.layers.is_last and any(s.is_partial_prefill for s in plan.sequences):
+            rows = [i for i, s in enumerate(plan.sequences) if not s.is_partial_prefill]
+            logit_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        return StepInputs(slices, meta, input_ids, samplers, hidden, logit_rows=logit_rows)
 
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
         """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""
@@ -158,7 +166,8 @@ class StageExecutor:
             out = self.model(x, meta, self.cache)
         self.num_steps += 1
         if self.layers.is_last:
-            return StepOutput(hidden=None, logits=self._to_host(self.model.compute_logits(out, meta)))
+            logits = self.model.compute_logits(out, meta, inputs.logit_rows)
+            return StepOutput(hidden=None, logits=self._to_host(logits))
         return StepOutput(hidden=self._to_host(out), logits=None)
 
     def _to_host(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -237,16 +237,20 @@ class StageRunner:
         return hidden
 
     def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
-        """Each sampler its rows; `samplers` is the address of each row's, from the sampler table."""
-        if self.sample is not None:  # sample here, in series (baseline)
-            self.sample(plan.step_id, [s.request_id for s in plan.sequences],
-                        [s.sample_index for s in plan.sequences], logits)
+        """Each sampler its rows; `samplers` is the address of each row's, from the sampler table.
+        `logits` has a row for each sequence but partial prefill chunks, which are not sampled."""
+        sampled = [i for i, s in enumerate(plan.sequences) if not s.is_partial_prefill]
+        if not sampled:
             return
-        rows: dict[str, list[int]] = defaultdict(list)
-        for i, address in enumerate(samplers):
-            rows[address].append(i)
+        if self.sample is not None:  # sample here, in series (baseline)
+            self.sample(plan.step_id, [plan.sequences[i].request_id for i in sampled],
+                        [plan.sequences[i].sample_index for i in sampled], logits)
+            return
+        rows: dict[str, list[int]] = defaultdict(list)  # address -> its rows of `logits`
+        for row, i in enumerate(sampled):
+            rows[samplers[i]].append(row)
         for address, idx in rows.items():
-            seqs = [plan.sequences[i] for i in idx]
-            rows_logits = logits if len(idx) == len(plan.sequences) else logits[idx]
+            seqs = [plan.sequences[sampled[row]] for row in idx]
+            rows_logits = logits if len(idx) == len(sampled) else logits[idx]
             self.peers.send_logits(address, plan.step_id, [s.request_id for s in seqs],
                                    [s.sample_index for s in seqs], rows_logits)

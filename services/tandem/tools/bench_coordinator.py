@@ -32,6 +32,7 @@ from tandem.coordinator.events import (
     MembershipChanged,
     SamplerUp,
     SequencesAdded,
+    StepComputed,
     TokensSampled,
 )
 from tandem.coordinator.front import TextStream
@@ -152,9 +153,13 @@ def run(num_seqs: int, num_steps: int, prompt_len: int, num_stages: int, num_sam
         plans = [p for stage in stages[:1] for p in stage.plans]
         for stage in stages:
             stage.plans.clear()
-        for plan in plans:  # off the clock: every replica answers its rows at once
+        for plan in plans:  # off the clock: the last stage has run the step, every replica answers its rows at once
+            if plan.sequences:
+                inbox.put(StepComputed(plan.step_id))
             by_sampler: dict[str, list[tuple[str, int]]] = {}
             for s in plan.sequences:
+                if s.is_partial_prefill:  # a prefill chunk: no sampler row
+                    continue
                 by_sampler.setdefault(stages[0].samplers[s.sampler_index], []).append((s.request_id, s.sample_index))
             answers += [(samplers[a], samplers[a].answer(plan.step_id, rows)) for a, rows in by_sampler.items()]
         decode_plans = [p for p in plans if p.sequences]
