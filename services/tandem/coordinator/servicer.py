@@ -56,11 +56,10 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         req, text = await asyncio.to_thread(self._new_request, request)
         req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
                                         self.config.trace_every_n_steps)
-        ready = self.wakeups.watch(req)
-        stats, error = None, None
+        ready, stats, error = self.wakeups.watch(req), None, None
         try:
             self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
-            stats = self.metrics.start(req)
+            stats = self.metrics.start(req)  # from here on the request is the engine's
             while not text.is_finished:
                 chunk = text.take()  # what has accumulated goes out as one chunk
                 if chunk is None:
@@ -79,9 +78,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         except Exception as e:
             error = e
             raise
-        finally:  # an error, or the client left (the call is cancelled, or the stream closed)
+        finally:  # the end, an error, or the client left (the call was cancelled or its stream dropped)
             self.wakeups.forget(req)
-            if stats is not None:
+            if stats is not None:  # submitted
                 if not text.is_finished:
                     self.engine.abort(req.request_id)
                 stats.end(text)
