@@ -68,12 +68,18 @@ def services_of(pid: int) -> dict[str, int]:
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            argv = (stat.parent / "cmdline").read_bytes().decode().split("\0")
+            config = config_of(int(stat.parent.name))
         except (OSError, ValueError, IndexError):
             continue
-        if parent == pid and "--config" in argv:
-            found[Path(argv[argv.index("--config") + 1]).stem] = int(stat.parent.name)
+        if parent == pid and config:
+            found[Path(config).stem] = int(stat.parent.name)
     return found
+
+
+def config_of(pid: int) -> str:
+    """The --config of a `tandem serve` process; "" for any other process."""
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    return argv[argv.index("--config") + 1] if "--config" in argv[:-1] else ""
 
 
 def memory_mb(pid: int) -> dict[str, float]:
@@ -213,6 +219,12 @@ async def load(endpoint: str, args: argparse.Namespace, services: dict[str, int]
 
 
 def stop(proc: subprocess.Popen, services: dict[str, int]) -> None:
+    configs = {}
+    for pid in services.values():
+        try:
+            configs[pid] = config_of(pid)
+        except OSError:  # it has exited already
+            pass
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -220,10 +232,11 @@ def stop(proc: subprocess.Popen, services: dict[str, int]) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    for pid in services.values():  # what tandem up did not stop
+    for pid, config in configs.items():  # a service tandem up did not stop (the same process: same config)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            if config_of(pid) == config:
+                os.kill(pid, signal.SIGKILL)
+        except (OSError, ValueError):
             pass
 
 
