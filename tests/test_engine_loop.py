@@ -427,8 +427,11 @@ def test_a_full_queue_refuses_with_resource_exhausted():
     rig.request("a")
     rig.request("b")
     with pytest.raises(ResourceExhaustedError, match="queue is full"):
+        rig.engine.check_admission()  # what the front asks before it tokenizes a prompt
+    with pytest.raises(ResourceExhaustedError, match="queue is full"):
         rig.request("c")
     rig.run()
+    rig.engine.check_admission()
     rig.request("c")
 
 

@@ -144,17 +144,26 @@ class Engine:
         except (TypeError, ValueError) as e:  # a value the wire cannot carry
             raise InvalidArgumentError(f"request {request.request_id!r}: {e}") from e
         with self._lock:
-            if self._draining:
-                raise UnavailableError("the coordinator is shutting down; retry on another replica")
-            if self.snapshot.unavailable:
-                raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
+            self._check_admission()
             if request.request_id in self._live_ids:
                 raise AlreadyExistsError(f"request id {request.request_id!r} is already in use")
-            if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
-                raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._live_ids.add(request.request_id)
             self._num_unreceived += 1
         self._inbox.put(Submitted(request))
+
+    def check_admission(self) -> None:
+        """Refuse now what `submit` would refuse whatever the request (draining, a stage down too
+        long, the queue full), so that the front does no work, such as tokenizing, for it."""
+        with self._lock:
+            self._check_admission()
+
+    def _check_admission(self) -> None:  # under self._lock
+        if self._draining:
+            raise UnavailableError("the coordinator is shutting down; retry on another replica")
+        if self.snapshot.unavailable:
+            raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
+        if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
+            raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
 
     def abort(self, request_id: str, finish_reason: int = common_pb2.FINISH_REASON_ABORTED) -> bool:
         """End a live request early; False if no request with that id is live."""

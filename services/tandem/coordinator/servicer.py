@@ -53,6 +53,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):
         self.limits.check_generate(request)
+        self.engine.check_admission()  # a full queue refuses at once, before the prompt is tokenized
         req, text = await asyncio.to_thread(self._new_request, request)
         req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
                                         self.config.trace_every_n_steps)
