@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tandem.core import tls
-from tandem.core.interceptors import AsyncApiKeyInterceptor, AsyncErrorInterceptor
+from tandem.core.interceptors import ApiKeyInterceptor, AsyncErrorInterceptor
 from tandem.core.server import CHANNEL_OPTIONS, Lifecycle, listen
 
 T = TypeVar("T")
@@ -83,7 +83,7 @@ class AsyncServer(Lifecycle):
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     async def _listen(self, host: str, port: int, api_key: str, credentials: tls.Credentials | None) -> int:
-        interceptors = [*([AsyncApiKeyInterceptor(api_key)] if api_key else []), AsyncErrorInterceptor()]
+        interceptors = [*([ApiKeyInterceptor(api_key)] if api_key else []), AsyncErrorInterceptor()]
         self.grpc = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -35,6 +35,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (TandemError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
+
 def status_of(error: Exception) -> grpc.StatusCode:
     for cls, code in STATUS_OF:
         if isinstance(error, cls):
@@ -157,28 +158,6 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return rewrap(continuation(handler_call_details), _wrap)
 
 
-class ApiKey:
-    """Every call but health checks and reflection must carry `authorization: Bearer KEY`."""
-
-    OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-    REFUSAL = "missing or wrong API key: send the metadata 'authorization: Bearer <key>'"
-
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
-
-    def admits(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
-        if handler_call_details.method.startswith(self.OPEN_PREFIXES):
-            return True
-        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
-        # exactly one header, and the right key: two headers never pass
-        return len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), self._expected)
-
-    @staticmethod
-    def refuse(handler: grpc.RpcMethodHandler, deny: Callable) -> grpc.RpcMethodHandler:
-        """`handler` with `deny` in place of its behavior."""
-        return handler._replace(**{next(k for k in KINDS if getattr(handler, k)): deny})
-
-
 # --- the same on grpc.aio: behaviors are coroutines or async generators ------------------------
 
 
@@ -234,16 +213,29 @@ class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
         return rewrap(await continuation(handler_call_details), _wrap_async)
 
 
-class AsyncApiKeyInterceptor(grpc.aio.ServerInterceptor):
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """The public API's (asyncio): every call but health checks and reflection must carry
+    `authorization: Bearer KEY`, once."""
+
+    OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    REFUSAL = "missing or wrong API key: send the metadata 'authorization: Bearer <key>'"
+
     def __init__(self, api_key: str):
-        self._key = ApiKey(api_key)
+        self._expected = f"Bearer {api_key}".encode()
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or self._key.admits(handler_call_details):
+        if handler is None or self._admits(handler_call_details):
             return handler
 
         async def deny(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, ApiKey.REFUSAL)
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, self.REFUSAL)
 
-        return ApiKey.refuse(handler, deny)
+        return handler._replace(**{next(k for k in KINDS if getattr(handler, k)): deny})
+
+    def _admits(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
+        if handler_call_details.method.startswith(self.OPEN_PREFIXES):
+            return True
+        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
+        # exactly one header, and the right key: two headers never pass
+        return len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), self._expected)
