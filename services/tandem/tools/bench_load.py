@@ -285,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-dir", help="where the services write their logs (default: a temporary directory)")
     parser.add_argument("--json", help="write the whole report here as JSON")
     args = parser.parse_args(argv)
+    for name in ("streams", "max_tokens", "prompt_len", "burst", "connections", "stages", "samplers", "num_blocks"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     args.max_queue = args.max_queue or args.streams
     report = run(args)
     if args.json:
