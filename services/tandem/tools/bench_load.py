@@ -100,12 +100,12 @@ class HealthProbe(threading.Thread):
         self.endpoint, self.interval_s = endpoint, interval_s
         self.latencies_s: list[float] = []
         self.failures: Counter[str] = Counter()
-        self._stop = threading.Event()
+        self._done = threading.Event()
 
     def run(self) -> None:
         with grpc.insecure_channel(self.endpoint) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
-            while not self._stop.wait(self.interval_s):
+            while not self._done.wait(self.interval_s):
                 start = time.perf_counter()
                 try:
                     status = stub.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5).status
@@ -116,7 +116,7 @@ class HealthProbe(threading.Thread):
                 self.latencies_s.append(time.perf_counter() - start)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._done.set()
         self.join(10)
 
 
