@@ -207,10 +207,20 @@ def _wrap_async(behavior: Callable, streaming_request: bool, streaming_response:
 
 
 class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
-    """ErrorInterceptor for grpc.aio servers: every behavior must be a coroutine or an async generator."""
+    """ErrorInterceptor for grpc.aio servers: every behavior must be a coroutine or an async generator.
+    A method's handler is wrapped once, not on every call (the loop serving every call pays for it)."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(self, continuation, handler_call_details):
-        return rewrap(await continuation(handler_call_details), _wrap_async)
+        handler = await continuation(handler_call_details)
+        if handler is None:  # no such method: nothing is kept for names a client makes up
+            return None
+        cached = self._wrapped.get(handler_call_details.method)
+        if cached is None or cached[0] is not handler:
+            cached = self._wrapped[handler_call_details.method] = (handler, rewrap(handler, _wrap_async))
+        return cached[1]
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
