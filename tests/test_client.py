@@ -243,14 +243,29 @@ def test_unary_calls_and_api_key(fake) -> None:
     assert servicer.metadata[0]["authorization"] == "Bearer sekret"
 
 
+class AsyncFakeCoordinator(coordinator_pb2_grpc.CoordinatorServicer):
+    """Tokenize and Generate of FakeCoordinator as coroutines, for the public API's asyncio server."""
+
+    async def Tokenize(self, request, context):
+        return FakeCoordinator.Tokenize(self, request, context)
+
+    async def Generate(self, request, context):
+        tokens = list(range(7, 7 + request.sampling.max_tokens))
+        for i, token in enumerate(tokens):
+            yield pb.GenerateResponse(request_id="r", chunk=pb.GenerateChunk(token_ids=[token], completion_tokens=i + 1))
+        yield pb.GenerateResponse(request_id="r", complete=pb.GenerateComplete(
+            output_ids=tokens, finish_reason=common_pb2.FINISH_REASON_LENGTH,
+            usage=common_pb2.TokenUsage(completion_tokens=len(tokens))))
+
+
 def test_a_server_with_an_api_key_refuses_calls_without_it() -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tandem.client.errors import UnauthenticatedError
-    from tandem.core.server import Server
+    from tandem.core.aio_server import AsyncServer
 
-    server = Server("127.0.0.1", 0, max_workers=4, api_key="sekret")
-    server.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, FakeCoordinator(), ["tandem.v1.Coordinator"])
+    server = AsyncServer("127.0.0.1", 0, api_key="sekret")
+    server.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, AsyncFakeCoordinator(), ["tandem.v1.Coordinator"])
     server.start()
     server.set_ready()
     try:

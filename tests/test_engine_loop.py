@@ -7,7 +7,6 @@ same (request, index) whichever replica samples it.
 
 from __future__ import annotations
 
-import queue
 import threading
 
 import pytest
@@ -25,7 +24,7 @@ from tandem.coordinator.events import (
     StepFailed,
     TokensSampled,
 )
-from tandem.coordinator.front import TextStream
+from tandem.coordinator.front import Chunk, TextStream
 from tandem.coordinator.requests import End, Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
@@ -124,7 +123,7 @@ class Rig:
 
     def __init__(self, samplers=("s0", "s1"), num_stages: int = 2, num_blocks: int = 64, num_host_blocks: int = 0,
                  max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0, stage_health=None,
-                 max_num_batched_tokens: int = 64):
+                 max_num_batched_tokens: int = 64, on_outputs=lambda requests: None):
         self.inbox: Inbox = Inbox()
         self.stages = [FakeStage() for _ in range(num_stages)]
         self.samplers: dict[str, FakeSampler] = {}
@@ -132,7 +131,8 @@ class Rig:
         self.kv_store = FakeKvStore()
         self.scheduler = Scheduler(num_blocks, 4, 8, max_num_batched_tokens, max_in_flight, num_host_blocks)
         self.engine = Engine(self.scheduler, self.stages, self.open_sampler, self.kv_store, self.inbox,
-                             max_queue=max_queue, step_timeout_s=step_timeout_s, stage_health=stage_health)
+                             max_queue=max_queue, step_timeout_s=step_timeout_s, stage_health=stage_health,
+                             on_outputs=on_outputs)
         self.answered: set[int] = set()
         self.post(MembershipChanged(frozenset(samplers)))
         self.turn()
@@ -186,13 +186,8 @@ class Rig:
 
 
 def outputs(request: Request) -> list:
-    """What the request's queue holds: (token id, logprobs) pairs, then an End."""
-    out = []
-    while True:
-        try:
-            out.append(request.outputs.get_nowait())
-        except queue.Empty:
-            return out
+    """What the request's outputs hold: (token id, logprobs) pairs, then an End."""
+    return request.outputs.take()
 
 
 def tokens(request: Request) -> list[int]:
@@ -225,6 +220,19 @@ def test_tokens_commit_in_order_and_a_finished_request_is_released_everywhere():
     assert sorted(finished) == ["a", "b"]  # every stage is told, with the next step
     assert sorted(r for s in rig.samplers.values() for r in s.released) == ["a", "b"]
     assert_all_released(rig)
+
+
+def test_each_turn_hands_the_front_every_request_it_gave_outputs_at_once():
+    given: list[dict[str, list]] = []  # per hand-over: what each request named in it had to take
+    rig = Rig(samplers=("s0",), on_outputs=lambda requests: given.append({r.request_id: r.outputs.take() for r in requests}))
+    a, b = rig.request("a", max_tokens=3), rig.request("b", max_tokens=2)
+    rig.run()
+    assert set(given[0]) == {"a", "b"}  # one step's tokens of both requests: one hand-over
+    assert all(items for turn in given for items in turn.values())  # none names a request with nothing to take
+    took = {rid: [item for turn in given for item in turn.get(rid, [])] for rid in "ab"}
+    assert [t[0] for t in took["a"][:-1]] == expected("a", 3) and took["a"][-1] == End(FINISH.FINISH_REASON_LENGTH)
+    assert [t[0] for t in took["b"][:-1]] == expected("b", 2) and took["b"][-1] == End(FINISH.FINISH_REASON_LENGTH)
+    assert a.outputs.take() == [] and b.outputs.take() == []  # nothing was left behind unannounced
 
 
 def test_a_stop_token_ends_a_request_and_the_rows_it_leaves_do_not_hold_others():
@@ -422,8 +430,11 @@ def test_a_full_queue_refuses_with_resource_exhausted():
     rig.request("a")
     rig.request("b")
     with pytest.raises(ResourceExhaustedError, match="queue is full"):
+        rig.engine.check_admission()  # what the front asks before it tokenizes a prompt
+    with pytest.raises(ResourceExhaustedError, match="queue is full"):
         rig.request("c")
     rig.run()
+    rig.engine.check_admission()
     rig.request("c")
 
 
@@ -434,7 +445,7 @@ def test_the_front_makes_the_text_and_a_stop_string_it_finds_ends_the_request_in
     whole = TextStream(free, TOKENIZER.detokenizer([5, 6, 7]))
     streamed = ""
     while not whole.is_finished:
-        streamed += whole.read().text
+        streamed += whole.take().text
     assert whole.output_ids == expected("x", 8) and streamed == whole.text
     assert whole.finish_reason == FINISH.FINISH_REASON_LENGTH and whole.text == TOKENIZER.decode(
         [5, 6, 7] + whole.output_ids)[len(TOKENIZER.decode([5, 6, 7])):]
@@ -446,7 +457,7 @@ def test_the_front_makes_the_text_and_a_stop_string_it_finds_ends_the_request_in
     while not text.is_finished:
         rig.run(max_turns=1)
         rig.turn()  # commits the answers: the next token is out
-        seen += text.read().text
+        seen += (text.take() or Chunk([], "", [])).text
     assert text.finish_reason == FINISH.FINISH_REASON_STOP_SEQUENCE, (whole.text, stop, text.text, seen)
     assert seen == text.text == whole.text[: whole.text.index(stop)]
     assert rig.engine.abort("x", FINISH.FINISH_REASON_STOP_SEQUENCE)  # what the servicer does then

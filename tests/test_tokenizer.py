@@ -326,3 +326,32 @@ def test_tokens_without_text_do_not_grow_the_window(
     assert all(detok.add(eos) == "" for _ in range(100))
     assert max(window_sizes) <= 16
     assert detok.add(tokenizer.encode("café")[-1]) != ""  # still streams afterwards
+
+
+def test_a_long_encode_lets_other_threads_run(tokenizer: Tokenizer) -> None:
+    """The coordinator tokenizes prompts on worker threads beside the loop serving every call: a
+    megabyte of text must not hold the GIL (and so every other thread) while it is encoded."""
+    import threading
+    import time
+
+    text = " ".join(SENTENCES) * 2500  # about a megabyte
+    gaps: list[float] = []
+    done = threading.Event()
+
+    def tick() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            time.sleep(0.001)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    ticker = threading.Thread(target=tick)
+    ticker.start()
+    start = time.perf_counter()
+    ids = tokenizer.encode(text)
+    encode_s = time.perf_counter() - start
+    done.set()
+    ticker.join()
+    assert len(ids) > 100_000 and ids[:5] == tokenizer.encode(SENTENCES[0])[:5]
+    assert max(gaps) < max(0.1, encode_s / 3), (max(gaps), encode_s)

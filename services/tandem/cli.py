@@ -104,7 +104,7 @@ def _up(args: argparse.Namespace) -> int:
                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                               max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
                               gateway_port=None if args.no_gateway else args.gateway_port,
-                              tls=_tls_dir(args.tls_dir))
+                              tls=_tls_dir(args.tls_dir), max_queue=args.max_queue)
         print(f"tandem ready on {address}", flush=True)
         if launcher.gateway:
             print(f"tandem OpenAI-compatible API on http://{launcher.gateway}/v1", flush=True)
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--num-blocks", type=int, default=512, help="KV blocks per stage")
     up.add_argument("--device", default="cpu", help="device of the stage workers")
     up.add_argument("--no-kv-store", action="store_true", help="no host KV tier: preemption recomputes")
+    up.add_argument("--max-queue", type=int, default=256,
+                    help="most requests waiting for admission; more are refused with RESOURCE_EXHAUSTED (default: 256)")
     up.add_argument("--preset", default="full", type=_preset,
                     help="techniques switched on: full (all), baseline (a vLLM-style pipeline), full-SWITCH "
                          "(all but one) or baseline+SWITCH (only one); switches: " + ", ".join(SWITCHES))

@@ -128,7 +128,7 @@ class Launcher:
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
            max_num_seqs: int = 64, gateway_port: int | None = None, tls: TlsConfig | None = None,
-           step_logs: bool = False, prefix_caching: bool = True) -> str:
+           step_logs: bool = False, prefix_caching: bool = True, max_queue: int = 256) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -138,8 +138,9 @@ class Launcher:
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
-        `max_num_seqs` shape the coordinator's micro-batches (see CoordinatorConfig). With `gateway_port`
-        (0: any free port) the OpenAI-compatible gateway starts too, at `self.gateway`. With `tls` every
+        `max_num_seqs` shape the coordinator's micro-batches and `max_queue` bounds its waiting requests
+        (see CoordinatorConfig). With `gateway_port` (0: any free port) the OpenAI-compatible gateway
+        starts too, at `self.gateway`. With `tls` every
         service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.tls).
         With `step_logs` every stage logs its steps to `self.step_logs[i]` (StageWorkerConfig.step_log);
         `prefix_caching` is the coordinator's enable_prefix_caching.
@@ -174,8 +175,8 @@ class Launcher:
         self.step_logs = [self.workdir / f"steps-{i}.jsonl" for i in range(num_stages)] if step_logs else []
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
-                                        max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, tls=tls,
-                                        enable_prefix_caching=prefix_caching,
+                                        max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, max_queue=max_queue,
+                                        tls=tls, enable_prefix_caching=prefix_caching,
                                         **techniques.coordinator_options())
         address = self.start("coordinator", "coordinator", coordinator, cpus=others)
         if gateway_port is not None:

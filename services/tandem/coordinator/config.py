@@ -68,7 +68,9 @@ class CoordinatorConfig:
     trace_every_n_steps: int = doc(
         "with tracing on: a request's prefill step has a span, and of its later steps every Nth (counting "
         "its steps from 0), so a long generation does not make thousands of spans; 1: every step", 16)
-    max_workers: int = doc("gRPC server threads (each streaming request holds one)", 64)
+    max_workers: int = doc(
+        "threads that tokenize prompts and serve Tokenize and Detokenize off the public API's event loop; "
+        "calls, streams included, hold none (the API is served on asyncio)", 8)
     api_key_env: str = doc(
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
         "the variable unset or empty: no key is asked for", "TANDEM_API_KEY")
@@ -97,7 +99,7 @@ class CoordinatorConfig:
         if self.sampler_discovery == "endpointslices" and not self.sampler_service:
             raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "trace_every_n_steps",
-                     *(f.name for f in dataclasses.fields(Limits))):
+                     "max_workers", *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")
         check_metrics_port(self.metrics_port)

@@ -1,7 +1,9 @@
 """The coordinator's loop: receive events, commit what they settle, schedule, send.
 
-One thread owns the requests, the scheduler and the sampler pool. Servicer threads see only
-`submit`, `abort` and the published `snapshot`. Stages, sampler replicas and the KV store are
+One thread owns the requests, the scheduler and the sampler pool. The front (the servicer on
+its asyncio loop) sees only `submit`, `abort` and the published `snapshot`; committed tokens go
+onto each request's `outputs`, and once per turn `on_outputs` is given every request that got
+some, so that the front wakes their readers with one hand-over whatever the number of tokens. Stages, sampler replicas and the KV store are
 reached through ports that never block; what they answer comes back as events.
 
 Sampler replicas come and go (discovery, crashes). A replica takes sequences once its Results
@@ -61,7 +63,7 @@ class SamplingError(TandemError):
 
 @dataclass(frozen=True)
 class Snapshot:
-    """What servicer threads may read: published by the loop after each turn, never changed."""
+    """What the front may read: published by the loop after each turn, never changed."""
 
     num_running: int = 0
     num_waiting: int = 0  # swapped out included
@@ -78,7 +80,8 @@ class Snapshot:
 class Engine:
     def __init__(self, scheduler: Scheduler, stages: Sequence[StagePort], open_sampler: Callable[[str], SamplerPort],
                  kv_store: KvStorePort | None, inbox: Inbox, *, max_queue: int, step_timeout_s: float,
-                 sample_plans: bool = True, stage_health: StageHealth | None = None):
+                 sample_plans: bool = True, stage_health: StageHealth | None = None,
+                 on_outputs: Callable[[list[Request]], None] = lambda requests: None):
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
         self.sample_plans = sample_plans
         self.snapshot = Snapshot()
@@ -88,7 +91,9 @@ class Engine:
         self._pool = SamplerPool()
         self._sampler_table = plans.SamplerTable()  # the replicas by index, as the stages know them
         self._requests: dict[str, Request] = {}
-        self._lock = threading.Lock()  # guards the three below, shared with servicer threads
+        self._on_outputs = on_outputs
+        self._given_outputs: dict[Request, None] = {}  # requests given outputs this turn, once each
+        self._lock = threading.Lock()  # guards the three below, shared with the front
         self._live_ids: set[str] = set()  # ids submitted and not yet ended
         self._num_unreceived = 0  # requests submitted and not yet taken in by the loop
         self._discovery: SamplerDiscovery | None = None
@@ -133,27 +138,36 @@ class Engine:
         if self._kv_store is not None:
             self._kv_store.close()
 
-    # --- called from servicer threads ---------------------------------------------------
+    # --- called from the front ----------------------------------------------------------
 
     def submit(self, request: Request) -> None:
         """Queue a request, its id reserved until it ends: a second live request with the same id
-        is refused here, whichever servicer thread comes first."""
+        is refused here, whichever call comes first."""
         try:
             request.sampler_sequence()
         except (TypeError, ValueError) as e:  # a value the wire cannot carry
             raise InvalidArgumentError(f"request {request.request_id!r}: {e}") from e
         with self._lock:
-            if self._draining:
-                raise UnavailableError("the coordinator is shutting down; retry on another replica")
-            if self.snapshot.unavailable:
-                raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
+            self._check_admission()
             if request.request_id in self._live_ids:
                 raise AlreadyExistsError(f"request id {request.request_id!r} is already in use")
-            if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
-                raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self._live_ids.add(request.request_id)
             self._num_unreceived += 1
         self._inbox.put(Submitted(request))
+
+    def check_admission(self) -> None:
+        """Refuse now what `submit` would refuse whatever the request (draining, a stage down too
+        long, the queue full), so that the front does no work, such as tokenizing, for it."""
+        with self._lock:
+            self._check_admission()
+
+    def _check_admission(self) -> None:  # under self._lock
+        if self._draining:
+            raise UnavailableError("the coordinator is shutting down; retry on another replica")
+        if self.snapshot.unavailable:
+            raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
+        if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
+            raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
 
     def abort(self, request_id: str, finish_reason: int = common_pb2.FINISH_REASON_ABORTED) -> bool:
         """End a live request early; False if no request with that id is live."""
@@ -186,6 +200,9 @@ class Engine:
             while (step := self.scheduler.schedule()) is not None:
                 self._send(step)
         self._publish(num_received=sum(isinstance(e, Submitted) for e in events))
+        if self._given_outputs:
+            given, self._given_outputs = list(self._given_outputs), {}
+            self._on_outputs(given)
 
     def _receive(self, timeout_s: float) -> list[Event]:
         events = []
@@ -222,6 +239,7 @@ class Engine:
             request = self._requests.get(commits[i][0].request_id)
             if request is not None:
                 request.commit(commits[i][1].logprobs)
+                self._given_outputs[request] = None
                 if request.is_finished:
                     commits += self._end(request.request_id, request.finish_reason)
             i += 1
@@ -230,6 +248,7 @@ class Engine:
         """End a request (a no-op on one its stop rules ended) and free what it holds everywhere."""
         request = self._requests.pop(request_id)
         request.fail(finish_reason, error)
+        self._given_outputs[request] = None
         with self._lock:
             self._live_ids.discard(request_id)
         was_swapped = request.status == Status.SWAPPED

@@ -1,7 +1,8 @@
 """The public front of one request: its committed tokens turned into what the client sees.
 
-It runs in the request's servicer thread, apart from the engine's loop: incremental
-detokenization, stop strings, and text held back while it could still become a stop string.
+It runs in the request's coroutine on the server's asyncio loop, apart from the engine's loop:
+incremental detokenization, stop strings, and text held back while it could still become a stop
+string. `Wakeups` is how the engine's loop tells those coroutines their tokens are there.
 The token rules (stop tokens, length) are the same function the loop applies, so both sides
 end on the same token; a stop string is found only here, and the servicer then aborts the
 request in the engine with FINISH_REASON_STOP_SEQUENCE.
@@ -9,7 +10,7 @@ request in the engine with FINISH_REASON_STOP_SEQUENCE.
 
 from __future__ import annotations
 
-import queue
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -50,14 +51,12 @@ class TextStream:
     def is_finished(self) -> bool:
         return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
-    def read(self) -> Chunk:
-        """Wait for the request's next tokens and take all that have arrived, up to its end."""
-        items = [self.request.outputs.get()]
-        while not isinstance(items[-1], End):
-            try:
-                items.append(self.request.outputs.get_nowait())
-            except queue.Empty:
-                break
+    def take(self) -> Chunk | None:
+        """All of the request's tokens that have arrived, up to its end, as one chunk; None when
+        nothing has since the last take."""
+        items = self.request.outputs.take()
+        if not items:
+            return None
         token_ids: list[int] = []
         deltas: list[str] = []
         logprobs: list = []
@@ -115,3 +114,32 @@ class TextStream:
                     longest = n
                     break
         return longest
+
+
+class Wakeups:
+    """Wakes the coroutines reading requests the engine's loop gave outputs. The loop calls
+    `notify` once a turn with all of them: one hand-over to the asyncio loop per turn, however
+    many tokens and requests it carried (a wake-up per token would cost a system call each)."""
+
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._events: dict[Request, asyncio.Event] = {}  # by reader; only the asyncio loop touches it
+
+    def watch(self, request: Request) -> asyncio.Event:
+        """On the asyncio loop: the event set whenever `request` may have outputs to take."""
+        self._loop = asyncio.get_running_loop()
+        self._events[request] = event = asyncio.Event()
+        return event
+
+    def forget(self, request: Request) -> None:
+        self._events.pop(request, None)
+
+    def notify(self, requests: list[Request]) -> None:
+        """From the engine's loop thread."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake, requests)
+
+    def _wake(self, requests: list[Request]) -> None:
+        for request in requests:
+            if (event := self._events.get(request)) is not None:
+                event.set()

@@ -1,8 +1,8 @@
 """The coordinator's Prometheus metrics, under the names vLLM exports (prefixed `tandem:`).
 
 Two sources, so the engine's loop does no metrics work:
-- what a request's servicer thread sees (`RequestStats`): its tokens as they reach the client,
-  its times and its finish reason: counters and histograms, updated in that thread;
+- what a request's coroutine on the front sees (`RequestStats`): its tokens as they reach the client,
+  its times and its finish reason: counters and histograms, updated there;
 - what the loop publishes anyway (`Snapshot`) and what the service probe last heard from the
   other services: gauges and cumulative counts, read only when the endpoint is scraped.
 
@@ -105,12 +105,12 @@ class CoordinatorMetrics:
             metrics.registry.register(VllmNames(own))
 
     def start(self, request: Request) -> RequestStats:
-        """The stats of one admitted request, kept by its servicer thread."""
+        """The stats of one admitted request, kept by its coroutine on the front."""
         return RequestStats(self, request)
 
 
 class RequestStats:
-    """One request's share of the metrics, counted in its servicer thread as its tokens go out."""
+    """One request's share of the metrics, counted in its coroutine on the front as its tokens go out."""
 
     def __init__(self, metrics: CoordinatorMetrics, request: Request):
         self._m, self._request = metrics, request

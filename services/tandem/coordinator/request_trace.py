@@ -1,5 +1,5 @@
 """A traced request's spans on the coordinator (docs/tracing.md): `Generate` (the root, made by
-its servicer thread), `queue` (arrival to its first step) and one span for its prefill and for
+its coroutine on the front), `queue` (arrival to its first step) and one span for its prefill and for
 every Nth step after, made by the loop as it sends them. Requests are traced only while the
 process has a tracer; an untraced request has `trace = None` and costs the loop one check."""
 
@@ -48,7 +48,7 @@ class RequestTrace:
             self.step_span = None
 
     def finish(self, finish_reason: int, num_output_tokens: int, error: BaseException | None = None) -> None:
-        """The request's stream ended (its servicer thread)."""
+        """The request's stream ended (its coroutine on the front)."""
         self.root.set_attribute("tandem.finish_reason", common_pb2.FinishReason.Name(finish_reason))
         self.root.set_attribute("tandem.num_output_tokens", num_output_tokens)
         if error is not None:

@@ -1,14 +1,14 @@
 """One request on the coordinator, in one record: the scheduler's sequence (tokens, blocks,
 sampler) plus the token-level stop rules and the queue its committed tokens go out on.
 
-Text is not made here: the request's servicer thread turns the tokens into text and applies
+Text is not made here: the request's reader on the front turns the tokens into text and applies
 stop strings (coordinator/front.py), so the engine's loop spends no time detokenizing.
 """
 
 from __future__ import annotations
 
-import queue
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from tandem.coordinator.request_trace import RequestTrace
@@ -28,6 +28,25 @@ class End:
 Token = tuple[int, "common_pb2.SampleLogprobs | None"]  # a committed token id and its logprobs
 
 
+class Outputs:
+    """A request's committed tokens, then its End: put by the loop thread, taken by the request's
+    one reader on the front. Readers are told there is something to take once per loop turn (the
+    Engine's `on_outputs`), not per token."""
+
+    def __init__(self) -> None:
+        self._items: deque[Token | End] = deque()  # append and popleft are atomic across threads
+
+    def put(self, item: Token | End) -> None:
+        self._items.append(item)
+
+    def take(self) -> list[Token | End]:
+        """Everything put since the last take, oldest first; [] when nothing was."""
+        items = []
+        while self._items:
+            items.append(self._items.popleft())
+        return items
+
+
 def is_stop_token(options: SamplingOptions, eos_token_ids: frozenset[int], token_id: int) -> bool:
     return token_id in options.stop_token_ids or (token_id in eos_token_ids and not options.ignore_eos)
 
@@ -45,8 +64,8 @@ def token_finish_reason(options: SamplingOptions, eos_token_ids: frozenset[int],
 
 @dataclass(eq=False, kw_only=True)
 class Request(Sequence):
-    """A request and its sequence. The loop thread owns it once submitted; the servicer thread
-    that made it reads `outputs`, and `scheduled_time` once a token has come out."""
+    """A request and its sequence. The loop thread owns it once submitted; the front's reader
+    that made it takes `outputs`, and reads `scheduled_time` once a token has come out."""
 
     params: common_pb2.SamplingParams
     options: SamplingOptions
@@ -55,7 +74,7 @@ class Request(Sequence):
     arrival_time: float = field(default_factory=time.monotonic)
     scheduled_time: float | None = None
     finish_reason: int = common_pb2.FINISH_REASON_UNSPECIFIED
-    outputs: queue.SimpleQueue[Token | End] = field(default_factory=queue.SimpleQueue)
+    outputs: Outputs = field(default_factory=Outputs)
     trace: RequestTrace | None = None  # its spans, when it is traced (request_trace.py)
 
     @property

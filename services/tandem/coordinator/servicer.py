@@ -1,7 +1,13 @@
-"""The public Coordinator gRPC service: thin adapters from protobuf to the engine."""
+"""The public Coordinator gRPC service: thin adapters from protobuf to the engine.
+
+It is served on asyncio (core/aio_server.py): each call is a coroutine on the server's loop, a
+stream waits for its tokens without holding a thread, and the engine's loop wakes the streams it
+gave tokens once per turn (front.Wakeups). Tokenizing and detokenizing whole texts run on the
+server's worker threads, so a large prompt never stalls the loop that serves every other call."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import uuid
@@ -13,18 +19,19 @@ from tandem import __version__
 from tandem.coordinator import checks, discovery, ports, request_trace, td_pipe
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
-from tandem.coordinator.front import TextStream
+from tandem.coordinator.front import Chunk, TextStream, Wakeups
 from tandem.coordinator.info import ServiceProbe
 from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.core import tracing
+from tandem.core.aio_server import AsyncServer
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
-from tandem.core.server import Server, wait_ready
+from tandem.core.server import wait_ready
 from tandem.core.tls import Credentials
 from tandem.core.tokenizer import Tokenizer
 from tandem.v1 import common_pb2
@@ -36,69 +43,69 @@ SERVICE_NAME = "tandem.v1.Coordinator"
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, engine: Engine, probe: ServiceProbe, tokenizer: Tokenizer,
-                 model: ModelConfig, block_bytes: int, metrics: CoordinatorMetrics):
+                 model: ModelConfig, block_bytes: int, metrics: CoordinatorMetrics, wakeups: Wakeups | None = None):
         self.config, self.engine, self.probe, self.tokenizer, self.model = config, engine, probe, tokenizer, model
         self.metrics = metrics
+        self.wakeups = wakeups or Wakeups()  # the engine's on_outputs must notify these
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
         self.limits = config.limits()
 
-    def Generate(self, request: pb.GenerateRequest, context):
+    async def Generate(self, request: pb.GenerateRequest, context):
         self.limits.check_generate(request)
-        req, text = self._new_request(request)
+        self.engine.check_admission()  # a full queue refuses at once, before the prompt is tokenized
+        req, text = await asyncio.to_thread(self._new_request, request)
         req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
                                         self.config.trace_every_n_steps)
-        if req.trace is None:
-            yield from self._generate(req, text, context)
-            return
-        error = None
+        ready, stats, error = self.wakeups.watch(req), None, None
         try:
-            yield from self._generate(req, text, context)
-        except Exception as e:
-            error = e
-            raise
-        finally:
-            req.trace.finish(text.finish_reason, len(text.output_ids), error)
-
-    def _generate(self, req: Request, text: TextStream, context):
-        self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
-        if not context.add_callback(lambda: self.engine.abort(req.request_id)):
-            self.engine.abort(req.request_id)  # the client left before the callback was in place
-        stats = self.metrics.start(req)
-        try:
+            self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
+            stats = self.metrics.start(req)  # from here on the request is the engine's
             while not text.is_finished:
-                chunk = text.read()  # what has accumulated goes out as one chunk
+                chunk = text.take()  # what has accumulated goes out as one chunk
+                if chunk is None:
+                    await ready.wait()
+                    ready.clear()
+                    continue
                 stats.tokens(len(chunk.token_ids))
                 if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
                     self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
                 if chunk.token_ids:
-                    yield pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
-                        token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
-                        prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
+                    yield self._chunk(req, text, chunk)
                 if chunk.end is not None and chunk.end.error is not None:
                     raise chunk.end.error
             stats.end(text)
             yield pb.GenerateResponse(request_id=req.request_id, complete=self._complete(req, text))
-        finally:  # an error, or the client left
-            stats.end(text)
+        except Exception as e:
+            error = e
+            raise
+        finally:  # the end, an error, or the client left (the call was cancelled or its stream dropped)
+            self.wakeups.forget(req)
+            if stats is not None:  # submitted
+                if not text.is_finished:
+                    self.engine.abort(req.request_id)
+                stats.end(text)
+            if req.trace is not None:
+                req.trace.finish(text.finish_reason, len(text.output_ids), error)
 
-    def Abort(self, request: pb.AbortRequest, context):
+    async def Abort(self, request: pb.AbortRequest, context):
         if not self.engine.abort(request.request_id):
             raise NotFoundError(f"no live request with id {request.request_id!r}")
         return pb.AbortResponse()
 
-    def Tokenize(self, request: pb.TokenizeRequest, context):
+    async def Tokenize(self, request: pb.TokenizeRequest, context):
         self.limits.check_text("text", request.text)
         add = request.add_special_tokens if request.HasField("add_special_tokens") else True
-        return pb.TokenizeResponse(token_ids=self.tokenizer.encode(request.text, add_special_tokens=add))
+        ids = await asyncio.to_thread(self.tokenizer.encode, request.text, add_special_tokens=add)
+        return pb.TokenizeResponse(token_ids=ids)
 
-    def Detokenize(self, request: pb.DetokenizeRequest, context):
+    async def Detokenize(self, request: pb.DetokenizeRequest, context):
         self.limits.check_token_ids("token_ids", len(request.token_ids))
         ids = self._check_ids(list(request.token_ids), "token_ids")
         skip = request.skip_special_tokens if request.HasField("skip_special_tokens") else True
-        return pb.DetokenizeResponse(text=self.tokenizer.decode(ids, skip_special_tokens=skip))
+        return pb.DetokenizeResponse(text=await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=skip))
 
-    def GetServerInfo(self, request, context):
+    async def GetServerInfo(self, request, context):
         snapshot, report, cfg = self.engine.snapshot, self.probe.report, self.config
         info = pb.GetServerInfoResponse(
             model=Path(cfg.model).name, version=__version__, vocab_size=self.model.vocab_size,
@@ -157,6 +164,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             raise InvalidArgumentError(f"{field} has ids outside the vocabulary [0, {self.model.vocab_size}): {bad[:5]}")
         return ids
 
+    @staticmethod
+    def _chunk(req: Request, text: TextStream, chunk: Chunk) -> pb.GenerateResponse:
+        return pb.GenerateResponse(request_id=req.request_id, chunk=pb.GenerateChunk(
+            token_ids=chunk.token_ids, text=chunk.text, logprobs=chunk.logprobs,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=len(text.output_ids)))
+
     def _complete(self, req: Request, text: TextStream) -> pb.GenerateComplete:
         start = req.arrival_time
         return pb.GenerateComplete(
@@ -175,7 +188,7 @@ def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServicePro
     return block_bytes, probe.kv_store_capacity_bytes // block_bytes
 
 
-def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
+def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncServer:
     """Wait for the stages, samplers and KV store, start the engine and the public server, and its
     metrics on config.metrics_port. Pass `metrics` to observe them (`metrics.port`)."""
     tracing.configure(config.tracing_endpoint, "tandem-coordinator")
@@ -191,6 +204,7 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
     if config.kv_store:
         wait_ready(config.kv_store, "tandem.v1.KvStore", credentials=credentials)
     inbox: Inbox = Inbox()
+    wakeups = Wakeups()
     engine: Engine | None = None
     probe = ServiceProbe(list(config.stages), config.kv_store, lambda: engine.snapshot.samplers if engine else (),
                          credentials=credentials)
@@ -206,7 +220,8 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
                     lambda address: ports.GrpcSampler(address, inbox.put, credentials),
                     ports.GrpcKvStore(config.kv_store, credentials) if config.kv_store else None, inbox,
                     max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans,
-                    stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure))
+                    stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure),
+                    on_outputs=wakeups.notify)
     engine.start(discovery.from_config(config))
     probe.start()
     max_model_len = config.max_model_len or model.max_position_embeddings
@@ -215,10 +230,10 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> Server:
         metrics, Path(config.model).name, max_model_len, config.num_blocks, lambda: engine.snapshot,
         lambda: probe.report, block_bytes=block_bytes, num_host_blocks=num_host_blocks,
         vllm_names=config.metrics_vllm_names)
-    server = Server(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""),
-                    credentials=credentials, public=True, health_port=config.tls.health_port)
+    server = AsyncServer(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""),
+                         credentials=credentials, health_port=config.tls.health_port)
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
-               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics),
+               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics, wakeups),
                [SERVICE_NAME])
     metrics.serve(config.host, config.metrics_port)
     server.on_drain(engine.drain)

@@ -41,7 +41,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
                 for plan in request_iterator:
                     self.runner.submit(plan, epoch)
             except InvalidArgumentError:
-                pass  # a message that does not parse: the call ends with INVALID_ARGUMENT (core.server)
+                pass  # a message that does not parse: the call ends with INVALID_ARGUMENT (core.interceptors)
             finally:
                 ended.set()  # the coordinator closed this stream (it opened a newer one, or left)
 

@@ -11,7 +11,7 @@ that many micro-batches. The fakes answer every row at once, off the clock; on t
 what the coordinator's own threads would do: parse each sampler's SampledBatch, the loop's
 turn (commit each token with its token stop rules, schedule, build the plans) and the
 serialization of each stage's and sampler's plan. The public front's work (detokenization
-and stop strings, done in each request's servicer thread) is timed apart. CPU time is the
+and stop strings, done in each request's coroutine on the front) is timed apart. CPU time is the
 thread's own (time.thread_time), so other work on shared cores does not count. It prints,
 per run, the loop's CPU milliseconds a step (median and 90th percentile), microseconds a
 sequence-step, the front's CPU milliseconds a step, and the bytes of one stage's plan and of
@@ -145,9 +145,8 @@ def run(num_seqs: int, num_steps: int, prompt_len: int, num_stages: int, num_sam
         engine.run_once()
         elapsed = time.thread_time() - start
         start = time.thread_time()
-        for front in fronts:  # what the servicer threads do with the tokens
-            if not front.request.outputs.empty():
-                front.read()
+        for front in fronts:  # what the request coroutines on the front do with the tokens
+            front.take()
         front_elapsed = time.thread_time() - start
         answers = []
         plans = [p for stage in stages[:1] for p in stage.plans]

@@ -39,7 +39,7 @@ class Target:
         try:
             message = self.message.FromString(data)
         except DecodeError:
-            return  # the servers answer INVALID_ARGUMENT before any handler runs (core.server)
+            return  # the servers answer INVALID_ARGUMENT before any handler runs (core.interceptors)
         try:
             self.check(message)
         except InvalidArgumentError:
