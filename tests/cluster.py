@@ -69,7 +69,7 @@ def start_cluster(
             c._servers.append(server)
             c.kv_store = server.address
         for i in range(num_samplers):
-            config = SamplerConfig(**techniques.sampler_options(), tls=tls)
+            config = SamplerConfig(model=str(model), **techniques.sampler_options(), tls=tls)
             runner = SamplerRunner(config, name=f"sampler-{i}")
             server = cpu_sampler.serve(config, runner)
             c._servers.append(server)

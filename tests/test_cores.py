@@ -104,7 +104,8 @@ def test_a_started_stage_and_sampler_report_their_threads_and_cores(launcher, ch
     core = CORES[-1]
     stage = launcher.start("stage", "stage_worker", StageWorkerConfig(model=str(checkpoint("llama")),
                                                                        cpus=str(core), num_threads=1))
-    sampler = launcher.start("sampler", "cpu_sampler", SamplerConfig(cpus=format_cpu_list(CORES), num_threads=2))
+    sampler = launcher.start("sampler", "cpu_sampler", SamplerConfig(model=str(checkpoint("llama")),
+                                                                    cpus=format_cpu_list(CORES), num_threads=2))
     with grpc.insecure_channel(stage) as channel:
         info = stage_worker_pb2_grpc.StageWorkerStub(channel).GetStageInfo(stage_worker_pb2.GetStageInfoRequest(),
                                                                           timeout=30)

@@ -82,7 +82,7 @@ def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
     launcher = Launcher(workdir=str(tmp_path))
     servers = []
     try:
-        samplers = [launcher.start(f"sampler-{i}", "cpu_sampler", SamplerConfig()) for i in range(3)]
+        samplers = [launcher.start(f"sampler-{i}", "cpu_sampler", SamplerConfig(model=model)) for i in range(3)]
 
         def publish(i: int, ready: bool = True) -> None:  # one slice per replica: each has its own port
             host, port = samplers[i].rsplit(":", 1)

@@ -154,7 +154,7 @@ class Launcher:
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host, tls=tls), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
-            sampler = SamplerConfig(host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
+            sampler = SamplerConfig(model=model, host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
             samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):

@@ -19,7 +19,7 @@ from tandem.core.errors import FailedPreconditionError, InvalidArgumentError
 from tandem.core.metrics import Metrics
 from tandem.core.sampling import SamplingOptions, SequenceState
 from tandem.core.shm_ring import RingReader
-from tandem.cpu_sampler.config import MAX_TOKEN_ID_BOUND, SamplerConfig
+from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import FrameResult, SamplerEngine
 from tandem.cpu_sampler.handoff import PlanBook, Subscribers
 from tandem.v1 import cpu_sampler_pb2 as pb
@@ -102,6 +102,9 @@ class SamplerRunner:
         if frame.layout.dtype != "float32" or len(frame.layout.row_shape) != 1:
             raise InvalidArgumentError(f"logits layout must be float32 [vocab], got {frame.layout.dtype[:32]!r} "
                                        f"{list(frame.layout.row_shape)[:8]}")
+        if frame.layout.row_shape[0] != self.engine.vocab_size:
+            raise InvalidArgumentError(f"logits layout rows are {frame.layout.row_shape[0]} wide, but the vocabulary "
+                                       f"has {self.engine.vocab_size} tokens")
         if not frame.ring_id:
             return frame.layout, None
         with self._rings_lock:
@@ -150,11 +153,9 @@ class SamplerRunner:
             self.shm_bytes_in_total += shm_bytes
 
     def _state(self, position: int, seq: pb.SamplerSequence) -> SequenceState:
-        """Validate one SamplerSequence. Until the vocabulary is known, token ids are only
-        bounded by int32 here; the engine checks them against it (see SamplerEngine)."""
-        id_bound = self.engine.vocab_size or MAX_TOKEN_ID_BOUND
+        """Validate one SamplerSequence against the replica's vocabulary."""
         try:
-            options = SamplingOptions.from_proto(seq.params, id_bound, self.config.max_tokens_limit)
+            options = SamplingOptions.from_proto(seq.params, self.engine.vocab_size, self.config.max_tokens_limit)
             return SequenceState(seq.request_id, options, seq.seed, seq.prompt_ids,
                                  seq.output_ids, seq.min_tokens_blocked_ids)
         except InvalidArgumentError as e:
