@@ -133,7 +133,7 @@ def test_a_service_that_never_gets_ready_is_reported_with_its_error(tmp_path):
     from tandem.launcher import Launcher
 
     launcher = Launcher(log_dir=tmp_path, say=lambda line: None)
-    bad = StageWorkerConfig(model=str(tmp_path / "no-such-model"))
+    bad = StageWorkerConfig(model=str(tmp_path / "no-such-model"), samplers=("127.0.0.1:1",))
     with pytest.raises(RuntimeError, match=r"stage-worker-0 did not become ready; see .*stage-worker-0.log: .*no-such-model"):
         launcher.start("stage-worker-0", "stage_worker", bad, timeout_s=120)
     assert launcher.children == []

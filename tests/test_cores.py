@@ -103,7 +103,8 @@ def launcher(tmp_path):
 def test_a_started_stage_and_sampler_report_their_threads_and_cores(launcher, checkpoint):
     core = CORES[-1]
     stage = launcher.start("stage", "stage_worker", StageWorkerConfig(model=str(checkpoint("llama")),
-                                                                       cpus=str(core), num_threads=1))
+                                                                       cpus=str(core), num_threads=1,
+                                                                       samplers=("127.0.0.1:1",)))
     sampler = launcher.start("sampler", "cpu_sampler", SamplerConfig(model=str(checkpoint("llama")),
                                                                     cpus=format_cpu_list(CORES), num_threads=2))
     with grpc.insecure_channel(stage) as channel:

@@ -91,9 +91,11 @@ def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
         publish(0)
         publish(1)
         stages: list[str] = []
-        for index in (1, 0):
+        for index in (1, 0):  # the last stage follows the same EndpointSlices to know where it may send logits
+            discovery = {"sampler_discovery": "endpointslices", "sampler_service": SERVICE, "sampler_namespace": api.namespace,
+                         "kubernetes_api": api.url} if index == 1 else {}
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=2, next_stage=stages[0] if stages else "",
-                                    num_blocks=512, block_size=4)
+                                    num_blocks=512, block_size=4, **discovery)
             servers.append(stage_worker.serve(cfg))
             stages.insert(0, servers[-1].address)
         servers.append(coordinator.serve(CoordinatorConfig(

@@ -162,7 +162,7 @@ class Launcher:
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
                                     cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
-                                    dtype=dtype, tls=tls,
+                                    dtype=dtype, tls=tls, samplers=samplers if index == num_stages - 1 else (),
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples

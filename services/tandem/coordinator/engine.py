@@ -20,7 +20,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.coordinator import plans, request_trace
-from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.events import (
     Aborted,
     Event,
@@ -40,6 +39,7 @@ from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
+from tandem.core.discovery import SamplerDiscovery
 from tandem.core.errors import (
     AlreadyExistsError,
     InvalidArgumentError,

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tandem import __version__
-from tandem.coordinator import checks, discovery, ports, request_trace
+from tandem.coordinator import checks, ports, request_trace
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import TextStream
@@ -19,7 +19,7 @@ from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
-from tandem.core import tracing
+from tandem.core import discovery, tracing
 from tandem.core.errors import InvalidArgumentError, NotFoundError
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig

@@ -31,6 +31,7 @@ from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.stage_worker.meters import StageMeters
 from tandem.stage_worker.outputs import Traffic
+from tandem.stage_worker.samplers import SamplerDirectory
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import tensor_pb2
 
@@ -71,11 +72,12 @@ class StagePeers(Protocol):
 
 
 class StageRunner:
-    """`metrics` gets the stage's `tandem:stage_*` metrics (stage_worker.meters)."""
+    """`metrics` gets the stage's `tandem:stage_*` metrics (stage_worker.meters). A last stage that
+    sends logits is given `samplers`, the replicas its own configuration names: it dials no other."""
 
     def __init__(self, config: StageWorkerConfig, peers: StagePeers, sample: Sample | None = None,
-                 metrics: Metrics | None = None):
-        self.config, self.peers, self.sample = config, peers, sample
+                 metrics: Metrics | None = None, samplers: SamplerDirectory | None = None):
+        self.config, self.peers, self.sample, self.samplers = config, peers, sample, samplers
         self.metrics = metrics or Metrics()
         self._meters = StageMeters(self.metrics, config.stage_index, lambda: self.executor, peers.hops)
         self.executor: StageExecutor | None = None  # set by load()
@@ -99,7 +101,7 @@ class StageRunner:
     def load(self) -> None:
         """Load the stage's weights, measure its profile, and start executing plans."""
         c = self.config
-        executor = StageExecutor(c)
+        executor = StageExecutor(c, self.samplers.knows if self.samplers is not None else None)
         self.model_config_sha256 = config_sha256(c.model)
         if c.profile_at_startup:
             self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)

@@ -19,6 +19,7 @@ from tandem.core.tls import Credentials
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
 from tandem.stage_worker.runner import Arrived, Sample, StageRunner
+from tandem.stage_worker.samplers import open_directory
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 from tandem.v1 import tensor_pb2
@@ -111,13 +112,18 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     credentials = Credentials.load(config.tls)
     server = Server(config.host, config.port, config.max_workers, credentials=credentials,
                     health_port=config.tls.health_port)
-    runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics)
+    is_last = config.stage_index == config.num_stages - 1
+    samplers = open_directory(config) if is_last and sample is None else None
+    runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics, samplers)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
     for register, servicer, names in hosted:
         server.add(register, servicer, names)
     runner.metrics.serve(config.host, config.metrics_port)
     server.on_stop(runner.metrics.stop)
     server.on_stop(runner.close)
+    if samplers is not None:
+        samplers.start()
+        server.on_stop(samplers.stop)
     server.start()  # liveness answers while the weights load; readiness waits for them
     runner.load()
     server.set_ready()
