@@ -401,6 +401,15 @@ def test_gateway_serves_http_reads_the_model_files_it_needs_and_can_be_left_out(
     assert not [o for o in objs if _component(o) == "gateway"] and objs
 
 
+def test_only_the_coordinator_gets_the_admin_key_and_only_when_asked_for() -> None:
+    def holders(objs: list[dict[str, Any]]) -> list[str]:
+        return [_component(w) for w in _of_kind(objs, *WORKLOAD_KINDS)
+                if "TANDEM_ADMIN_KEY" in [e["name"] for e in w["spec"]["template"]["spec"]["containers"][0].get("env", [])]]
+
+    assert holders(_objects("tls-apikey.yaml")) == ["coordinator"]
+    assert holders(_objects("defaults.yaml")) == []
+
+
 def test_samplers_download_only_the_model_config_they_read_their_vocabulary_from() -> None:
     (sampler,) = [w for w in _of_kind(_objects("tls-apikey.yaml"), *WORKLOAD_KINDS) if _component(w) == "cpu-sampler"]
     (download,) = sampler["spec"]["template"]["spec"]["initContainers"]

@@ -76,7 +76,11 @@ class Streamer:
             thread.join(timeout=300)
 
 
-def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
+ADMIN_KEY_ENV, ADMIN_KEY = "TANDEM_TEST_POOL_ADMIN_KEY", "pool-admin"  # the pool is watched by its addresses
+
+
+def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
     model = str(checkpoint("llama"))
     api = FakeKubeApi()
     launcher = Launcher(workdir=str(tmp_path))
@@ -100,11 +104,12 @@ def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
             stages.insert(0, servers[-1].address)
         servers.append(coordinator.serve(CoordinatorConfig(
             model=model, stages=tuple(stages), sampler_discovery="endpointslices", sampler_service=SERVICE,
-            sampler_namespace=api.namespace, kubernetes_api=api.url, num_blocks=512, block_size=4)))
-        client = TandemClient(servers[-1].address, timeout_s=300)
+            sampler_namespace=api.namespace, kubernetes_api=api.url, num_blocks=512, block_size=4,
+            admin_key_env=ADMIN_KEY_ENV)))
+        client = TandemClient(servers[-1].address, timeout_s=300, api_key=ADMIN_KEY)
 
         def pool() -> set[str]:
-            return {s.address for s in client.server_info().samplers}
+            return {s.address for s in client.server_info(include_addresses=True).samplers}
 
         wait_until(lambda: pool() == {samplers[0], samplers[1]}, "the first two replicas")
 

@@ -271,6 +271,13 @@ spec:
               name: {{ $root.Values.apiKey.secretName }}
               key: {{ $root.Values.apiKey.key }}
         {{- end }}
+        {{- if and (eq .component "coordinator") $root.Values.apiKey.enabled $root.Values.apiKey.adminKey }}
+        - name: TANDEM_ADMIN_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.apiKey.secretName }}
+              key: {{ $root.Values.apiKey.adminKey }}
+        {{- end }}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}
         {{- end }}

@@ -64,6 +64,10 @@ class CoordinatorConfig:
     api_key_env: str = doc(
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
         "the variable unset or empty: no key is asked for", "TANDEM_API_KEY")
+    admin_key_env: str = doc(
+        "environment variable holding the admin key: a call sending it as 'authorization: Bearer KEY' passes "
+        "wherever the API key does and may also read the internal addresses of the stages and samplers "
+        "(GetServerInfo include_addresses); the variable unset or empty: no caller may", "TANDEM_ADMIN_KEY")
 
     max_prompt_bytes: int = doc("longest prompt text, or text to tokenize, in UTF-8 bytes", 1 << 20)
     max_prompt_tokens: int = doc("most token ids in a prompt given as ids, or to detokenize", 1 << 18)

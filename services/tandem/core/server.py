@@ -18,6 +18,7 @@ from tandem.core.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TandemError,
     UnavailableError,
@@ -33,6 +34,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (TandemError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
@@ -160,21 +162,28 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def carries_key(metadata, key: str) -> bool:
+    """Whether call metadata holds exactly one `authorization` header, and it is `Bearer <key>`
+    (compared in constant time; two headers never pass, whichever of them is right)."""
+    sent = [v for k, v in metadata or () if k == "authorization"]
+    return bool(key) and len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), f"Bearer {key}".encode())
+
+
 class ApiKeyInterceptor(grpc.ServerInterceptor):
-    """Every call but health checks and reflection must carry `authorization: Bearer KEY`."""
+    """Every call but health checks and reflection must carry `authorization: Bearer KEY`, KEY
+    one of `keys` (the API key, and the admin key, which may do what the API key may)."""
 
     OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, *keys: str):
+        self._keys = [k for k in keys if k]
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None or handler_call_details.method.startswith(self.OPEN_PREFIXES):
             return handler
-        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
-        if len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), self._expected):
-            return handler  # exactly one header, and the right key: two headers never pass
+        if any(carries_key(handler_call_details.invocation_metadata, key) for key in self._keys):
+            return handler
 
         def deny(request, context):
             context.abort(grpc.StatusCode.UNAUTHENTICATED,
@@ -190,14 +199,16 @@ class Server:
     Services start NOT_SERVING; call `set_ready()` once the model or state is ready. With an
     `api_key`, calls other than health and reflection must present it as a bearer token. With
     `credentials` the port serves TLS, requiring a client certificate signed by the cluster's CA
-    unless `public`, and health is served, plaintext, on `health_port` too (`health_address`).
+    unless `public`, and health is served, plaintext, on `health_port` too (`health_address`). An
+    `admin_key` passes wherever the API key does (the servicer decides what only it may do).
     """
 
     def __init__(self, host: str, port: int, max_workers: int = 32, api_key: str = "",
-                 credentials: tls.Credentials | None = None, public: bool = False, health_port: int = 0):
+                 credentials: tls.Credentials | None = None, public: bool = False, health_port: int = 0,
+                 admin_key: str = ""):
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=[*([ApiKeyInterceptor(api_key)] if api_key else []), ErrorInterceptor()],
+            interceptors=[*([ApiKeyInterceptor(api_key, admin_key)] if api_key else []), ErrorInterceptor()],
             options=CHANNEL_OPTIONS,
         )
         self.health = health.HealthServicer()
