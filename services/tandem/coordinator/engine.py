@@ -39,6 +39,7 @@ from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
+from tandem.core import frames
 from tandem.core.discovery import SamplerDiscovery
 from tandem.core.errors import (
     AlreadyExistsError,
@@ -245,7 +246,8 @@ class Engine:
 
     def _fail_expired(self) -> None:
         for step_id in self.scheduler.expired(sent_before=time.monotonic() - self.step_timeout_s):
-            self._on_step_failed(StepFailed(step_id, -1, f"no result within {self.step_timeout_s:.0f}s"))
+            self._on_step_failed(StepFailed(step_id, -1, f"no result within {self.step_timeout_s:.0f}s",
+                                            common_pb2.ERROR_CODE_DEADLINE_EXCEEDED))
 
     def _publish(self, num_received: int) -> None:
         s = self.scheduler
@@ -276,7 +278,7 @@ class Engine:
                 for t in batch.tokens}
         commits = self.scheduler.update(batch.step_id, rows)
         if batch.error:  # rows this sampler could not sample: their requests fail now, not at the timeout
-            error = SamplingError(f"sampler {event.port.address}: {batch.error}")
+            error = SamplingError(f"sampler {event.port.address} ({frames.error_name(batch.error_code)}): {batch.error}")
             for rid in self.scheduler.unanswered(batch.step_id):
                 if self._requests[rid].sampler == event.port.address:
                     commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)
@@ -284,7 +286,11 @@ class Engine:
 
     def _on_step_failed(self, event: StepFailed) -> None:
         who = f"stage {event.stage}" if event.stage >= 0 else "the pipeline"
-        error = UnavailableError(f"{who} failed step {event.step_id}: {event.error}")
+        kind = frames.error_name(event.code)
+        if event.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:  # not a fault of the stage's: the two disagree
+            log.error("%s refused step %d: %s (check that the stage's and the coordinator's configs match)",
+                      who, event.step_id, event.error)
+        error = UnavailableError(f"{who} failed step {event.step_id} ({kind}): {event.error}")
         commits: list[Commit] = []
         for rid in self.scheduler.fail(event.step_id):
             commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)

@@ -134,7 +134,7 @@ class GrpcStage:
         def call(plans):
             for done in stub.Steps(self._with_sampler_table(plans)):
                 if done.error:
-                    post(StepFailed(done.step_id, index, done.error))
+                    post(StepFailed(done.step_id, index, done.error, done.error_code))
 
         return StreamSender(call, f"plans->stage{index}", on_break=lambda why: post(StageDown(index, why)))
 

@@ -20,8 +20,9 @@ from typing import Protocol
 
 import torch
 
-from tandem.core import codec, tracing
+from tandem.core import frames, tracing
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.frames import Arrived
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import config_sha256
 from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
@@ -33,14 +34,11 @@ from tandem.stage_worker.meters import StageMeters
 from tandem.stage_worker.outputs import Traffic
 from tandem.stage_worker.samplers import SamplerDirectory
 from tandem.v1 import stage_worker_pb2 as pb
-from tandem.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
 # (step_id, request_ids, sample_indices, logits [rows, vocab] float32) -> None: sample the rows here
 Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor], None]
-# Activations as they arrived: a tensor [tokens, hidden], or raw bytes and the stream's layout
-Arrived = torch.Tensor | tuple[bytes, tensor_pb2.TensorLayout]
 
 
 class StagePeers(Protocol):
@@ -167,7 +165,7 @@ class StageRunner:
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
-                done.error = str(e) or type(e).__name__
+                done.error, done.error_code = str(e) or type(e).__name__, frames.error_code(e)
             finally:
                 self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
             end = time.perf_counter_ns()
@@ -216,13 +214,12 @@ class StageRunner:
                     raise InvalidArgumentError(f"step {step_id}: superseded by a newer plan stream")
                 self._arrived.wait(timeout=0.5)
             hidden = self._activations.pop(step_id, None)
-        if isinstance(hidden, tuple):
-            data, layout = hidden
-            try:
-                hidden = codec.decode_rows(data, layout, num_tokens)
-            except CodecError as e:
-                raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
-        return hidden
+        if hidden is None:
+            return None
+        try:
+            return frames.shape_activations(hidden, num_tokens)
+        except CodecError as e:
+            raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
 
     def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
         """Each sampler its rows; `samplers` is the address of each row's, from the sampler table."""
