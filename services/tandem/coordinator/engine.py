@@ -68,10 +68,10 @@ class Snapshot:
     num_blocks_used: int = 0
     num_preemptions: int = 0
     samplers: tuple[str, ...] = ()  # the replicas up, by address
-    sampler_indices: tuple[int, ...] = ()  # each one's index in the stages' sampler table
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
     prefix_cache_hits: int = 0  # of those, found there
     unavailable: str = ""  # why new requests are refused (a stage down too long); empty: they are not
+    sampler_indices: tuple[int, ...] = ()  # of each replica up, its index in the stages' sampler table
 
 
 class Engine:
@@ -251,11 +251,11 @@ class Engine:
 
     def _publish(self, num_received: int) -> None:
         s = self.scheduler
-        up = self._pool.addresses_up
         snapshot = Snapshot(s.num_running, s.num_waiting, s.blocks.num_blocks - s.blocks.num_free,
-                            s.num_preemptions, up, tuple(self._sampler_table.index(a) for a in up),
-                            s.blocks.num_queried_tokens, s.blocks.num_hit_tokens,
-                            self._health.message() if self._health.expired(time.monotonic()) else "")
+                            s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
+                            s.blocks.num_hit_tokens,
+                            self._health.message() if self._health.expired(time.monotonic()) else "",
+                            sampler_indices=tuple(self._sampler_table.index(a) for a in self._pool.addresses_up))
         with self._lock:
             self.snapshot = snapshot
             self._num_unreceived -= num_received
