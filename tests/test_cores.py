@@ -35,7 +35,8 @@ def test_bad_core_lists_are_refused(text):
         parse_cpu_list(text)
 
 
-@pytest.mark.parametrize("cls, extra", [(StageWorkerConfig, {"model": "m"}), (SamplerConfig, {})])
+@pytest.mark.parametrize("cls, extra", [(StageWorkerConfig, {"model": "m", "samplers": ["s:1"]}),
+                                        (SamplerConfig, {"vocab_size": 8})])
 def test_the_cpus_field_is_checked_by_name(cls, extra):
     assert load_config(cls, {**extra, "cpus": "0-1"}).cpus == "0-1"
     with pytest.raises(ConfigError, match="'cpus'"):
