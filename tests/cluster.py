@@ -69,7 +69,7 @@ def start_cluster(
             c._servers.append(server)
             c.kv_store = server.address
         for i in range(num_samplers):
-            config = SamplerConfig(**techniques.sampler_options(), tls=tls)
+            config = SamplerConfig(model=str(model), **techniques.sampler_options(), tls=tls)
             runner = SamplerRunner(config, name=f"sampler-{i}")
             server = cpu_sampler.serve(config, runner)
             c._servers.append(server)
@@ -79,6 +79,7 @@ def start_cluster(
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
                                     num_blocks=num_blocks, block_size=block_size, device=device, dtype="float32", tls=tls,
+                                    samplers=tuple(c.samplers) if index == num_stages - 1 else (),
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             metrics = Metrics()
             server = compose.serve_stage_worker(cfg, metrics)

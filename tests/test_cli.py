@@ -23,7 +23,8 @@ from tandem.stage_worker.config import StageWorkerConfig
 from tandem.v1.stage_worker_pb2 import GetStageInfoRequest
 from tandem.v1.stage_worker_pb2_grpc import StageWorkerStub
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+ADMIN_KEY = "test-admin-key"
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "TANDEM_ADMIN_KEY": ADMIN_KEY}  # `tandem up` hands it to the coordinator
 
 
 def start_up(model: Path, tmp_path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
@@ -95,8 +96,8 @@ def test_up_generate_and_clean_shutdown(up, checkpoint, reference_model):
 def test_up_gives_each_stage_its_cores_and_balances_the_layers(up):
     proc, endpoint = up("--stages", "2", "--samplers", "1", "--stage-boundaries", "auto")
     kids = children_of(proc.pid)
-    with TandemClient(endpoint, timeout_s=60) as client:
-        stages = client.server_info().stages
+    with TandemClient(endpoint, timeout_s=60, api_key=ADMIN_KEY) as client:
+        stages = client.server_info(include_addresses=True).stages
     plan = plan_cores(sorted(os.sched_getaffinity(0)), num_stages=2, num_samplers=1)
     infos = []
     for stage in stages:
@@ -133,7 +134,7 @@ def test_a_service_that_never_gets_ready_is_reported_with_its_error(tmp_path):
     from tandem.launcher import Launcher
 
     launcher = Launcher(log_dir=tmp_path, say=lambda line: None)
-    bad = StageWorkerConfig(model=str(tmp_path / "no-such-model"))
+    bad = StageWorkerConfig(model=str(tmp_path / "no-such-model"), samplers=("127.0.0.1:1",))
     with pytest.raises(RuntimeError, match=r"stage-worker-0 did not become ready; see .*stage-worker-0.log: .*no-such-model"):
         launcher.start("stage-worker-0", "stage_worker", bad, timeout_s=120)
     assert launcher.children == []

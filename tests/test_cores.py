@@ -35,7 +35,8 @@ def test_bad_core_lists_are_refused(text):
         parse_cpu_list(text)
 
 
-@pytest.mark.parametrize("cls, extra", [(StageWorkerConfig, {"model": "m"}), (SamplerConfig, {})])
+@pytest.mark.parametrize("cls, extra", [(StageWorkerConfig, {"model": "m", "samplers": ["s:1"]}),
+                                        (SamplerConfig, {"vocab_size": 8})])
 def test_the_cpus_field_is_checked_by_name(cls, extra):
     assert load_config(cls, {**extra, "cpus": "0-1"}).cpus == "0-1"
     with pytest.raises(ConfigError, match="'cpus'"):
@@ -103,8 +104,10 @@ def launcher(tmp_path):
 def test_a_started_stage_and_sampler_report_their_threads_and_cores(launcher, checkpoint):
     core = CORES[-1]
     stage = launcher.start("stage", "stage_worker", StageWorkerConfig(model=str(checkpoint("llama")),
-                                                                       cpus=str(core), num_threads=1))
-    sampler = launcher.start("sampler", "cpu_sampler", SamplerConfig(cpus=format_cpu_list(CORES), num_threads=2))
+                                                                       cpus=str(core), num_threads=1,
+                                                                       samplers=("127.0.0.1:1",)))
+    sampler = launcher.start("sampler", "cpu_sampler", SamplerConfig(model=str(checkpoint("llama")),
+                                                                    cpus=format_cpu_list(CORES), num_threads=2))
     with grpc.insecure_channel(stage) as channel:
         info = stage_worker_pb2_grpc.StageWorkerStub(channel).GetStageInfo(stage_worker_pb2.GetStageInfoRequest(),
                                                                           timeout=30)

@@ -13,6 +13,9 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tandem.core import codec
+from tandem.core.config import load_config
+from tandem.core.errors import ConfigError
+from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions, SequenceState, sample
 from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
 from tandem.cpu_sampler.runner import SamplerRunner
@@ -55,7 +58,7 @@ def start_replica(request):
     """start_replica() -> a running sampler on 127.0.0.1, port 0, stopped after the test."""
 
     def start() -> Replica:
-        config = SamplerConfig(host="127.0.0.1", port=0, max_workers=8)
+        config = SamplerConfig(host="127.0.0.1", port=0, max_workers=8, vocab_size=VOCAB)
         runner = SamplerRunner(config)
         server = serve(config, runner)
         channel = grpc.insecure_channel(server.address)
@@ -194,18 +197,60 @@ def test_invalid_params_are_refused_naming_the_field(start_replica):
 
 def test_unknown_rows_are_skipped_and_named(start_replica):
     replica = start_replica()
-    out_of_vocab = pb.SamplerSequence(request_id="oov", params=common_pb2.SamplingParams(logit_bias={VOCAB: 1.0}))
-    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=[*SEQUENCES, out_of_vocab]), timeout=TIMEOUT_S)
+    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=SEQUENCES), timeout=TIMEOUT_S)
     replica.stub.ReleaseSequences(pb.ReleaseSequencesRequest(request_ids=["nucleus", "never-added"]),
                                   timeout=TIMEOUT_S)
     results = replica.subscribe()
-    replica.stub.Logits(iter([frame(3, ["greedy", "nucleus", "oov"], [0, 0, 0], torch.randn(3, VOCAB))]),
-                        timeout=TIMEOUT_S)
+    replica.stub.Logits(iter([frame(3, ["greedy", "nucleus"], [0, 0], torch.randn(2, VOCAB))]), timeout=TIMEOUT_S)
     batch = next(results)
     assert [t.request_id for t in batch.tokens] == ["greedy"]
-    assert "unknown request 'nucleus'" in batch.error and "logit_bias holds token id 64" in batch.error
+    assert "unknown request 'nucleus'" in batch.error
     info = replica.stub.GetSamplerInfo(pb.GetSamplerInfoRequest(), timeout=TIMEOUT_S)
-    assert (info.num_sequences, info.num_frames_total, info.num_rows_total) == (3, 1, 1)
+    assert (info.num_sequences, info.num_frames_total, info.num_rows_total) == (len(SEQUENCES) - 1, 1, 1)
+
+
+def test_token_ids_outside_the_configured_vocabulary_are_refused_on_add(start_replica):
+    replica = start_replica()
+    out_of_vocab = pb.SamplerSequence(request_id="oov", params=common_pb2.SamplingParams(logit_bias={VOCAB: 1.0}))
+    with pytest.raises(grpc.RpcError) as info:
+        replica.stub.AddSequences(pb.AddSequencesRequest(sequences=[out_of_vocab]), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request 'oov'" in info.value.details() and "logit_bias" in info.value.details()
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_a_frame_of_the_wrong_width_is_refused_and_never_sets_the_vocabulary(start_replica, structured):
+    """A fresh replica knows its vocabulary from its configuration: the first frame it ever sees,
+    one column too wide, is refused naming both widths, and frames of the right width still sample."""
+    replica = start_replica()
+    replica.stub.AddSequences(pb.AddSequencesRequest(sequences=SEQUENCES), timeout=TIMEOUT_S)
+    results = replica.subscribe()
+    wide = torch.randn(1, VOCAB + 1)
+    if structured:
+        bad = [pb.LogitsFrame(layout=tensor_pb2.TensorLayout(dtype="float32", row_shape=[VOCAB + 1])),
+               pb.LogitsFrame(step_id=7, data=codec.raw(wide))]
+    else:
+        bad = [frame(7, ["greedy"], [0], wide)]
+    with pytest.raises(grpc.RpcError) as info:
+        replica.stub.Logits(iter(bad), timeout=TIMEOUT_S)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"{VOCAB + 1}" in info.value.details() and f"vocabulary has {VOCAB} tokens" in info.value.details()
+    assert replica.runner.engine.vocab_size == VOCAB
+    assert replica.stub.Logits(iter([frame(1, ["greedy"], [0], torch.randn(1, VOCAB))]), timeout=TIMEOUT_S).num_frames == 1
+    assert [t.request_id for t in next(results).tokens] == ["greedy"]
+
+
+def test_the_vocabulary_comes_from_the_model_or_vocab_size(checkpoint, tmp_path):
+    model = str(checkpoint("llama"))
+    vocab = ModelConfig.from_dir(model).vocab_size
+    assert SamplerConfig(model=model).vocabulary() == SamplerRunner(SamplerConfig(model=model)).engine.vocab_size == vocab
+    assert SamplerConfig(vocab_size=5).vocabulary() == 5
+    with pytest.raises(ConfigError, match=f"'vocab_size'=5 differs from the model's {vocab}"):
+        SamplerConfig(model=model, vocab_size=5).vocabulary()
+    with pytest.raises(ConfigError, match="config field 'model'"):
+        load_config(SamplerConfig, {"port": 1})
+    with pytest.raises(ConfigError, match="cannot read its config.json"):
+        SamplerConfig(model=str(tmp_path / "missing")).vocabulary()
 
 
 def test_results_stream_ends_when_the_client_cancels(start_replica):
@@ -232,7 +277,7 @@ def test_health_reports_serving(start_replica):
 
 
 def test_results_stream_ends_when_the_server_stops():
-    config = SamplerConfig()
+    config = SamplerConfig(vocab_size=VOCAB)
     runner = SamplerRunner(config)
     server = serve(config, runner)
     with grpc.insecure_channel(server.address) as channel:

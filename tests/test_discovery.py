@@ -9,9 +9,9 @@ import time
 import pytest
 
 from kube_api import FakeKubeApi
-from tandem.coordinator import discovery
 from tandem.coordinator.config import CoordinatorConfig
-from tandem.coordinator.discovery import EndpointSliceDiscovery, StaticDiscovery, slice_addresses
+from tandem.core import discovery
+from tandem.core.discovery import EndpointSliceDiscovery, StaticDiscovery, slice_addresses
 from tandem.core.errors import ConfigError
 
 SERVICE = "tandem-cpu-sampler"

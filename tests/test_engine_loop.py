@@ -380,10 +380,10 @@ def test_a_failed_or_timed_out_step_fails_its_requests_and_sampling_errors_fail_
     rig.turn()
     failed = rig.open_steps()[0]
     rig.answered.add(failed.step_id)
-    rig.post(StepFailed(failed.step_id, 1, "boom"))
+    rig.post(StepFailed(failed.step_id, 1, "names sampler 'x:1'", common_pb2.ERROR_CODE_INVALID_ARGUMENT))
     rig.turn()
     end = outputs(a)[-1]
-    assert isinstance(end.error, UnavailableError) and "stage 1 failed" in str(end.error)
+    assert isinstance(end.error, UnavailableError) and f"stage 1 failed step {failed.step_id} (INVALID_ARGUMENT)" in str(end.error)
 
     b = rig.request("b")
     rig.turn()
@@ -399,7 +399,8 @@ def test_a_failed_or_timed_out_step_fails_its_requests_and_sampling_errors_fail_
     rig.turn()
     rig.turn()
     message = str(outputs(c)[-1].error)
-    assert "the pipeline failed step" in message and "no result within" in message and "stage -1" not in message
+    assert "the pipeline failed step" in message and "(DEADLINE_EXCEEDED): no result within" in message
+    assert "stage -1" not in message
 
 
 def test_concurrent_submits_with_one_id_accept_exactly_one():

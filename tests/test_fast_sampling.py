@@ -313,6 +313,6 @@ def test_engine_gives_the_same_frames_with_either_sampler():
 def test_config_switch_defaults_and_validation():
     config = SamplerConfig()
     assert config.fast_sampler is True and config.num_threads == 1
-    assert SamplerEngine.from_config(load_config(SamplerConfig, {"fast_sampler": False})).fast_sampler is False
+    assert SamplerEngine.from_config(load_config(SamplerConfig, {"fast_sampler": False, "vocab_size": 8})).fast_sampler is False
     with pytest.raises(ConfigError, match="num_threads"):
-        load_config(SamplerConfig, {"num_threads": 0})
+        load_config(SamplerConfig, {"num_threads": 0, "vocab_size": 8})

@@ -175,10 +175,15 @@ def test_coordinator_role_grants_only_endpointslice_reads() -> None:
     assert not _of_kind(objs, "ClusterRole", "ClusterRoleBinding")
     (binding,) = _of_kind(objs, "RoleBinding")
     (coordinator,) = [w for w in _of_kind(objs, "Deployment") if _component(w) == "coordinator"]
-    assert binding["subjects"][0]["name"] == coordinator["spec"]["template"]["spec"]["serviceAccountName"]
+    last_stage = f"demo-tandem-stage-{_chart().merge_values({})['pipeline']['numStages'] - 1}"
+    readers = {coordinator["metadata"]["name"], last_stage}  # the last stage finds its samplers itself
+    assert {s["name"] for s in binding["subjects"]} == readers
+    assert readers <= {a["metadata"]["name"] for a in _of_kind(objs, "ServiceAccount")}
     for workload in _of_kind(objs, *WORKLOAD_KINDS):
-        token = workload["spec"]["template"]["spec"]["automountServiceAccountToken"]
-        assert token is (_component(workload) == "coordinator")
+        pod = workload["spec"]["template"]["spec"]
+        assert pod["automountServiceAccountToken"] is (workload["metadata"]["name"] in readers)
+        if workload["metadata"]["name"] in readers:
+            assert pod["serviceAccountName"] == workload["metadata"]["name"]
 
 
 def test_static_discovery_grants_no_api_access() -> None:
@@ -213,10 +218,17 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
     stages = sorted(configs["stage-worker"], key=lambda s: s.stage_index)
     suffix = f".{NAMESPACE}.svc.cluster.local:50051"
     assert coordinator.stages == tuple(f"demo-tandem-stage-{i}{suffix}" for i in range(len(stages)))
+    source = ("samplers", "sampler_discovery", "sampler_service", "sampler_namespace", "sampler_port_name", "kubernetes_api")
     for i, stage in enumerate(stages):
         assert stage.stage_index == i and stage.num_stages == len(stages)
         assert stage.next_stage == (coordinator.stages[i + 1] if i + 1 < len(stages) else "")
         assert stage.model == coordinator.model
+        if i + 1 == len(stages):  # finds its samplers where the coordinator does, on its own
+            assert [getattr(stage, f) for f in source] == [getattr(coordinator, f) for f in source]
+        else:
+            assert (stage.samplers, stage.sampler_service) == ((), "")
+    for sampler in configs["cpu-sampler"]:
+        assert sampler.model == coordinator.model  # its vocabulary
     values = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))
     assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]  # no example uses auto
     if values["cpuSampler"]["discovery"] == "static":
@@ -399,6 +411,21 @@ def test_gateway_serves_http_reads_the_model_files_it_needs_and_can_be_left_out(
     assert {"name": "MODEL_PATTERNS", "value": "*.json *.jinja"} in download["env"]
     objs = _render({"gateway": {"enabled": False}})
     assert not [o for o in objs if _component(o) == "gateway"] and objs
+
+
+def test_only_the_coordinator_gets_the_admin_key_and_only_when_asked_for() -> None:
+    def holders(objs: list[dict[str, Any]]) -> list[str]:
+        return [_component(w) for w in _of_kind(objs, *WORKLOAD_KINDS)
+                if "TANDEM_ADMIN_KEY" in [e["name"] for e in w["spec"]["template"]["spec"]["containers"][0].get("env", [])]]
+
+    assert holders(_objects("tls-apikey.yaml")) == ["coordinator"]
+    assert holders(_objects("defaults.yaml")) == []
+
+
+def test_samplers_download_only_the_model_config_they_read_their_vocabulary_from() -> None:
+    (sampler,) = [w for w in _of_kind(_objects("tls-apikey.yaml"), *WORKLOAD_KINDS) if _component(w) == "cpu-sampler"]
+    (download,) = sampler["spec"]["template"]["spec"]["initContainers"]
+    assert {"name": "MODEL_PATTERNS", "value": "config.json"} in download["env"]
 
 
 def test_autoscaling_targets_the_sampler_deployment() -> None:

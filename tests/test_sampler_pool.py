@@ -76,13 +76,17 @@ class Streamer:
             thread.join(timeout=300)
 
 
-def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
+ADMIN_KEY_ENV, ADMIN_KEY = "TANDEM_TEST_POOL_ADMIN_KEY", "pool-admin"  # the pool is watched by its addresses
+
+
+def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv(ADMIN_KEY_ENV, ADMIN_KEY)
     model = str(checkpoint("llama"))
     api = FakeKubeApi()
     launcher = Launcher(workdir=str(tmp_path))
     servers = []
     try:
-        samplers = [launcher.start(f"sampler-{i}", "cpu_sampler", SamplerConfig()) for i in range(3)]
+        samplers = [launcher.start(f"sampler-{i}", "cpu_sampler", SamplerConfig(model=model)) for i in range(3)]
 
         def publish(i: int, ready: bool = True) -> None:  # one slice per replica: each has its own port
             host, port = samplers[i].rsplit(":", 1)
@@ -91,18 +95,21 @@ def test_replicas_come_and_go_while_requests_stream(checkpoint, tmp_path):
         publish(0)
         publish(1)
         stages: list[str] = []
-        for index in (1, 0):
+        for index in (1, 0):  # the last stage follows the same EndpointSlices to know where it may send logits
+            discovery = {"sampler_discovery": "endpointslices", "sampler_service": SERVICE, "sampler_namespace": api.namespace,
+                         "kubernetes_api": api.url} if index == 1 else {}
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=2, next_stage=stages[0] if stages else "",
-                                    num_blocks=512, block_size=4)
+                                    num_blocks=512, block_size=4, **discovery)
             servers.append(stage_worker.serve(cfg))
             stages.insert(0, servers[-1].address)
         servers.append(coordinator.serve(CoordinatorConfig(
             model=model, stages=tuple(stages), sampler_discovery="endpointslices", sampler_service=SERVICE,
-            sampler_namespace=api.namespace, kubernetes_api=api.url, num_blocks=512, block_size=4)))
-        client = TandemClient(servers[-1].address, timeout_s=300)
+            sampler_namespace=api.namespace, kubernetes_api=api.url, num_blocks=512, block_size=4,
+            admin_key_env=ADMIN_KEY_ENV)))
+        client = TandemClient(servers[-1].address, timeout_s=300, api_key=ADMIN_KEY)
 
         def pool() -> set[str]:
-            return {s.address for s in client.server_info().samplers}
+            return {s.address for s in client.server_info(include_addresses=True).samplers}
 
         wait_until(lambda: pool() == {samplers[0], samplers[1]}, "the first two replicas")
 

@@ -125,11 +125,11 @@ def test_auto_boundaries_in_the_stage_config(tmp_path, checkpoint):
     model = checkpoint("llama")  # 5 layers
     path = tmp_path / "p.json"
     path.write_text(profile(num_layers=5).to_json())
-    cfg = load_config(StageWorkerConfig, {"model": str(model), "num_stages": 2, "stage_index": 1,
+    cfg = load_config(StageWorkerConfig, {"model": str(model), "num_stages": 2, "stage_index": 1, "samplers": ["s:1"],
                                           "stage_boundaries": "auto", "stage_profile": str(path)})
     config = ModelConfig.from_dir(model)
     assert stage_boundaries(cfg, config) == balanced_split(profile(num_layers=5), 2).boundaries
-    assert load_config(StageWorkerConfig, {"model": "m", "stage_boundaries": [3]}).stage_boundaries == (3,)
+    assert load_config(StageWorkerConfig, {"model": "m", "samplers": ["s:1"], "stage_boundaries": [3]}).stage_boundaries == (3,)
     with pytest.raises(ConfigError, match="'stage_profile'"):
         load_config(StageWorkerConfig, {"model": "m", "stage_boundaries": "auto"})
     with pytest.raises(ConfigError, match="'stage_boundaries'"):

@@ -120,7 +120,7 @@ def test_rings_of_dead_processes_are_removed():
 
 @pytest.fixture
 def replica(request):
-    config = SamplerConfig(max_workers=8, plan_wait_s=0.5)
+    config = SamplerConfig(vocab_size=VOCAB, max_workers=8, plan_wait_s=0.5)
     server = serve(config)
     channel = grpc.insecure_channel(server.address)
     stub = cpu_sampler_pb2_grpc.CpuSamplerStub(channel)
@@ -151,7 +151,7 @@ def _tokens(results, num_steps: int) -> list[list[int]]:
 
 def test_raw_frames_and_ring_slots_sample_the_same_tokens_as_whole_tensors(request):
     def run(kind: str) -> list[list[int]]:
-        config = SamplerConfig(max_workers=8)
+        config = SamplerConfig(vocab_size=VOCAB, max_workers=8)
         server = serve(config)
         request.addfinalizer(lambda: server.stop(grace_s=0))
         with grpc.insecure_channel(server.address) as channel:

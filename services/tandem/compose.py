@@ -53,7 +53,7 @@ def serve_stage_worker(config: StageWorkerConfig, metrics: Metrics | None = None
     from tandem.cpu_sampler.runner import SamplerRunner
     from tandem.v1 import cpu_sampler_pb2_grpc
 
-    sampler = SamplerRunner(SamplerConfig(fast_sampler=config.fast_sampler), metrics, f"stage-{config.stage_index}")
+    sampler = SamplerRunner(SamplerConfig(model=config.model, fast_sampler=config.fast_sampler), metrics, f"stage-{config.stage_index}")
     hosted = (cpu_sampler_pb2_grpc.add_CpuSamplerServicer_to_server, cpu_sampler.CpuSamplerServicer(sampler),
               [cpu_sampler.SERVICE_NAME])
     return stage_worker.serve(config, sample=sampler.sample, hosted=[hosted], metrics=metrics)

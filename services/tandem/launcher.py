@@ -158,7 +158,7 @@ class Launcher:
         kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host, tls=tls), cpus=others) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
-            sampler = SamplerConfig(host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
+            sampler = SamplerConfig(model=model, host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
             samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
@@ -166,7 +166,7 @@ class Launcher:
                                     next_stage=stages[0] if stages else "", kv_store=kv,
                                     num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
                                     cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
-                                    dtype=dtype, tls=tls,
+                                    dtype=dtype, tls=tls, samplers=samplers if index == num_stages - 1 else (),
                                     step_log=str(self.workdir / f"steps-{index}.jsonl") if step_logs else "",
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))

@@ -143,7 +143,8 @@ StatefulSet DNS name per replica. */}}
 A pod template for one role. dict:
   root: $, component: k8s spelling, values: the role's values block, grpcService: readiness
   service name, httpPort: for an HTTP service instead (TCP liveness, readiness from GET /health),
-  configMap: name, needsModel: bool, labels: selector labels (rendered),
+  configMap: name, needsModel: bool, modelPatterns: the model files a download fetches (default: by
+  role), labels: selector labels (rendered),
   serviceAccount: name or "", gpu: bool, configFiles: more keys of the ConfigMap, each mounted
   as /etc/tandem/KEY, metrics: bool (serves Prometheus metrics on metricsPort: scrape annotations)
 */}}
@@ -192,7 +193,7 @@ spec:
         - name: MODEL_DIR
           value: {{ include "tandem.model.dir" $root | quote }}
         - name: MODEL_PATTERNS
-          value: {{ if .httpPort }}"*.json *.jinja"{{ else }}"*.json *.safetensors"{{ end }}
+          value: {{ if .modelPatterns }}{{ .modelPatterns | quote }}{{ else if .httpPort }}"*.json *.jinja"{{ else }}"*.json *.safetensors"{{ end }}
         - name: HOME
           value: /tmp
         {{- with $root.Values.model.download.tokenSecret.name }}
@@ -269,6 +270,13 @@ spec:
             secretKeyRef:
               name: {{ $root.Values.apiKey.secretName }}
               key: {{ $root.Values.apiKey.key }}
+        {{- end }}
+        {{- if and (eq .component "coordinator") $root.Values.apiKey.enabled $root.Values.apiKey.adminKey }}
+        - name: TANDEM_ADMIN_KEY
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.apiKey.secretName }}
+              key: {{ $root.Values.apiKey.adminKey }}
         {{- end }}
         {{- with $v.env }}
         {{- toYaml . | nindent 8 }}

@@ -208,6 +208,6 @@ def server_info_from(reply: coordinator_pb2.GetServerInfoResponse) -> ServerInfo
             StageInfo(s.index, s.address, s.layer_start, s.layer_end, s.kv_blocks_used)
             for s in reply.stages
         ],
-        samplers=[SamplerInfo(s.address, s.num_sequences) for s in reply.samplers],
+        samplers=[SamplerInfo(s.index, s.address, s.num_sequences) for s in reply.samplers],
         **scalars,
     )

@@ -173,9 +173,12 @@ class AsyncTandemClient:
         )
         return (await self._unary(self._stub.Detokenize, request)).text
 
-    async def server_info(self) -> ServerInfo:
-        """Model, pipeline, sampler pool, queue and KV cache figures."""
-        reply = await self._unary(self._stub.GetServerInfo, coordinator_pb2.GetServerInfoRequest())
+    async def server_info(self, *, include_addresses: bool = False) -> ServerInfo:
+        """Model, pipeline, sampler pool, queue and KV cache figures. `include_addresses`: also the
+        stages' and samplers' host:port, given only to a client whose `api_key` is the admin key
+        (PermissionDeniedError otherwise)."""
+        request = coordinator_pb2.GetServerInfoRequest(include_addresses=include_addresses)
+        reply = await self._unary(self._stub.GetServerInfo, request)
         return server_info_from(reply)
 
     async def close(self) -> None:

@@ -68,7 +68,8 @@ class GenerateResult:
 
 @dataclass(frozen=True)
 class StageInfo:
-    """One pipeline stage: layers [layer_start, layer_end) served at `address`."""
+    """One pipeline stage: layers [layer_start, layer_end), served at `address` (empty unless asked
+    for with the admin key)."""
 
     index: int
     address: str
@@ -79,8 +80,10 @@ class StageInfo:
 
 @dataclass(frozen=True)
 class SamplerInfo:
-    """One sampler replica and the sequences it holds."""
+    """One sampler replica, by its index in the coordinator's sampler table, and the sequences it
+    holds; `address` is empty unless asked for with the admin key."""
 
+    index: int
     address: str
     num_sequences: int
 

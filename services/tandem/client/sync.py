@@ -169,9 +169,12 @@ class TandemClient:
         )
         return self._unary(self._stub.Detokenize, request).text
 
-    def server_info(self) -> ServerInfo:
-        """Model, pipeline, sampler pool, queue and KV cache figures."""
-        return server_info_from(self._unary(self._stub.GetServerInfo, coordinator_pb2.GetServerInfoRequest()))
+    def server_info(self, *, include_addresses: bool = False) -> ServerInfo:
+        """Model, pipeline, sampler pool, queue and KV cache figures. `include_addresses`: also the
+        stages' and samplers' host:port, given only to a client whose `api_key` is the admin key
+        (PermissionDeniedError otherwise)."""
+        request = coordinator_pb2.GetServerInfoRequest(include_addresses=include_addresses)
+        return server_info_from(self._unary(self._stub.GetServerInfo, request))
 
     def close(self) -> None:
         """Close the channel; calls in flight are cancelled."""

@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from tandem.coordinator.limits import Limits
+from tandem.core import discovery
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
@@ -74,6 +75,10 @@ class CoordinatorConfig:
     api_key_env: str = doc(
         "environment variable holding the API key clients must send as 'authorization: Bearer KEY'; "
         "the variable unset or empty: no key is asked for", "TANDEM_API_KEY")
+    admin_key_env: str = doc(
+        "environment variable holding the admin key: a call sending it as 'authorization: Bearer KEY' passes "
+        "wherever the API key does and may also read the internal addresses of the stages and samplers "
+        "(GetServerInfo include_addresses); the variable unset or empty: no caller may", "TANDEM_ADMIN_KEY")
 
     max_prompt_bytes: int = doc("longest prompt text, or text to tokenize, in UTF-8 bytes", 1 << 20)
     max_prompt_tokens: int = doc("most token ids in a prompt given as ids, or to detokenize", 1 << 18)
@@ -92,12 +97,7 @@ class CoordinatorConfig:
             raise ConfigError("config field 'model' must name a model directory")
         if not self.stages:
             raise ConfigError("config field 'stages' must list at least one stage worker")
-        if self.sampler_discovery not in ("static", "endpointslices"):
-            raise ConfigError(f"config field 'sampler_discovery'={self.sampler_discovery!r} must be static or endpointslices")
-        if self.sampler_discovery == "static" and not self.samplers:
-            raise ConfigError("config field 'samplers' must list at least one sampler (sampler_discovery: static)")
-        if self.sampler_discovery == "endpointslices" and not self.sampler_service:
-            raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
+        discovery.check_config(self)
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "trace_every_n_steps",
                      "max_workers", *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:

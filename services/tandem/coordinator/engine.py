@@ -22,7 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from tandem.coordinator import plans, request_trace
-from tandem.coordinator.discovery import SamplerDiscovery
 from tandem.coordinator.events import (
     Aborted,
     Event,
@@ -43,6 +42,8 @@ from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
+from tandem.core import frames
+from tandem.core.discovery import SamplerDiscovery
 from tandem.core.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -75,6 +76,7 @@ class Snapshot:
     unavailable: str = ""  # why new requests are refused (a stage down too long); empty: they are not
     phase: str = ""  # with temporal phases: "prefill" or "decode"; empty: off
     phase_switches: tuple[int, int] = (0, 0)  # with temporal phases: switches to prefill, to decode
+    sampler_indices: tuple[int, ...] = ()  # of each replica up, its index in the stages' sampler table
 
 
 class Engine:
@@ -267,7 +269,8 @@ class Engine:
 
     def _fail_expired(self) -> None:
         for step_id in self.scheduler.expired(sent_before=time.monotonic() - self.step_timeout_s):
-            self._on_step_failed(StepFailed(step_id, -1, f"no result within {self.step_timeout_s:.0f}s"))
+            self._on_step_failed(StepFailed(step_id, -1, f"no result within {self.step_timeout_s:.0f}s",
+                                            common_pb2.ERROR_CODE_DEADLINE_EXCEEDED))
 
     def _publish(self, num_received: int) -> None:
         s = self.scheduler
@@ -275,7 +278,9 @@ class Engine:
                             s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
                             s.blocks.num_hit_tokens,
                             self._health.message() if self._health.expired(time.monotonic()) else "",
-                            *s.phases.state() if s.phases is not None else ())
+                            **({"phase": s.phases.phase.value, "phase_switches": s.phases.switch_counts()}
+                               if s.phases is not None else {}),
+                            sampler_indices=tuple(self._sampler_table.index(a) for a in self._pool.addresses_up))
         with self._lock:
             self.snapshot = snapshot
             self._num_unreceived -= num_received
@@ -298,7 +303,7 @@ class Engine:
                 for t in batch.tokens}
         commits = self.scheduler.update(batch.step_id, rows)
         if batch.error:  # rows this sampler could not sample: their requests fail now, not at the timeout
-            error = SamplingError(f"sampler {event.port.address}: {batch.error}")
+            error = SamplingError(f"sampler {event.port.address} ({frames.error_name(batch.error_code)}): {batch.error}")
             for rid in self.scheduler.unanswered(batch.step_id):
                 if self._requests[rid].sampler == event.port.address:
                     commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)
@@ -309,7 +314,11 @@ class Engine:
 
     def _on_step_failed(self, event: StepFailed) -> None:
         who = f"stage {event.stage}" if event.stage >= 0 else "the pipeline"
-        error = UnavailableError(f"{who} failed step {event.step_id}: {event.error}")
+        kind = frames.error_name(event.code)
+        if event.code == common_pb2.ERROR_CODE_INVALID_ARGUMENT:  # not a fault of the stage's: the two disagree
+            log.error("%s refused step %d: %s (check that the stage's and the coordinator's configs match)",
+                      who, event.step_id, event.error)
+        error = UnavailableError(f"{who} failed step {event.step_id} ({kind}): {event.error}")
         commits: list[Commit] = []
         for rid in self.scheduler.fail(event.step_id):
             commits += self._end(rid, common_pb2.FINISH_REASON_ERROR, error)

@@ -84,6 +84,7 @@ class StepFailed:
     step_id: int
     stage: int
     error: str
+    code: int = 0  # the stage's ErrorCode (common.proto); 0 when it sent none
 
 
 @dataclass(frozen=True)

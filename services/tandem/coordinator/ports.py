@@ -135,7 +135,7 @@ class GrpcStage:
         def call(plans):
             for done in stub.Steps(self._with_sampler_table(plans)):
                 if done.error:
-                    post(StepFailed(done.step_id, index, done.error))
+                    post(StepFailed(done.step_id, index, done.error, done.error_code))
                 elif is_last and done.step_id:
                     post(StepComputed(done.step_id))
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from tandem import __version__
-from tandem.coordinator import checks, discovery, ports, request_trace, td_pipe
+from tandem.coordinator import checks, ports, request_trace, td_pipe
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import Chunk, TextStream, Wakeups
@@ -25,9 +25,10 @@ from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
-from tandem.core import tracing
+from tandem.core import discovery, tracing
 from tandem.core.aio_server import AsyncServer
-from tandem.core.errors import InvalidArgumentError, NotFoundError
+from tandem.core.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
+from tandem.core.interceptors import carries_key
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
@@ -43,8 +44,10 @@ SERVICE_NAME = "tandem.v1.Coordinator"
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
     def __init__(self, config: CoordinatorConfig, engine: Engine, probe: ServiceProbe, tokenizer: Tokenizer,
-                 model: ModelConfig, block_bytes: int, metrics: CoordinatorMetrics, wakeups: Wakeups | None = None):
+                 model: ModelConfig, block_bytes: int, metrics: CoordinatorMetrics, wakeups: Wakeups | None = None,
+                 admin_key: str = ""):
         self.config, self.engine, self.probe, self.tokenizer, self.model = config, engine, probe, tokenizer, model
+        self.admin_key = admin_key  # empty: no caller is given internal addresses
         self.metrics = metrics
         self.wakeups = wakeups or Wakeups()  # the engine's on_outputs must notify these
         self.max_model_len = config.max_model_len or model.max_position_embeddings
@@ -106,6 +109,12 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         return pb.DetokenizeResponse(text=await asyncio.to_thread(self.tokenizer.decode, ids, skip_special_tokens=skip))
 
     async def GetServerInfo(self, request, context):
+        """Counts, states and indices for any caller; internal addresses only for the admin key."""
+        if request.include_addresses and not carries_key(context.invocation_metadata(), self.admin_key):
+            raise PermissionDeniedError(
+                "include_addresses: internal addresses are given only to a caller presenting the admin key "
+                f"('authorization: Bearer <key>', the key in ${self.config.admin_key_env})")
+        show = request.include_addresses
         snapshot, report, cfg = self.engine.snapshot, self.probe.report, self.config
         info = pb.GetServerInfoResponse(
             model=Path(cfg.model).name, version=__version__, vocab_size=self.model.vocab_size,
@@ -117,10 +126,11 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             prefix_cache_hits_total=snapshot.prefix_cache_hits,
         )
         for i, (stage, num_blocks) in enumerate(zip(self.probe.stages, report.stage_blocks_used)):
-            info.stages.add(index=i, address=stage.address, layer_start=stage.layer_start,
+            info.stages.add(index=i, address=stage.address if show else "", layer_start=stage.layer_start,
                             layer_end=stage.layer_end, kv_blocks_used=num_blocks)
-        for address in snapshot.samplers:
-            info.samplers.add(address=address, num_sequences=report.sampler_sequences.get(address, 0))
+        for index, address in sorted(zip(snapshot.sampler_indices, snapshot.samplers)):
+            info.samplers.add(index=index, address=address if show else "",
+                              num_sequences=report.sampler_sequences.get(address, 0))
         if self.probe.kv_store:
             info.kv_store_blocks_used = report.kv_store_used_bytes // self.block_bytes
         return info
@@ -230,10 +240,12 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncSer
         metrics, Path(config.model).name, max_model_len, config.num_blocks, lambda: engine.snapshot,
         lambda: probe.report, block_bytes=block_bytes, num_host_blocks=num_host_blocks,
         vllm_names=config.metrics_vllm_names)
+    admin_key = os.environ.get(config.admin_key_env, "")
     server = AsyncServer(config.host, config.port, config.max_workers, api_key=os.environ.get(config.api_key_env, ""),
-                         credentials=credentials, health_port=config.tls.health_port)
+                         credentials=credentials, health_port=config.tls.health_port, admin_key=admin_key)
     server.add(pb_grpc.add_CoordinatorServicer_to_server,
-               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics, wakeups),
+               CoordinatorServicer(config, engine, probe, tokenizer, model, block_bytes, coordinator_metrics, wakeups,
+                                   admin_key),
                [SERVICE_NAME])
     metrics.serve(config.host, config.metrics_port)
     server.on_drain(engine.drain)

@@ -209,7 +209,10 @@ class TemporalPhases:
 
     def state(self) -> tuple[str, tuple[int, int]]:
         """The phase's name and the switches so far (to prefill, to decode), for the snapshot."""
-        return self.phase.value, (self.num_switches[Phase.PREFILL], self.num_switches[Phase.DECODE])
+        return self.phase.value, self.switch_counts()
+
+    def switch_counts(self) -> tuple[int, int]:
+        return self.num_switches[Phase.PREFILL], self.num_switches[Phase.DECODE]
 
     def predict(self, prompt_len: int, max_tokens: int, hint: int | None = None) -> int:
         return self.predictor.predict(prompt_len, max_tokens, hint)

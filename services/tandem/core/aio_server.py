@@ -34,11 +34,12 @@ class AsyncServer(Lifecycle):
 
     With an `api_key`, calls other than health and reflection must present it as a bearer token.
     With `credentials` the port serves TLS without asking clients for certificates, and health
-    is served, plaintext, on `health_port` too (`health_address`).
+    is served, plaintext, on `health_port` too (`health_address`). An `admin_key` passes wherever
+    the API key does (the servicer decides what only it may do).
     """
 
     def __init__(self, host: str, port: int, max_workers: int = 8, api_key: str = "",
-                 credentials: tls.Credentials | None = None, health_port: int = 0):
+                 credentials: tls.Credentials | None = None, health_port: int = 0, admin_key: str = ""):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.loop.set_default_executor(futures.ThreadPoolExecutor(max_workers, thread_name_prefix="front"))
@@ -46,7 +47,7 @@ class AsyncServer(Lifecycle):
         self._thread.start()
         self._health_grpc: grpc.aio.Server | None = None
         try:
-            self.port = self._run(self._listen(host, port, api_key, credentials))
+            self.port = self._run(self._listen(host, port, (api_key, admin_key) if api_key else (), credentials))
             self.health_address = self.address = f"{host}:{self.port}"
             if credentials is not None:
                 self.health_address = f"{host}:{self._run(self._listen_health(host, health_port))}"
@@ -82,8 +83,8 @@ class AsyncServer(Lifecycle):
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
-    async def _listen(self, host: str, port: int, api_key: str, credentials: tls.Credentials | None) -> int:
-        interceptors = [*([ApiKeyInterceptor(api_key)] if api_key else []), AsyncErrorInterceptor()]
+    async def _listen(self, host: str, port: int, keys: tuple[str, ...], credentials: tls.Credentials | None) -> int:
+        interceptors = [*([ApiKeyInterceptor(*keys)] if keys else []), AsyncErrorInterceptor()]
         self.grpc = grpc.aio.server(interceptors=interceptors, options=CHANNEL_OPTIONS)
         self.health = health_aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

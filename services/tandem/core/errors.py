@@ -44,5 +44,9 @@ class DeadlineExceededError(TandemError):
     """A request ran past its deadline (gRPC DEADLINE_EXCEEDED)."""
 
 
+class PermissionDeniedError(TandemError):
+    """The caller may not do this, whoever it is (gRPC PERMISSION_DENIED)."""
+
+
 class FailedPreconditionError(TandemError):
     """The system is not in the state the call needs (gRPC FAILED_PRECONDITION)."""

@@ -17,6 +17,7 @@ from tandem.core.errors import (
     DeadlineExceededError,
     InvalidArgumentError,
     NotFoundError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     TandemError,
     UnavailableError,
@@ -32,6 +33,7 @@ STATUS_OF: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (DeadlineExceededError, grpc.StatusCode.DEADLINE_EXCEEDED),
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (TandemError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
@@ -223,15 +225,23 @@ class AsyncErrorInterceptor(grpc.aio.ServerInterceptor):
         return cached[1]
 
 
+def carries_key(metadata, key: str) -> bool:
+    """Whether call metadata holds exactly one `authorization` header, and it is `Bearer <key>`
+    (compared in constant time; two headers never pass, whichever of them is right)."""
+    sent = [v for k, v in metadata or () if k == "authorization"]
+    return bool(key) and len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), f"Bearer {key}".encode())
+
+
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     """The public API's (asyncio): every call but health checks and reflection must carry
-    `authorization: Bearer KEY`, once."""
+    `authorization: Bearer KEY`, once, KEY one of `keys` (the API key, and the admin key, which
+    may do what the API key may)."""
 
     OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
     REFUSAL = "missing or wrong API key: send the metadata 'authorization: Bearer <key>'"
 
-    def __init__(self, api_key: str):
-        self._expected = f"Bearer {api_key}".encode()
+    def __init__(self, *keys: str):
+        self._keys = [k for k in keys if k]
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -246,6 +256,4 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
     def _admits(self, handler_call_details: grpc.HandlerCallDetails) -> bool:
         if handler_call_details.method.startswith(self.OPEN_PREFIXES):
             return True
-        sent = [v for k, v in handler_call_details.invocation_metadata or () if k == "authorization"]
-        # exactly one header, and the right key: two headers never pass
-        return len(sent) == 1 and hmac.compare_digest(str(sent[0]).encode(), self._expected)
+        return any(carries_key(handler_call_details.invocation_metadata, key) for key in self._keys)

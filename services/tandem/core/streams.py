@@ -33,7 +33,10 @@ class StreamSender:
         self.num_sent = 0
 
     def send(self, message: Any) -> None:
+        """Queue a message; after `close` it is dropped (the owner is shutting down: its channel may be closed)."""
         with self._lock:
+            if self._closed:
+                return
             if self._thread is None or not self._thread.is_alive():
                 self._queue = queue.Queue()
                 self._thread = threading.Thread(target=self._run, args=(self._queue,), name=self.name, daemon=True)
@@ -52,8 +55,8 @@ class StreamSender:
             self._on_break(reason)
 
     def close(self) -> None:
-        self._closed = True
         with self._lock:
+            self._closed = True
             if self._queue is not None:
                 self._queue.put(_END)
             thread = self._thread

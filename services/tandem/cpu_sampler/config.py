@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
-from tandem.core.errors import ConfigError
+from tandem.core.errors import ConfigError, ModelLoadError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
+from tandem.core.model_config import ModelConfig
 from tandem.core.tls import TlsConfig, tls_field
 
 MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
@@ -26,9 +27,12 @@ class SamplerConfig:
         "URL); empty: tracing is off (docs/tracing.md).", "")
     max_workers: int = doc(
         "gRPC handler threads; each open stream (Logits, Results) holds one.", 16)
+    model: str = doc(
+        "Hugging Face model directory (only its config.json is read): the vocabulary is its vocab_size, "
+        "read at start-up. A logits frame of any other width is refused.", "")
     vocab_size: int = doc(
-        "Vocabulary size of the model; 0 learns it from the first logits frame (token ids "
-        "of sequences added before then are checked against it at that frame).", 0)
+        "Vocabulary size of the model, when there is no `model` directory to read it from; 0: the "
+        "model's. One of the two must be set; with both, they must agree.", 0)
     max_tokens_limit: int = doc(
         "Largest max_tokens accepted; the coordinator applies the real context-length limit.",
         MAX_TOKEN_ID_BOUND - 1)
@@ -75,3 +79,18 @@ class SamplerConfig:
                 raise ConfigError(f"config field {name!r}={getattr(self, name)!r} {rule}")
         check_metrics_port(self.metrics_port)
         cpus_field("cpus", self.cpus)
+        if not self.model and not self.vocab_size:
+            raise ConfigError("config field 'model' (or 'vocab_size') must give the vocabulary: a sampler "
+                              "checks every logits frame's width against it")
+
+    def vocabulary(self) -> int:
+        """The vocabulary size: `vocab_size`, else the `model`'s config.json's (a ConfigError if unreadable)."""
+        if not self.model:
+            return self.vocab_size
+        try:
+            size = ModelConfig.from_dir(self.model).vocab_size
+        except (OSError, ModelLoadError) as e:
+            raise ConfigError(f"config field 'model'={self.model!r}: cannot read its config.json ({e})") from None
+        if self.vocab_size and self.vocab_size != size:
+            raise ConfigError(f"config field 'vocab_size'={self.vocab_size} differs from the model's {size}")
+        return size

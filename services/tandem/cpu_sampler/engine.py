@@ -47,13 +47,16 @@ class FrameResult:
 class SamplerEngine:
     """Holds SequenceStates by request id and samples frames of logits rows for them.
 
-    `vocab_size` 0 means unknown: the first frame's width sets it, and the token ids of
-    sequences added before then are checked against it at their first row. `fast_sampler`
+    `vocab_size` comes from the replica's own configuration (the model's): a frame of another
+    width is refused, never taken as the vocabulary; token ids are checked against it as
+    sequences are added. `fast_sampler`
     picks FastSampler (same tokens and logprobs, much faster) over the reference `sample`;
     `num_threads` is the FastSampler's thread count.
     """
 
-    def __init__(self, vocab_size: int = 0, fast_sampler: bool = True, num_threads: int = 1):
+    def __init__(self, vocab_size: int, fast_sampler: bool = True, num_threads: int = 1):
+        if vocab_size < 1:
+            raise ValueError(f"vocab_size={vocab_size} must be >= 1")
         self._lock = threading.Lock()
         self._sequences: dict[str, SequenceState] = {}
         self._vocab_size = vocab_size
@@ -63,7 +66,7 @@ class SamplerEngine:
 
     @classmethod
     def from_config(cls, config: SamplerConfig) -> SamplerEngine:
-        return cls(config.vocab_size, fast_sampler=config.fast_sampler, num_threads=config.num_threads)
+        return cls(config.vocabulary(), fast_sampler=config.fast_sampler, num_threads=config.num_threads)
 
     @property
     def fast_sampler(self) -> bool:
@@ -77,7 +80,7 @@ class SamplerEngine:
 
     @property
     def vocab_size(self) -> int:
-        """The vocabulary size, or 0 while unknown."""
+        """The vocabulary size (logits frames are this wide)."""
         return self._vocab_size
 
     @property
@@ -87,9 +90,8 @@ class SamplerEngine:
     def add(self, states: Sequence[SequenceState]) -> None:
         """Take over these sequences (all or none); an id already held is replaced."""
         with self._lock:
-            if self._vocab_size:
-                for state in states:
-                    state.check_vocab(self._vocab_size)
+            for state in states:
+                state.check_vocab(self._vocab_size)
             for state in states:
                 self._sequences[state.request_id] = state
 
@@ -152,10 +154,7 @@ class SamplerEngine:
     def _check_width(self, width: int) -> None:
         if width == 0:
             raise InvalidArgumentError("logits have 0 columns; the vocabulary cannot be empty")
-        if not self._vocab_size:
-            self._vocab_size = width
-            log.info("vocabulary size %d learned from the first logits frame", width)
-        elif width != self._vocab_size:
+        if width != self._vocab_size:
             raise InvalidArgumentError(
                 f"logits have {width} columns, but the vocabulary has {self._vocab_size} tokens")
 

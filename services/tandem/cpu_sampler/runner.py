@@ -14,16 +14,17 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from tandem.core import codec, tracing
+from tandem.core import tracing
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError
+from tandem.core.frames import LogitsHeader, carries_rows, read_logits, read_logits_header
 from tandem.core.metrics import Metrics
 from tandem.core.sampling import SamplingOptions, SequenceState
 from tandem.core.shm_ring import RingReader
-from tandem.cpu_sampler.config import MAX_TOKEN_ID_BOUND, SamplerConfig
+from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import FrameResult, SamplerEngine
 from tandem.cpu_sampler.handoff import PlanBook, Subscribers
+from tandem.v1 import common_pb2
 from tandem.v1 import cpu_sampler_pb2 as pb
-from tandem.v1 import tensor_pb2
 
 
 class SamplerRunner:
@@ -71,13 +72,13 @@ class SamplerRunner:
         stream's header frame holds the layout and later frames only raw bytes or a ring slot,
         their rows being those of the step's SamplePlan.
         """
-        num_frames, layout, ring = 0, None, None
+        num_frames, header, ring = 0, None, None
         for frame in frames:
             try:
-                if frame.HasField("layout"):  # the header
-                    layout, ring = self._header(frame)
+                if (found := read_logits_header(frame, self.engine.vocab_size)) is not None:
+                    header, ring = found, self._ring(found.ring_id)
                     continue
-                self._sample_frame(frame, layout, ring)
+                self._sample_frame(frame, header, ring)
             except InvalidArgumentError as e:
                 raise InvalidArgumentError(f"logits frame {num_frames} (step {frame.step_id}): {e}") from None
             num_frames += 1
@@ -98,45 +99,27 @@ class SamplerRunner:
     def close(self) -> None:
         self.engine.close()
 
-    def _header(self, frame: pb.LogitsFrame) -> tuple[tensor_pb2.TensorLayout, RingReader | None]:
-        if frame.layout.dtype != "float32" or len(frame.layout.row_shape) != 1:
-            raise InvalidArgumentError(f"logits layout must be float32 [vocab], got {frame.layout.dtype[:32]!r} "
-                                       f"{list(frame.layout.row_shape)[:8]}")
-        if not frame.ring_id:
-            return frame.layout, None
+    def _ring(self, ring_id: str) -> RingReader | None:
+        """The attached ring a stream's header names (claimed by that stream), or None for none."""
+        if not ring_id:
+            return None
         with self._rings_lock:
-            ring = self._rings.pop(frame.ring_id, None)
+            ring = self._rings.pop(ring_id, None)
         if ring is None:
-            raise InvalidArgumentError(f"unknown ring id {frame.ring_id[:64]!r}: attach it first")
-        return frame.layout, ring
+            raise InvalidArgumentError(f"unknown ring id {ring_id[:64]!r}: attach it first")
+        return ring
 
-    def _sample_frame(self, frame: pb.LogitsFrame, layout: tensor_pb2.TensorLayout | None,
-                      ring: RingReader | None) -> None:
+    def _sample_frame(self, frame: pb.LogitsFrame, header: LogitsHeader | None, ring: RingReader | None) -> None:
         request_ids, sample_indices, traceparent = frame.request_ids, frame.sample_indices, ""
-        if not request_ids and not frame.HasField("logits"):  # the rows are in the step's plan
+        if not carries_rows(frame):  # the rows are in the step's plan
             plan = self.plans.take(frame.step_id, self.config.plan_wait_s)
             if plan is None:
                 self.subscribers.publish(pb.SampledBatch(
-                    step_id=frame.step_id, error=f"no plan for step {frame.step_id} within {self.config.plan_wait_s}s"))
+                    step_id=frame.step_id, error=f"no plan for step {frame.step_id} within {self.config.plan_wait_s}s",
+                    error_code=common_pb2.ERROR_CODE_DEADLINE_EXCEEDED))
                 return
             request_ids, sample_indices, traceparent = plan.request_ids, plan.sample_indices, plan.traceparent
-        shm_bytes = 0
-        if frame.HasField("logits"):
-            logits = codec.decode(frame.logits, expected_dtype="float32")  # [rows, vocab]
-        elif layout is None:
-            raise InvalidArgumentError("raw logits before the stream's layout frame")
-        elif frame.HasField("ring_slot"):
-            if ring is None:
-                raise InvalidArgumentError("a ring slot on a stream without a ring")
-            vocab = layout.row_shape[0]
-            expected = len(request_ids) * vocab * 4
-            if frame.ring_slot.nbytes != expected:
-                raise InvalidArgumentError(f"ring slot holds {frame.ring_slot.nbytes} bytes, but {len(request_ids)} "
-                                           f"rows of {vocab} float32 logits need {expected}")
-            logits = ring.view(frame.ring_slot.index, expected, torch.float32).view(len(request_ids), vocab)
-            shm_bytes = expected
-        else:
-            logits = codec.decode_rows(frame.data, layout, len(request_ids))
+        logits, shm_bytes = read_logits(frame, header, ring, len(request_ids))  # [rows, vocab]
         try:
             with tracing.child_span("cpu_sampler", "sample", traceparent, {
                     "tandem.step_id": frame.step_id, "tandem.num_rows": len(request_ids)}):
@@ -150,11 +133,9 @@ class SamplerRunner:
             self.shm_bytes_in_total += shm_bytes
 
     def _state(self, position: int, seq: pb.SamplerSequence) -> SequenceState:
-        """Validate one SamplerSequence. Until the vocabulary is known, token ids are only
-        bounded by int32 here; the engine checks them against it (see SamplerEngine)."""
-        id_bound = self.engine.vocab_size or MAX_TOKEN_ID_BOUND
+        """Validate one SamplerSequence against the replica's vocabulary."""
         try:
-            options = SamplingOptions.from_proto(seq.params, id_bound, self.config.max_tokens_limit)
+            options = SamplingOptions.from_proto(seq.params, self.engine.vocab_size, self.config.max_tokens_limit)
             return SequenceState(seq.request_id, options, seq.seed, seq.prompt_ids,
                                  seq.output_ids, seq.min_tokens_blocked_ids)
         except InvalidArgumentError as e:
@@ -187,4 +168,6 @@ def _batch(step_id: int, result: FrameResult) -> pb.SampledBatch:
                         token_id=row.token_id, logprobs=row.logprobs)
         for row in result.rows
     ]
-    return pb.SampledBatch(step_id=step_id, tokens=tokens, sample_ns=result.sample_ns, error=result.error)
+    code = common_pb2.ERROR_CODE_INVALID_ARGUMENT if result.error else common_pb2.ERROR_CODE_UNSPECIFIED
+    return pb.SampledBatch(step_id=step_id, tokens=tokens, sample_ns=result.sample_ns, error=result.error,
+                           error_code=code)

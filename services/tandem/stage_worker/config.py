@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tandem.core import discovery
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
@@ -25,6 +26,20 @@ class StageWorkerConfig:
         "every stage reads the same file and so computes the same split", "")
     next_stage: str = doc("host:port of the next stage; empty on the last stage", "")
     kv_store: str = doc("host:port of the KV store; empty when there is none", "")
+    samplers: tuple[str, ...] = doc(
+        "last stage: host:port of each CPU sampler replica it may send logits to (sampler_discovery: static), "
+        "spelled as in the coordinator's list; a plan naming any other sampler is refused", ())
+    sampler_discovery: str = doc(
+        "last stage: how it finds the samplers it may send logits to, on its own (never from a plan): static "
+        "(the samplers list) or endpointslices (the EndpointSlices of sampler_service, which the coordinator "
+        "follows too, so scaling the pool works)", "static")
+    sampler_service: str = doc("last stage: Kubernetes Service of the sampler pool (sampler_discovery: endpointslices)", "")
+    sampler_namespace: str = doc("last stage: namespace of sampler_service; empty: this pod's own", "")
+    sampler_port_name: str = doc("last stage: name of the sampler Service's gRPC port; empty: its first port", "grpc")
+    kubernetes_api: str = doc("last stage: URL of the Kubernetes API; empty: the in-cluster API with the pod's service account", "")
+    sampler_wait_s: float = doc(
+        "last stage, sampler_discovery endpointslices: how long a plan naming a sampler this stage has not "
+        "discovered yet waits for it before the step is refused", 5.0)
     host: str = doc("address to listen on", "127.0.0.1")
     port: int = doc("port to listen on; 0 picks a free one", 0)
     metrics_port: int = metrics_port_field()
@@ -103,5 +118,9 @@ class StageWorkerConfig:
         is_last = self.stage_index == self.num_stages - 1
         if self.sample_on_stage and not is_last:
             raise ConfigError("config field 'sample_on_stage' may only be set on the last stage")
+        if is_last and not self.sample_on_stage:
+            discovery.check_config(self)
+        if self.sampler_wait_s < 0:
+            raise ConfigError(f"config field 'sampler_wait_s'={self.sampler_wait_s} must be >= 0")
         if is_last == bool(self.next_stage):
             raise ConfigError("config field 'next_stage' must be set on every stage but the last, and only there")

@@ -51,7 +51,10 @@ class StepOutput:
 
 
 class StageExecutor:
-    def __init__(self, config: StageWorkerConfig):
+    """`is_known_sampler`: on a stage that sends logits, whether its own configuration names a
+    sampler address (PlanTables refuses plans naming any other)."""
+
+    def __init__(self, config: StageWorkerConfig, is_known_sampler: Callable[[str], bool] | None = None):
         self.config = config
         self.model_config = ModelConfig.from_dir(config.model)
         boundaries = stage_boundaries(config, self.model_config)
@@ -70,7 +73,7 @@ class StageExecutor:
         # GPU stages copy a step's inputs on a stream of their own, so that they need not wait for
         # the step computing on the default stream (see stage_worker.inputs).
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        self.tables = PlanTables(config.num_blocks)  # written by the thread that prepares plans
+        self.tables = PlanTables(config.num_blocks, is_known_sampler)  # written by the thread that prepares plans
         self.num_steps = 0
 
     @property

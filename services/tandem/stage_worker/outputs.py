@@ -8,6 +8,8 @@ step tag and raw bytes, whose row count the receiver takes from the plan it alre
 Without it, every frame carries its dtype, shape and (for logits) per-row request ids and
 sample indices, as a pipeline that serializes per-step metadata with every tensor does.
 
+Frames are built by core.frames, which also reads them on the other end.
+
 Each stream counts what it sent (frames, bytes on the wire, raw tensor bytes, bytes handed over
 in shared memory); only its own thread writes those counters.
 """
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from tandem.core import codec
+from tandem.core import codec, frames
 from tandem.core.shm_ring import RingWriter
 from tandem.core.streams import StreamSender
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc
@@ -65,14 +67,11 @@ class ActivationStream:
 
     def _frames(self, items: Iterator[tuple[int, torch.Tensor]]) -> Iterator[pb.ActivationFrame]:
         if self.structured:
-            header = pb.ActivationFrame(layout=self.layout)
+            header = frames.activation_header(self.layout)
             self.traffic.count(header)
             yield header
         for step_id, hidden in items:
-            if self.structured:
-                frame = pb.ActivationFrame(step_id=step_id, data=codec.raw(hidden))
-            else:
-                frame = pb.ActivationFrame(step_id=step_id, hidden=codec.encode(hidden))
+            frame = frames.activation_frame(step_id, hidden, self.structured)
             self.traffic.count(frame, _nbytes(hidden))
             yield frame
 
@@ -100,23 +99,13 @@ class LogitsStream:
     def _frames(self, items) -> Iterator[cpu_sampler_pb2.LogitsFrame]:
         ring = self._attach_ring() if self.ring_options else None
         if self.structured or ring:
-            header = cpu_sampler_pb2.LogitsFrame(layout=self.layout, ring_id=ring.ring_id if ring else "")
+            header = frames.logits_header(self.layout, ring.ring_id if ring else "")
             self.traffic.count(header)
             yield header
         for step_id, request_ids, sample_indices, logits in items:
-            frame = cpu_sampler_pb2.LogitsFrame(step_id=step_id)
-            if not self.structured:
-                frame.request_ids[:], frame.sample_indices[:] = request_ids, sample_indices
-            handle = ring.put(logits, self.ring_options.wait_s) if ring else None
-            if handle is not None:
-                frame.ring_slot.index, frame.ring_slot.nbytes = handle
-                self.traffic.count(frame, _nbytes(logits), shm_bytes=handle[1])
-            else:
-                if self.structured:
-                    frame.data = codec.raw(logits)
-                else:
-                    frame.logits.CopyFrom(codec.encode(logits))
-                self.traffic.count(frame, _nbytes(logits))
+            slot = ring.put(logits, self.ring_options.wait_s) if ring else None
+            frame = frames.logits_frame(step_id, request_ids, sample_indices, logits, self.structured, slot)
+            self.traffic.count(frame, _nbytes(logits), shm_bytes=slot[1] if slot else 0)
             yield frame
 
     def _attach_ring(self) -> RingWriter | None:

@@ -21,8 +21,9 @@ from typing import Protocol, TextIO
 
 import torch
 
-from tandem.core import codec, tracing
+from tandem.core import frames, tracing
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
+from tandem.core.frames import Arrived
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import config_sha256
 from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
@@ -32,15 +33,13 @@ from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.stage_worker.meters import StageMeters
 from tandem.stage_worker.outputs import Traffic
+from tandem.stage_worker.samplers import SamplerDirectory
 from tandem.v1 import stage_worker_pb2 as pb
-from tandem.v1 import tensor_pb2
 
 log = logging.getLogger(__name__)
 
 # (step_id, request_ids, sample_indices, logits [rows, vocab] float32) -> None: sample the rows here
 Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor], None]
-# Activations as they arrived: a tensor [tokens, hidden], or raw bytes and the stream's layout
-Arrived = torch.Tensor | tuple[bytes, tensor_pb2.TensorLayout]
 
 
 class StagePeers(Protocol):
@@ -72,11 +71,12 @@ class StagePeers(Protocol):
 
 
 class StageRunner:
-    """`metrics` gets the stage's `tandem:stage_*` metrics (stage_worker.meters)."""
+    """`metrics` gets the stage's `tandem:stage_*` metrics (stage_worker.meters). A last stage that
+    sends logits is given `samplers`, the replicas its own configuration names: it dials no other."""
 
     def __init__(self, config: StageWorkerConfig, peers: StagePeers, sample: Sample | None = None,
-                 metrics: Metrics | None = None):
-        self.config, self.peers, self.sample = config, peers, sample
+                 metrics: Metrics | None = None, samplers: SamplerDirectory | None = None):
+        self.config, self.peers, self.sample, self.samplers = config, peers, sample, samplers
         self.metrics = metrics or Metrics()
         self._meters = StageMeters(self.metrics, config.stage_index, lambda: self.executor, peers.hops)
         self.executor: StageExecutor | None = None  # set by load()
@@ -101,7 +101,7 @@ class StageRunner:
     def load(self) -> None:
         """Load the stage's weights, measure its profile, and start executing plans."""
         c = self.config
-        executor = StageExecutor(c)
+        executor = StageExecutor(c, self.samplers.knows if self.samplers is not None else None)
         self.model_config_sha256 = config_sha256(c.model)
         if c.profile_at_startup:
             self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)
@@ -169,7 +169,7 @@ class StageRunner:
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
-                done.error = str(e) or type(e).__name__
+                done.error, done.error_code = str(e) or type(e).__name__, frames.error_code(e)
             finally:
                 self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
             end = time.perf_counter_ns()
@@ -228,13 +228,12 @@ class StageRunner:
                     raise InvalidArgumentError(f"step {step_id}: superseded by a newer plan stream")
                 self._arrived.wait(timeout=0.5)
             hidden = self._activations.pop(step_id, None)
-        if isinstance(hidden, tuple):
-            data, layout = hidden
-            try:
-                hidden = codec.decode_rows(data, layout, num_tokens)
-            except CodecError as e:
-                raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
-        return hidden
+        if hidden is None:
+            return None
+        try:
+            return frames.shape_activations(hidden, num_tokens)
+        except CodecError as e:
+            raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
 
     def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
         """Each sampler its rows; `samplers` is the address of each row's, from the sampler table.

@@ -8,20 +8,19 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 import grpc
-import torch
 
-from tandem.core import codec, tracing
+from tandem.core import frames, tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
-from tandem.core.errors import CodecError, InvalidArgumentError
+from tandem.core.errors import InvalidArgumentError
 from tandem.core.metrics import Metrics
 from tandem.core.server import Server
 from tandem.core.tls import Credentials
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
-from tandem.stage_worker.runner import Arrived, Sample, StageRunner
+from tandem.stage_worker.runner import Sample, StageRunner
+from tandem.stage_worker.samplers import open_directory
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
-from tandem.v1 import tensor_pb2
 
 SERVICE_NAME = "tandem.v1.StageWorker"
 # Another service the stage's server also hosts: (add_*Servicer_to_server, servicer, service names)
@@ -57,14 +56,13 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         """Frames carry a whole Tensor each, or (structure-aware) a header frame holds the layout
         and later frames only raw bytes, shaped by the step's plan when the step runs."""
         executor = self.runner.ready()
-        num_frames, layout = 0, None
+        reader = frames.ActivationReader(executor.dtype, executor.model_config.hidden_size)
+        num_frames = 0
         for frame in request_iterator:
-            if frame.HasField("layout"):
-                layout = codec.check_layout(frame.layout, executor.dtype, [executor.model_config.hidden_size])
-                continue
-            self.runner.arrive(frame.step_id, _activations(frame, layout, executor.dtype,
-                                                           executor.model_config.hidden_size))
-            num_frames += 1
+            arrived = reader.read(frame)
+            if arrived is not None:  # not the layout frame
+                self.runner.arrive(frame.step_id, arrived)
+                num_frames += 1
         return pb.ActivationsSummary(num_frames=num_frames)
 
     def GetStageInfo(self, request: pb.GetStageInfoRequest, context: grpc.ServicerContext) -> pb.GetStageInfoResponse:
@@ -84,19 +82,6 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
         )
 
 
-def _activations(frame: pb.ActivationFrame, layout: tensor_pb2.TensorLayout | None, dtype: torch.dtype,
-                 hidden_size: int) -> Arrived:
-    """One frame's activations: a checked tensor, or raw bytes with the stream's layout."""
-    if frame.HasField("hidden"):
-        hidden = codec.decode(frame.hidden, expected_dtype=dtype)
-        if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-            raise CodecError(f"step {frame.step_id}: activations {list(hidden.shape)}, expected [tokens, {hidden_size}]")
-        return hidden
-    if layout is None:
-        raise CodecError(f"step {frame.step_id}: raw activations before the stream's layout frame")
-    return frame.data, layout
-
-
 def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Iterable[Hosted] = (),
           metrics: Metrics | None = None) -> Server:
     """Take the stage's cores, load the stage, start its server (and its metrics on
@@ -111,13 +96,18 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     credentials = Credentials.load(config.tls)
     server = Server(config.host, config.port, config.max_workers, credentials=credentials,
                     health_port=config.tls.health_port)
-    runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics)
+    is_last = config.stage_index == config.num_stages - 1
+    samplers = open_directory(config) if is_last and sample is None else None
+    runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics, samplers)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
     for register, servicer, names in hosted:
         server.add(register, servicer, names)
     runner.metrics.serve(config.host, config.metrics_port)
     server.on_stop(runner.metrics.stop)
     server.on_stop(runner.close)
+    if samplers is not None:
+        samplers.start()
+        server.on_stop(samplers.stop)
     server.start()  # liveness answers while the weights load; readiness waits for them
     runner.load()
     server.set_ready()

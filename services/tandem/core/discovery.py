@@ -1,9 +1,15 @@
-"""Where the coordinator finds its sampler replicas.
+"""Where sampler replicas are found: by the coordinator (which places sequences on them) and,
+from its own configuration, by the last stage (which sends them logits).
 
 A discovery source calls `on_change(addresses)` with the full set of ready replicas each time
 it changes. Locally the set is a static list; in a cluster it follows the EndpointSlices of
-the sampler Service, so `kubectl scale` adds and removes replicas. The engine treats both
-alike: a new address gets new sequences, a vanished one has its sequences moved.
+the sampler Service, so `kubectl scale` adds and removes replicas. The coordinator's engine
+treats both alike: a new address gets new sequences, a vanished one has its sequences moved.
+A last stage dials only replicas its own source announced (stage_worker/samplers.py).
+
+Both configs carry the same fields (samplers, sampler_discovery, sampler_service,
+sampler_namespace, sampler_port_name, kubernetes_api); `check_config` and `from_config`
+read them from either.
 """
 
 from __future__ import annotations
@@ -168,8 +174,18 @@ def kubernetes_api_client(url: str):
     return client.ApiClient(configuration)
 
 
+def check_config(cfg) -> None:
+    """ConfigError naming the field when a config's sampler source is incomplete."""
+    if cfg.sampler_discovery not in ("static", "endpointslices"):
+        raise ConfigError(f"config field 'sampler_discovery'={cfg.sampler_discovery!r} must be static or endpointslices")
+    if cfg.sampler_discovery == "static" and not cfg.samplers:
+        raise ConfigError("config field 'samplers' must list at least one sampler (sampler_discovery: static)")
+    if cfg.sampler_discovery == "endpointslices" and not cfg.sampler_service:
+        raise ConfigError("config field 'sampler_service' must name the sampler Service (sampler_discovery: endpointslices)")
+
+
 def from_config(cfg) -> SamplerDiscovery:
-    """The discovery source a CoordinatorConfig asks for."""
+    """The discovery source a CoordinatorConfig or StageWorkerConfig asks for."""
     if cfg.sampler_discovery == "static":
         return StaticDiscovery(cfg.samplers)
     namespace = cfg.sampler_namespace
