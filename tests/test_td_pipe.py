@@ -145,7 +145,7 @@ def test_temporal_phases_never_mix_prefill_and_decode_in_a_micro_batch():
     # Nothing waits again: back to decode, the four sequences spread over the micro-batches.
     fifth, sixth = s.schedule(), s.schedule()
     assert kinds(fifth) == kinds(sixth) == {"decode"} and len(fifth.sequences) == len(sixth.sequences) == 2
-    assert phases.state() == ("decode", (1, 2))
+    assert phases.phase is Phase.DECODE and phases.switch_counts() == (1, 2)
 
 
 def test_admission_stops_at_the_projected_peak_and_decoding_takes_over():

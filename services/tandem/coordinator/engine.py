@@ -278,8 +278,8 @@ class Engine:
                             s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
                             s.blocks.num_hit_tokens,
                             self._health.message() if self._health.expired(time.monotonic()) else "",
-                            **({"phase": s.phases.phase.value, "phase_switches": s.phases.switch_counts()}
-                               if s.phases is not None else {}),
+                            phase=s.phases.phase.value if s.phases is not None else "",
+                            phase_switches=s.phases.switch_counts() if s.phases is not None else (0, 0),
                             sampler_indices=tuple(self._sampler_table.index(a) for a in self._pool.addresses_up))
         with self._lock:
             self.snapshot = snapshot

@@ -207,11 +207,8 @@ class TemporalPhases:
         self.switches: list[Switch] = []
         self.num_switches = {Phase.PREFILL: 0, Phase.DECODE: 0}
 
-    def state(self) -> tuple[str, tuple[int, int]]:
-        """The phase's name and the switches so far (to prefill, to decode), for the snapshot."""
-        return self.phase.value, self.switch_counts()
-
     def switch_counts(self) -> tuple[int, int]:
+        """The switches so far: to prefill, to decode."""
         return self.num_switches[Phase.PREFILL], self.num_switches[Phase.DECODE]
 
     def predict(self, prompt_len: int, max_tokens: int, hint: int | None = None) -> int:
