@@ -108,3 +108,14 @@ def test_a_recycled_block_is_published_again_under_its_new_prefix():
     pool.publish([again], prompt(3), 4)
     pool.free([again])
     assert pool.match(prompt(1)) == [] and pool.match(prompt(3)) == [block]
+
+
+def test_without_prefix_caching_an_undone_lookup_leaves_the_statistics_at_zero():
+    # A prompt waiting for blocks is looked up and undone at every schedule(); with caching off
+    # the lookup counts nothing, so undoing it must not count below zero (GetServerInfo's fields
+    # are unsigned, and a negative count failed it with INTERNAL).
+    pool = BlockPool(8, 4, prefix_caching=False)
+    blocks = pool.match(list(range(12)))
+    assert blocks == []
+    pool.unmatch(blocks, 12)
+    assert (pool.num_queried_tokens, pool.num_hit_tokens) == (0, 0)

@@ -105,8 +105,9 @@ class BlockPool:
         """Undo a `match` that found `blocks` for `num_queried` tokens: the references are given
         back and the lookup leaves the hit statistics (its request was not admitted after all)."""
         self.free(blocks)
-        self.num_queried_tokens -= num_queried
-        self.num_hit_tokens -= len(blocks) * self.block_size
+        if self.prefix_caching:  # without it, `match` counted nothing
+            self.num_queried_tokens -= num_queried
+            self.num_hit_tokens -= len(blocks) * self.block_size
 
     def publish(self, block_table: Sequence[int], token_ids: Sequence[int], num_computed: int) -> None:
         """Publish the full blocks of `block_table` among the first `num_computed` tokens of
