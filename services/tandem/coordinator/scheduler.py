@@ -269,8 +269,10 @@ class Scheduler:
         projection its admissions are checked against."""
         if self.phases is None:
             return True, True, None
-        projection = self.phases.projection(as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING)
         statuses = {s.status for s in self.seqs.values()}
+        if self.phases.phase is Phase.DECODE and not self.waiting and Status.PREFILLING not in statuses:
+            return True, False, None  # steady decode, no prompt to weigh: no projection to build
+        projection = self.phases.projection(as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING)
         phase = self.phases.begin_step(projection, self._head(), len(self.waiting),
                                        prefilling=Status.PREFILLING in statuses,
                                        can_decode=bool(statuses & {Status.READY, Status.SWAPPED}) or bool(self.in_flight))

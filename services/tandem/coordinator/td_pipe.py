@@ -7,7 +7,8 @@ switches rarely. Three decisions drive it, each a function of numbers the schedu
   coming steps (every running request growing by one token a step until its predicted output
   length) stay under a share of the pool at every checkpoint ahead.
 - `micro_batch_sizes`: in decode, the ready sequences spread over the micro-batches in flight
-  so that they stay equal (work stealing: each step is rebuilt from the ready pool).
+  so that they stay equal (work stealing: each step is rebuilt from the ready pool). The
+  scheduler takes this share step by step (budget.num_decodes: the first of these sizes).
 - `switch_to_prefill`: while decoding with requests waiting, go back to prefill once a decode
   micro-batch uses the stages less well than a prefill round would after its bubbles, by the
   stages' measured forward time against tokens (the stage profile's T(n)).
@@ -56,8 +57,8 @@ def projected_peak(running: Sequence[Running], block_size: int, checkpoints: Seq
 def admits(running: Sequence[Running], candidate: Running, num_blocks: int, block_size: int,
            share: float = MEMORY_SHARE) -> bool:
     """Whether one more prefill (`candidate`: its prompt and predicted output) keeps the projected
-    peak under `share` of `num_blocks`."""
-    return projected_peak([*running, candidate], block_size) < share * num_blocks
+    peak under `share` of `num_blocks` (the rule the scheduler applies through `Projection`)."""
+    return Projection(running, block_size, share * num_blocks).fits(candidate)
 
 
 class Projection:
