@@ -3,11 +3,13 @@
 Every example values file is linted with `helm lint --strict`, rendered, and each rendered
 object is validated against the Kubernetes OpenAPI schemas in strict mode; then the objects
 are checked for the chart's promises (GPU placement, probes, non-root, least-privilege RBAC)
-and every ConfigMap is loaded with tandem's own config loader.
+and every ConfigMap is loaded with tandem's own config loader. The `techniques` block must
+render every preset's config fields exactly as services/tandem/presets.py gives them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -21,12 +23,15 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from tandem.coordinator.checks import stage_mismatches
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import load_config
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.kv_store.config import KvStoreConfig
+from tandem.presets import PRESETS, SWITCHES, Techniques, resolve
 from tandem.stage_worker.config import StageWorkerConfig
+from tandem.v1 import stage_worker_pb2
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "tandem"
@@ -77,11 +82,17 @@ def _containers(workload: dict[str, Any]) -> list[dict[str, Any]]:
     return [*spec.get("initContainers", []), *spec["containers"]]
 
 
+def _techniques(block: dict[str, Any]) -> Techniques:
+    """What a (merged) `techniques` block resolves to: its preset, with every switch it sets."""
+    switches = {k: v for k, v in block.items() if k != "preset" and v is not None}
+    return dataclasses.replace(PRESETS[block["preset"]], **switches)
+
+
 EXAMPLE_IDS = [p.name for p in EXAMPLES]
 
 
 def test_examples_exist() -> None:
-    assert {"defaults.yaml", "four-stages.yaml", "tls-apikey.yaml", "autoscaling.yaml"} <= set(EXAMPLE_IDS)
+    assert {"defaults.yaml", "four-stages.yaml", "tls-apikey.yaml", "autoscaling.yaml", "baseline.yaml"} <= set(EXAMPLE_IDS)
 
 
 @pytest.mark.parametrize("example", EXAMPLE_IDS)
@@ -223,15 +234,18 @@ def test_configmaps_load_with_tandem_config(example: str) -> None:
         assert stage.stage_index == i and stage.num_stages == len(stages)
         assert stage.next_stage == (coordinator.stages[i + 1] if i + 1 < len(stages) else "")
         assert stage.model == coordinator.model
-        if i + 1 == len(stages):  # finds its samplers where the coordinator does, on its own
+        if i + 1 == len(stages) and not stage.sample_on_stage:  # finds its samplers where the coordinator does
             assert [getattr(stage, f) for f in source] == [getattr(coordinator, f) for f in source]
         else:
             assert (stage.samplers, stage.sampler_service) == ((), "")
-    for sampler in configs["cpu-sampler"]:
+    for sampler in configs.get("cpu-sampler", []):
         assert sampler.model == coordinator.model  # its vocabulary
     values = _chart().merge_values(_values(ROOT / "helm" / "values-examples" / example))
     assert list(stages[0].stage_boundaries) == values["pipeline"]["stageBoundaries"]  # no example uses auto
-    if values["cpuSampler"]["discovery"] == "static":
+    if not _techniques(values["techniques"]).cpu_sampling:
+        assert "cpu-sampler" not in configs and stages[-1].sample_on_stage
+        assert coordinator.samplers == coordinator.stages[-1:]  # the last stage samples, as `tandem up` has it
+    elif values["cpuSampler"]["discovery"] == "static":
         n = values["cpuSampler"]["replicas"]
         assert coordinator.sampler_discovery == "static"
         assert coordinator.samplers == tuple(
@@ -436,6 +450,101 @@ def test_autoscaling_targets_the_sampler_deployment() -> None:
     assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
                                              "name": sampler["metadata"]["name"]}
     assert not _of_kind(_objects("defaults.yaml"), "HorizontalPodAutoscaler")
+
+
+PRESET_NAMES = ["full", "baseline", *(f"full-{s}" for s in SWITCHES), *(f"baseline+{s}" for s in SWITCHES)]
+
+
+def _techniques_block(preset: str) -> dict[str, Any]:
+    """The chart's `techniques` values for a name presets.resolve takes: `full-SWITCH` is preset full
+    with SWITCH false, `baseline+SWITCH` preset baseline with SWITCH true."""
+    for base, sep, value in (("full", "-", False), ("baseline", "+", True)):
+        if preset.startswith(base + sep):
+            return {"preset": base, preset[len(base) + 1:]: value}
+    return {"preset": preset}
+
+
+def _fields(config: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    return {k: config.get(k, "<not rendered>") for k in options}
+
+
+@pytest.mark.parametrize("preset", PRESET_NAMES)
+def test_techniques_render_every_service_field_as_presets_does(preset: str) -> None:
+    """The chart and services/tandem/presets.py cannot drift: each config field a preset sets is
+    rendered, and rendered as Techniques.*_options() gives it."""
+    techniques = resolve(preset)
+    objs = tuple(_render({"techniques": _techniques_block(preset)}))
+    raw: dict[str, list[dict[str, Any]]] = {}
+    for cm in _of_kind(objs, "ConfigMap"):
+        raw.setdefault(_component(cm), []).append(yaml.safe_load(cm["data"]["config.yaml"]))
+    (coordinator,) = raw["coordinator"]
+    assert _fields(coordinator, techniques.coordinator_options()) == techniques.coordinator_options()
+    stages = sorted(raw["stage-worker"], key=lambda c: c["stage_index"])
+    for stage in stages:
+        options = techniques.stage_options(is_last=stage["stage_index"] == len(stages) - 1)
+        assert _fields(stage, options) == options, stage["stage_index"]
+    if techniques.cpu_sampling:
+        (sampler,) = raw["cpu-sampler"]
+        assert _fields(sampler, techniques.sampler_options()) == techniques.sampler_options()
+    else:  # the last stage samples: no pool, and the coordinator's one sampler is that stage
+        assert "cpu-sampler" not in raw and coordinator["samplers"] == coordinator["stages"][-1:]
+    # and the coordinator's start-up check finds the stages agreeing with it
+    config = load_config(CoordinatorConfig, coordinator)
+    infos = [stage_worker_pb2.GetStageInfoResponse(
+        index=s.stage_index, layer_start=s.stage_index, layer_end=s.stage_index + 1, num_layers=len(stages),
+        kv_blocks_total=s.num_blocks, block_size=s.block_size, model_config_sha256="same",
+        structured_streams=s.structured_streams, sample_on_stage=s.sample_on_stage)
+        for s in (load_config(StageWorkerConfig, stage) for stage in stages)]
+    assert stage_mismatches(config, "same", infos) == []
+
+
+@pytest.mark.parametrize("discovery", ["endpointslices", "static"])
+def test_without_cpu_sampling_no_sampler_pool_is_deployed(discovery: str) -> None:
+    """Its HPA, PDB and NetworkPolicy neither, though asked for; nothing reads EndpointSlices."""
+    objs = tuple(_render({"techniques": {"preset": "full", "cpu_sampling": False},
+                          "cpuSampler": {"discovery": discovery, "podDisruptionBudget": {"enabled": True},
+                                         "autoscaling": {"enabled": discovery == "endpointslices"}}}))
+    assert not [o for o in objs if o["metadata"]["labels"].get("app.kubernetes.io/component") == "cpu-sampler"]
+    assert not _of_kind(objs, "HorizontalPodAutoscaler", "Role", "RoleBinding")
+    for workload in _of_kind(objs, *WORKLOAD_KINDS):
+        assert workload["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    for obj in objs:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+    (coordinator,) = [load_config(CoordinatorConfig, yaml.safe_load(cm["data"]["config.yaml"]))
+                      for cm in _of_kind(objs, "ConfigMap") if _component(cm) == "coordinator"]
+    *_, last = _stage_configs(objs)
+    assert (coordinator.sampler_discovery, coordinator.samplers) == ("static", coordinator.stages[-1:])
+    assert last.sample_on_stage and (last.samplers, last.sampler_service) == ((), "")
+
+
+def test_the_chart_has_exactly_the_switches_of_presets() -> None:
+    schema = json.loads((CHART / "values.schema.json").read_text())["properties"]["techniques"]
+    assert list(schema["properties"]) == ["preset", *SWITCHES] and schema["additionalProperties"] is False
+    assert schema["properties"]["preset"]["enum"] == list(PRESETS)
+    assert {s: schema["properties"][s]["type"] for s in SWITCHES} == dict.fromkeys(SWITCHES, ["boolean", "null"])
+    assert _values(CHART / "values.yaml")["techniques"] == {"preset": "full", **dict.fromkeys(SWITCHES)}
+
+
+@pytest.mark.parametrize("techniques, named", [
+    ({"preset": "fast"}, "at '/techniques/preset': value must be one of 'full', 'baseline'"),
+    ({"preset": "full-cpu_sampling"}, "at '/techniques/preset'"),  # a switch is its own value
+    ({"cpu_samplng": False}, "additional properties 'cpu_samplng' not allowed"),
+    ({"fast_sampler": "off"}, "at '/techniques/fast_sampler'"),
+])
+def test_bad_techniques_fail_schema_validation_naming_them(techniques: dict[str, Any], named: str) -> None:
+    with pytest.raises(helm.HelmError, match="schema") as e:
+        _render({"techniques": techniques})
+    assert named in str(e.value)
+
+
+@pytest.mark.parametrize("role, field", [
+    *(("coordinator", f) for f in resolve("full").coordinator_options()),
+    *(("stageWorker", f) for f in resolve("full").stage_options(is_last=True)),
+    *(("cpuSampler", f) for f in resolve("full").sampler_options()),
+])
+def test_a_field_the_switches_set_is_refused_in_a_role_config(role: str, field: str) -> None:
+    with pytest.raises(helm.HelmError, match=f"{role}.config.{field} is set from the technique switches"):
+        _render({role: {"config": {field: True}}})
 
 
 @pytest.mark.parametrize("bad", [

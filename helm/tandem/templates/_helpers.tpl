@@ -76,6 +76,54 @@ StatefulSet DNS name per replica. */}}
 {{- end }}
 {{- end }}
 
+{{/* The technique switches, spelled as services/tandem/presets.py spells them (Techniques). */}}
+{{- define "tandem.switches" -}}
+cpu_sampling fast_sampler token_safe_prep structured_streams shared_memory_logits temporal_phases
+{{- end }}
+
+{{/* The resolved switches as a JSON object: techniques.preset's value of each (full: on, baseline:
+off) unless techniques.SWITCH sets it; presets.resolve("full-SWITCH") is preset full with SWITCH false. */}}
+{{- define "tandem.techniques" -}}
+{{- $preset := eq .Values.techniques.preset "full" }}
+{{- $resolved := dict }}
+{{- range $switch := splitList " " (include "tandem.switches" .) }}
+{{- $set := index $.Values.techniques $switch }}
+{{- $_ := set $resolved $switch (ternary $preset $set (kindIs "invalid" $set)) }}
+{{- end }}
+{{- toJson $resolved }}
+{{- end }}
+
+{{/* The config fields the switches set, as Techniques.sampler_options(), stage_options(is_last) and
+coordinator_options() give them (tests/test_helm.py compares every preset with presets.py). */}}
+{{- define "tandem.samplerOptions" -}}
+{{- $t := include "tandem.techniques" . | fromJson }}
+{{- toJson (dict "fast_sampler" $t.fast_sampler) }}
+{{- end }}
+
+{{/* dict "root" $ "isLast" bool: without CPU sampling the last stage samples. */}}
+{{- define "tandem.stageOptions" -}}
+{{- $t := include "tandem.techniques" .root | fromJson }}
+{{- toJson (dict "sample_on_stage" (and .isLast (not $t.cpu_sampling)) "fast_sampler" $t.fast_sampler "overlap_input_prep" $t.token_safe_prep "structured_streams" $t.structured_streams "shared_memory_logits" $t.shared_memory_logits) }}
+{{- end }}
+
+{{/* Samplers get row plans only with structured streams. */}}
+{{- define "tandem.coordinatorOptions" -}}
+{{- $t := include "tandem.techniques" . | fromJson }}
+{{- toJson (dict "sample_plans" (and $t.cpu_sampling $t.structured_streams) "temporal_phases" $t.temporal_phases) }}
+{{- end }}
+
+{{/* "true" when the sampler pool is deployed (techniques.cpu_sampling), else "": without it the last
+stage samples in-process and the coordinator names that stage as its one sampler, as `tandem up` does. */}}
+{{- define "tandem.cpuSampling" -}}
+{{- if (include "tandem.techniques" . | fromJson).cpu_sampling }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the coordinator and the last stage follow the sampler pool's EndpointSlices (and so
+read the Kubernetes API), else "". */}}
+{{- define "tandem.readsEndpointSlices" -}}
+{{- if and (include "tandem.cpuSampling" .) (eq .Values.cpuSampler.discovery "endpointslices") }}true{{ end }}
+{{- end }}
+
 {{/* Fail early on values the schema cannot express. */}}
 {{- define "tandem.validate" -}}
 {{- $n := int .Values.pipeline.numStages }}
@@ -110,6 +158,15 @@ StatefulSet DNS name per replica. */}}
 {{- range $role := list "coordinator" "stageWorker" "kvStore" "gateway" }}
 {{- if (index $.Values $role).autoscaling.enabled }}
 {{- fail (printf "%s.autoscaling.enabled: only cpuSampler can autoscale" $role) }}
+{{- end }}
+{{- end }}
+{{- /* the switches are the one way to set the fields they map to, so that every service agrees */}}
+{{- $byRole := dict "coordinator" (include "tandem.coordinatorOptions" .) "stageWorker" (include "tandem.stageOptions" (dict "root" . "isLast" true)) "cpuSampler" (include "tandem.samplerOptions" .) }}
+{{- range $role, $options := $byRole }}
+{{- range $field := keys ($options | fromJson) | sortAlpha }}
+{{- if hasKey (index $.Values $role).config $field }}
+{{- fail (printf "%s.config.%s is set from the technique switches: set techniques.preset and techniques.<switch> instead (helm/tandem/values.yaml lists them)" $role $field) }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- if and .Values.model.pvc.enabled .Values.model.download.enabled }}
