@@ -588,8 +588,9 @@ def test_auto_split_balances_the_workloads_decode_step():
     from tandem.bench.workload import Request, Workload
 
     requests = tuple(Request(i, tuple(range(32)), 128) for i in range(64))
-    # 64 requests over 3 micro-batches in flight: 22 rows; 32 prompt tokens plus half of 128 out.
-    assert typical_decode_step(Workload(requests, (), {}), num_stages=2) == (22, 96)
+    # 64 requests over 2 micro-batches in flight (one per stage): 32 rows; 32 prompt tokens plus half of 128 out.
+    assert typical_decode_step(Workload(requests, (), {}), num_stages=2) == (32, 96)
+    assert typical_decode_step(Workload(requests, (), {}), num_stages=2, max_in_flight=3) == (22, 96)
     many = tuple(Request(i, (1, 2), 10) for i in range(1000))
     assert typical_decode_step(Workload(many, (), {}), num_stages=1) == (64, 7)
 

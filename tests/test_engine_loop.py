@@ -123,8 +123,9 @@ class Rig:
 
     def __init__(self, samplers=("s0", "s1"), num_stages: int = 2, num_blocks: int = 64, num_host_blocks: int = 0,
                  max_in_flight: int = 3, max_queue: int = 64, step_timeout_s: float = 60.0, stage_health=None,
-                 max_num_batched_tokens: int = 64, on_outputs=lambda requests: None):
+                 max_num_batched_tokens: int = 64, on_outputs=lambda requests: None, hosted: str = ""):
         self.inbox: Inbox = Inbox()
+        self.hosted = hosted  # the address of the last stage's own sampler, if it hosts one
         self.stages = [FakeStage() for _ in range(num_stages)]
         self.samplers: dict[str, FakeSampler] = {}
         self.add_errors: dict[str, str] = {}
@@ -132,7 +133,7 @@ class Rig:
         self.scheduler = Scheduler(num_blocks, 4, 8, max_num_batched_tokens, max_in_flight, num_host_blocks)
         self.engine = Engine(self.scheduler, self.stages, self.open_sampler, self.kv_store, self.inbox,
                              max_queue=max_queue, step_timeout_s=step_timeout_s, stage_health=stage_health,
-                             on_outputs=on_outputs)
+                             on_outputs=on_outputs, hosted_sampler=hosted)
         self.answered: set[int] = set()
         self.post(MembershipChanged(frozenset(samplers)))
         self.turn()
@@ -170,7 +171,8 @@ class Rig:
         by_sampler: dict[str, list] = {}
         for s in plan.sequences:
             if s.request_id not in skip and not s.is_partial_prefill:
-                by_sampler.setdefault(self.stages[0].sampler(s), []).append((s.request_id, s.sample_index))
+                address = self.stages[0].sampler(s) or self.hosted  # the table's empty name: the stage's own
+                by_sampler.setdefault(address, []).append((s.request_id, s.sample_index))
         for address, rows in by_sampler.items():
             self.samplers[address].answer(plan.step_id, rows)
 
@@ -332,6 +334,39 @@ def test_a_replica_down_for_a_failed_add_comes_back_once_it_answers_again():
     rig.run()
     assert set(s0.added[len(handed):]) & set("cdef")  # it takes sequences again
     assert all(tokens(r) == expected(r.request_id, 2) for r in first + later)
+    assert_all_released(rig)
+
+
+def test_argmax_rows_are_sampled_on_the_last_stage_and_every_other_row_on_the_replicas():
+    rig = Rig(samplers=("s0", "s1"), hosted="stage-1")
+    greedy = [rig.request(f"g{i}", max_tokens=3, temperature=0.0) for i in range(3)]
+    others = [rig.request("t0", max_tokens=3, temperature=0.8), rig.request("t1", max_tokens=3, temperature=0.0, logprobs=1),
+              rig.request("p", max_tokens=3, temperature=0.0, repetition_penalty=1.1)]
+    rig.run()
+    assert all(tokens(r) == expected(r.request_id, 3) for r in greedy + others)
+    hosted, replicas = rig.samplers["stage-1"], (rig.samplers["s0"], rig.samplers["s1"])
+    assert sorted(hosted.added) == ["g0", "g1", "g2"]
+    assert sorted(rid for s in replicas for rid in s.added) == ["p", "t0", "t1"]
+    # the stages know the hosted sampler by the empty name only; it gets no row plans (its rows
+    # reach it in-process), and the replicas' plans hold only their own rows
+    assert "stage-1" not in rig.stages[0].samplers and "" in rig.stages[0].samplers
+    assert hosted.plans == []
+    assert {rid for s in replicas for plan in s.plans for rid in plan.request_ids} == {"p", "t0", "t1"}
+    assert_all_released(rig)
+
+
+def test_the_hosted_sampler_outlives_membership_changes_and_stands_in_for_absent_replicas():
+    rig = Rig(samplers=(), hosted="stage-1")
+    a = rig.request("a", max_tokens=2, temperature=0.8)  # no replica: the stage samples it
+    rig.run()
+    assert tokens(a) == expected("a", 2) and rig.samplers["stage-1"].added == ["a"]
+    rig.post(MembershipChanged(frozenset({"s0"})))  # discovery never lists the stage; it stays
+    rig.turn()
+    assert sorted(rig.engine.snapshot.samplers) == ["s0", "stage-1"]
+    rig.post(SamplerDown(rig.samplers["stage-1"], "its Results stream failed: UNAVAILABLE"))
+    b = rig.request("b", max_tokens=2, temperature=0.0)  # argmax-only, but the stage's sampler is down
+    rig.run()
+    assert rig.samplers["s0"].added == ["b"] and tokens(b) == expected("b", 2)
     assert_all_released(rig)
 
 

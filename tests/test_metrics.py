@@ -41,10 +41,12 @@ def hops(samples: Samples, name: str, stage: str) -> dict[str, float]:
 
 
 def generate(endpoint: str) -> int:
-    """Run PROMPTS one after another; the number of tokens generated."""
+    """Run PROMPTS one after another, greedy, every other one asking for logprobs (so that in
+    preset full some rows are sampled on the last stage and some on the replicas); the number
+    of tokens generated."""
     with TandemClient(endpoint, timeout_s=120) as client:
-        results = [client.generate(prompt_ids=p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-                   for p in PROMPTS]
+        results = [client.generate(prompt_ids=p, max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True,
+                                   logprobs=0 if i % 2 else None) for i, p in enumerate(PROMPTS)]
     return sum(len(r.token_ids) for r in results)
 
 
@@ -105,6 +107,8 @@ def test_stage_and_sampler_metrics_equal_what_was_served(llama):
                 assert frames == {f"activations->{c.stages[1]}": info.num_steps_total + 1}
             else:
                 assert set(frames) <= {f"logits->{address}" for address in c.samplers}
+        # the argmax rows were sampled by the sampler the last stage hosts, the others by the replicas
+        on_stage = value(samples, "tandem:sampler_rows_total", sampler="stage-1")
         rows = 0
         for i, (address, metrics) in enumerate(zip(c.samplers, c.sampler_metrics)):
             samples, info, name = scrape(metrics), sampler_info(address), f"sampler-{i}"
@@ -114,7 +118,7 @@ def test_stage_and_sampler_metrics_equal_what_was_served(llama):
             assert value(samples, "tandem:sampler_num_sequences", sampler=name) == 0
             assert value(samples, "tandem:sampler_num_queued_batches", sampler=name) == 0
             assert value(samples, "tandem:sampler_num_planned_steps", sampler=name) == 0
-        assert rows == num_tokens
+        assert 0 < on_stage < num_tokens and on_stage + rows == num_tokens
     finally:
         ports = [m.port for m in c.stage_metrics + c.sampler_metrics]
         c.stop()

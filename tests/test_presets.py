@@ -27,11 +27,16 @@ def test_named_presets_set_every_switch():
 
 def test_service_options_follow_the_switches():
     full, baseline = resolve("full"), resolve("baseline")
-    assert full.stage_options(is_last=True)["sample_on_stage"] is False
+    # full: the last stage hosts a sampler for the argmax rows, beside the replicas
+    assert full.stage_options(is_last=True)["sample_on_stage"] is True
+    assert resolve("full-greedy_on_stage").stage_options(is_last=True)["sample_on_stage"] is False
+    assert full.stage_options(is_last=False)["sample_on_stage"] is False
     assert baseline.stage_options(is_last=True)["sample_on_stage"] is True
     assert baseline.stage_options(is_last=False)["sample_on_stage"] is False
-    assert full.coordinator_options() == {"sample_plans": True, "temporal_phases": True}
-    assert baseline.coordinator_options() == {"sample_plans": False, "temporal_phases": False}
+    assert full.coordinator_options() == {"sample_plans": True, "temporal_phases": True, "greedy_on_stage": True}
+    assert baseline.coordinator_options() == {"sample_plans": False, "temporal_phases": False, "greedy_on_stage": False}
+    # without CPU sampling the stage samples every row: there is no replica to place the others on
+    assert resolve("baseline+greedy_on_stage").coordinator_options()["greedy_on_stage"] is False
     assert resolve("full-temporal_phases").coordinator_options()["temporal_phases"] is False
     # row plans only make sense when samplers are separate and streams are structured
     assert resolve("full-cpu_sampling").coordinator_options()["sample_plans"] is False

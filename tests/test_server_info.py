@@ -32,17 +32,19 @@ def cluster(checkpoint):
 def test_no_caller_but_the_admin_key_gets_internal_addresses(cluster):
     with TandemClient(cluster.endpoint, api_key=API_KEY, timeout_s=30) as client:
         deadline = time.monotonic() + 30
-        while len((info := client.server_info()).samplers) < 2 and time.monotonic() < deadline:
-            time.sleep(0.1)  # a replica joins the pool once its Results subscription is confirmed
+        # the two replicas and the sampler the last stage hosts for argmax rows (preset full); each
+        # joins the pool once its Results subscription is confirmed
+        while len((info := client.server_info()).samplers) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert [(s.index, s.address) for s in info.stages] == [(0, ""), (1, "")]
         assert info.stages[0].layer_start == 0 and info.stages[0].layer_end == info.stages[1].layer_start
-        assert sorted(s.index for s in info.samplers) == [0, 1] and {s.address for s in info.samplers} == {""}
+        assert sorted(s.index for s in info.samplers) == [0, 1, 2] and {s.address for s in info.samplers} == {""}
         with pytest.raises(PermissionDeniedError, match="admin key"):
             client.server_info(include_addresses=True)
     with TandemClient(cluster.endpoint, api_key=ADMIN_KEY, timeout_s=30) as admin:
         info = admin.server_info(include_addresses=True)
         assert [s.address for s in info.stages] == cluster.stages
-        assert {s.address for s in info.samplers} == set(cluster.samplers)
+        assert {s.address for s in info.samplers} == {*cluster.samplers, cluster.stages[-1]}
         assert [s.address for s in admin.server_info().stages] == ["", ""]  # only when asked for
         assert admin.tokenize("hi")  # the admin key passes wherever the API key does
     with TandemClient(cluster.endpoint, api_key="wrong", timeout_s=30) as stranger:

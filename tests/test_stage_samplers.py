@@ -11,9 +11,12 @@ import pytest
 
 from kube_api import FakeKubeApi
 from tandem.core.config import load_config
+from tandem.core.discovery import StaticDiscovery
 from tandem.core.errors import ConfigError, InvalidArgumentError
+from tandem.core.frames import HOSTED_SAMPLER
 from tandem.stage_worker import servicer as stage_worker
 from tandem.stage_worker.config import StageWorkerConfig
+from tandem.stage_worker.runner import StageRunner
 from tandem.stage_worker.samplers import SamplerDirectory, open_directory
 from tandem.stage_worker.tables import PlanTables
 from tandem.v1 import stage_worker_pb2 as pb
@@ -42,6 +45,25 @@ def test_a_plan_naming_a_sampler_the_stage_does_not_know_is_refused_before_its_t
         stage.apply(pb.StepPlan(step_id=2, sequences=[
             pb.SequencePlan(request_id="b", input_ids=[5], block_table=[1], sampler_index=1)]))
     assert stage.blocks_of == {"a": [0]}
+
+
+class NoPeers:
+    def hops(self) -> dict:
+        return {}
+
+
+def hosted_names(sample) -> list[bool]:
+    """Which of the names a plan may use a last stage with sampler s0:1 (and `sample`) accepts."""
+    directory = SamplerDirectory(StaticDiscovery(("s0:1",)), wait_s=0.0)
+    directory.start()
+    config = StageWorkerConfig(model="m", stage_index=1, num_stages=2, samplers=("s0:1",), sample_on_stage=sample is not None)
+    known = StageRunner(config, NoPeers(), sample=sample, samplers=directory)._is_known_sampler()
+    return [known(name) for name in (HOSTED_SAMPLER, "s0:1", "evil:25")]
+
+
+def test_only_a_stage_that_hosts_a_sampler_takes_rows_for_the_table_s_empty_name():
+    assert hosted_names(sample=None) == [False, True, False]
+    assert hosted_names(sample=lambda *row: None) == [True, True, False]
 
 
 def test_a_stage_that_sends_no_logits_checks_no_sampler():

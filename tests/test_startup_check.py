@@ -48,6 +48,15 @@ def test_stream_mode_does_not_matter_when_the_last_stage_samples():
     assert checks.stage_mismatches(CONFIG, "abc", infos(structured_streams=False, sample_on_stage=True)) == []
 
 
+def test_argmax_rows_on_the_stage_need_a_stage_that_hosts_a_sampler_and_the_replicas_stream_mode():
+    config = dataclasses.replace(CONFIG, greedy_on_stage=True)
+    assert checks.stage_mismatches(config, "abc", infos(sample_on_stage=True)) == []
+    [found] = checks.stage_mismatches(config, "abc", infos())
+    assert found.startswith("greedy_on_stage: the coordinator has the last stage at 10.0.0.2:50051 sample argmax rows")
+    [found] = checks.stage_mismatches(config, "abc", infos(sample_on_stage=True, structured_streams=False))
+    assert found.startswith("structured_streams: the last stage at 10.0.0.2:50051 has False")
+
+
 def test_a_stage_with_another_block_size_is_refused(checkpoint):
     model = str(checkpoint("llama"))
     stage = compose.serve_stage_worker(StageWorkerConfig(model=model, num_blocks=32, block_size=8,

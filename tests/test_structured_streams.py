@@ -274,13 +274,14 @@ def _stage_infos(c) -> list[stage_worker_pb2.GetStageInfoResponse]:
 @pytest.mark.parametrize("preset", ["full", "full-shared_memory_logits", "full-structured_streams"])
 def test_bytes_per_hop_follow_the_switches(llama, reference_model, preset):
     """Greedy output equals transformers on every path; frames cost the tensor bytes plus a small
-    tag, and with the ring the logits cross gRPC as handles only."""
+    tag, and with the ring the logits cross gRPC as handles only. The requests ask for logprobs, so
+    their rows go to the sampler replica (an argmax-only row stays on the last stage)."""
     prompts = ([5, 7, 9], [100, 4, 40, 41])
     c = start_cluster(llama, num_stages=2, num_samplers=1, preset=preset)
     try:
         with TandemClient(c.endpoint, timeout_s=60) as client:
-            tokens = [list(client.generate(prompt_ids=p, max_tokens=6, temperature=0.0, ignore_eos=True).token_ids)
-                      for p in prompts]
+            tokens = [list(client.generate(prompt_ids=p, max_tokens=6, temperature=0.0, ignore_eos=True,
+                                           logprobs=0).token_ids) for p in prompts]
         first, last = _stage_infos(c)
     finally:
         c.stop()

@@ -51,7 +51,7 @@ def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
                         help="torch threads, and cores of its own, of each stage (default: 0, an equal share of the "
                              "cores; the rest go to the samplers, coordinator and KV store)")
     parser.add_argument("--max-in-flight", type=int, default=0,
-                        help="micro-batches in flight through the pipeline (default: 0, the number of stages + 1)")
+                        help="micro-batches in flight through the pipeline (default: 0, one per stage)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
 
 
@@ -76,7 +76,7 @@ class Launcher:
         self.children: list[tuple[str, subprocess.Popen]] = []
         self.log_dir = Path(log_dir) if log_dir else self.workdir
         self.stages: list[str] = []  # addresses, filled in by up()
-        self.samplers: list[str] = []
+        self.samplers: list[str] = []  # every sampler service, the last stage's own included when it hosts one
         self.gateway = ""  # host:port of the OpenAI-compatible gateway, when up() started one
         self.notes: list[str] = []  # what up() said about the layout
         self.warnings: list[str] = []  # the notes that say something is oversubscribed
@@ -171,7 +171,8 @@ class Launcher:
                                     **techniques.stage_options(is_last=index == num_stages - 1))
             stages.insert(0, self.start(f"stage-worker-{index}", "stage_worker", cfg))
         samplers = samplers or (stages[-1],)  # without CPU sampling the last stage samples
-        self.stages, self.samplers = stages, list(samplers)
+        hosts_argmax = techniques.coordinator_options()["greedy_on_stage"]  # and beside the replicas, argmax rows
+        self.stages, self.samplers = stages, [*samplers, *([stages[-1]] if hosts_argmax else [])]
         self.step_logs = [self.workdir / f"steps-{i}.jsonl" for i in range(num_stages)] if step_logs else []
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,

@@ -38,20 +38,27 @@ class Techniques:
     """TD-Pipe: the whole pipeline runs prefill micro-batches or decode micro-batches, never mixed,
     admitting prompts while their projected KV fits and switching back to prefill by the stages'
     measured forward time (off: every micro-batch mixes decodes and new prompts, vLLM-style)."""
+    greedy_on_stage: bool
+    """With CPU sampling: the last stage also hosts a sampler and samples the rows that need only
+    an argmax (greedy, no penalty, logit bias or logprobs) next to their logits, the placement
+    APEX argues for: an argmax costs less than moving a row of logits to another process; the
+    replicas take every other row (off: every row's logits go to a replica)."""
 
     def sampler_options(self) -> dict[str, Any]:
         """The SamplerConfig fields of a sampler replica."""
         return {"fast_sampler": self.fast_sampler}
 
     def stage_options(self, is_last: bool) -> dict[str, Any]:
-        """The StageWorkerConfig fields of a stage; without CPU sampling the last one samples."""
-        return {"sample_on_stage": is_last and not self.cpu_sampling, "fast_sampler": self.fast_sampler,
+        """The StageWorkerConfig fields of a stage; without CPU sampling the last one samples, and
+        with greedy_on_stage it samples the argmax-only rows."""
+        return {"sample_on_stage": is_last and (not self.cpu_sampling or self.greedy_on_stage), "fast_sampler": self.fast_sampler,
                 "overlap_input_prep": self.token_safe_prep, "structured_streams": self.structured_streams,
                 "shared_memory_logits": self.shared_memory_logits}
 
     def coordinator_options(self) -> dict[str, Any]:
         """The CoordinatorConfig fields: samplers get row plans only with structured streams."""
-        return {"sample_plans": self.cpu_sampling and self.structured_streams, "temporal_phases": self.temporal_phases}
+        return {"sample_plans": self.cpu_sampling and self.structured_streams, "temporal_phases": self.temporal_phases,
+                "greedy_on_stage": self.cpu_sampling and self.greedy_on_stage}
 
 
 SWITCHES = tuple(f.name for f in dataclasses.fields(Techniques))

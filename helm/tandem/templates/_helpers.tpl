@@ -78,7 +78,7 @@ StatefulSet DNS name per replica. */}}
 
 {{/* The technique switches, spelled as services/tandem/presets.py spells them (Techniques). */}}
 {{- define "tandem.switches" -}}
-cpu_sampling fast_sampler token_safe_prep structured_streams shared_memory_logits temporal_phases
+cpu_sampling fast_sampler token_safe_prep structured_streams shared_memory_logits temporal_phases greedy_on_stage
 {{- end }}
 
 {{/* The resolved switches as a JSON object: techniques.preset's value of each (full: on, baseline:
@@ -100,16 +100,16 @@ coordinator_options() give them (tests/test_helm.py compares every preset with p
 {{- toJson (dict "fast_sampler" $t.fast_sampler) }}
 {{- end }}
 
-{{/* dict "root" $ "isLast" bool: without CPU sampling the last stage samples. */}}
+{{/* dict "root" $ "isLast" bool: without CPU sampling the last stage samples, with greedy_on_stage the argmax rows. */}}
 {{- define "tandem.stageOptions" -}}
 {{- $t := include "tandem.techniques" .root | fromJson }}
-{{- toJson (dict "sample_on_stage" (and .isLast (not $t.cpu_sampling)) "fast_sampler" $t.fast_sampler "overlap_input_prep" $t.token_safe_prep "structured_streams" $t.structured_streams "shared_memory_logits" $t.shared_memory_logits) }}
+{{- toJson (dict "sample_on_stage" (and .isLast (or (not $t.cpu_sampling) $t.greedy_on_stage)) "fast_sampler" $t.fast_sampler "overlap_input_prep" $t.token_safe_prep "structured_streams" $t.structured_streams "shared_memory_logits" $t.shared_memory_logits) }}
 {{- end }}
 
-{{/* Samplers get row plans only with structured streams. */}}
+{{/* Samplers get row plans only with structured streams; the stage samples argmax rows only beside a pool. */}}
 {{- define "tandem.coordinatorOptions" -}}
 {{- $t := include "tandem.techniques" . | fromJson }}
-{{- toJson (dict "sample_plans" (and $t.cpu_sampling $t.structured_streams) "temporal_phases" $t.temporal_phases) }}
+{{- toJson (dict "sample_plans" (and $t.cpu_sampling $t.structured_streams) "temporal_phases" $t.temporal_phases "greedy_on_stage" (and $t.cpu_sampling $t.greedy_on_stage)) }}
 {{- end }}
 
 {{/* "true" when the sampler pool is deployed (techniques.cpu_sampling), else "": without it the last

@@ -46,9 +46,9 @@ def run_log_dir(args: argparse.Namespace, run: str) -> Path | None:
 def typical_decode_step(workload: Workload, num_stages: int, max_in_flight: int = 0,
                         max_num_seqs: int = 64) -> tuple[int, int]:
     """(rows, context) of a decode micro-batch of this workload: the requests spread over the
-    micro-batches in flight (0: stages + 1), each sequence halfway through its output."""
+    micro-batches in flight (0: one per stage), each sequence halfway through its output."""
     n = len(workload.requests)
-    rows = max(1, min(max_num_seqs, -(-n // (max_in_flight or num_stages + 1))))
+    rows = max(1, min(max_num_seqs, -(-n // (max_in_flight or num_stages))))
     return rows, max(1, round((workload.prompt_tokens + workload.output_tokens / 2) / n))
 
 

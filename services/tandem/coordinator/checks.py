@@ -53,7 +53,11 @@ def stage_mismatches(config: CoordinatorConfig, model_config_sha256: str,
             found.append(f"num_stages or stage_boundaries: {stage} holds layers [{info.layer_start}, "
                          f"{info.layer_end}) of {info.num_layers}, which leaves a gap or an overlap in the pipeline")
     last = infos[-1] if infos else None
-    if last is not None and not last.sample_on_stage and last.structured_streams != config.sample_plans:
+    if last is not None and config.greedy_on_stage and not last.sample_on_stage:
+        found.append(f"greedy_on_stage: the coordinator has the last stage at {config.stages[-1]} sample argmax rows, "
+                     "but it hosts no sampler (its sample_on_stage is false)")
+    samplers_apart = last is not None and (not last.sample_on_stage or config.greedy_on_stage)
+    if samplers_apart and last.structured_streams != config.sample_plans:
         found.append(f"structured_streams: the last stage at {config.stages[-1]} has {last.structured_streams}, but "
                      f"the coordinator's sample_plans is {config.sample_plans} (the two must agree when the samplers "
                      "are apart from the stages)")

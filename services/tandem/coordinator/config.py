@@ -37,7 +37,9 @@ class CoordinatorConfig:
     enable_chunked_prefill: bool = doc(
         "split a prefill over several micro-batches to fit max_num_batched_tokens, each beside the running "
         "sequences' decodes, as vLLM does; only a prompt's last chunk is sampled", True)
-    max_in_flight: int = doc("micro-batches in flight; 0 means number of stages + 1", 0)
+    max_in_flight: int = doc(
+        "micro-batches in flight; 0 means one per stage (as vLLM's pipeline runs): each stage has a step to work "
+        "on while the others compute, and every micro-batch holds as many rows as it can", 0)
     enable_prefix_caching: bool = doc(
         "reuse the KV blocks of prompt prefixes computed before (whole blocks, found by a hash of every "
         "token up to them); cached blocks no request holds are given up, oldest first, when memory is needed", True)
@@ -51,6 +53,10 @@ class CoordinatorConfig:
         "structure-aware transmission: send each sampler the row plan of every step ahead of its logits, "
         "so the last stage's logits frames carry only a step tag and raw bytes (the stages' "
         "structured_streams must be on too)", True)
+    greedy_on_stage: bool = doc(
+        "the last stage hosts a sampler too (its sample_on_stage) and samples the rows that need only an argmax "
+        "(greedy, no penalty, logit bias or logprobs) next to their logits; the sampler replicas take the rest, "
+        "and the stage takes every row while no replica is up", False)
     stage_down_timeout_s: float = doc(
         "a stage whose plan stream broke (it died or restarted) may stay down this long; then every request "
         "fails with UNAVAILABLE and new ones are refused until it is back", 15.0)

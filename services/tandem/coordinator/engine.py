@@ -82,7 +82,7 @@ class Snapshot:
 class Engine:
     def __init__(self, scheduler: Scheduler, stages: Sequence[StagePort], open_sampler: Callable[[str], SamplerPort],
                  kv_store: KvStorePort | None, inbox: Inbox, *, max_queue: int, step_timeout_s: float,
-                 sample_plans: bool = True, stage_health: StageHealth | None = None,
+                 sample_plans: bool = True, hosted_sampler: str = "", stage_health: StageHealth | None = None,
                  on_outputs: Callable[[list[Request]], None] = lambda requests: None):
         self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
         self.sample_plans = sample_plans
@@ -90,8 +90,9 @@ class Engine:
         self._health = stage_health or StageHealth(timeout_s=15.0, recover=True)
         self._draining = False
         self._stages, self._open_sampler, self._kv_store, self._inbox = stages, open_sampler, kv_store, inbox
-        self._pool = SamplerPool()
-        self._sampler_table = plans.SamplerTable()  # the replicas by index, as the stages know them
+        # hosted_sampler: the last stage's address when it hosts a sampler for argmax-only rows
+        self._pool = SamplerPool(hosted_sampler)
+        self._sampler_table = plans.SamplerTable(hosted_sampler)  # the replicas by index, as the stages know them
         self._requests: dict[str, Request] = {}
         self._on_outputs = on_outputs
         self._given_outputs: dict[Request, None] = {}  # requests given outputs this turn, once each
@@ -226,7 +227,7 @@ class Engine:
                 traced.append(span)
         traceparent = request_trace.step_traceparent(traced) if traced else ""
         if self.sample_plans:  # ahead of the stages' plans, so they are there before the logits
-            for address, plan in plans.sample_plans(step, traceparent).items():
+            for address, plan in plans.sample_plans(step, traceparent, self._pool.hosted).items():
                 if (port := self._pool.port(address)) is not None:
                     port.send_plan(plan)
         plan = plans.step_plan(step, self._sampler_table, traceparent)
@@ -346,11 +347,12 @@ class Engine:
     # --- sampler replicas ---------------------------------------------------------------
 
     def _on_membership(self, event: MembershipChanged) -> None:
-        for address in event.addresses - self._pool.replicas.keys():
+        addresses = event.addresses | {self._pool.hosted} if self._pool.hosted else event.addresses
+        for address in addresses - self._pool.replicas.keys():
             port = self._open_sampler(address)
             self._pool.join(port)
             port.start()
-        for address in self._pool.replicas.keys() - event.addresses:
+        for address in self._pool.replicas.keys() - addresses:
             port, moved = self._pool.leave(address)
             port.close()
             self._move(moved, address, "removed from the sampler pool")
@@ -374,7 +376,7 @@ class Engine:
             self._requests[rid].sampler = event.port.address  # from now on it is scheduled
 
     def _place(self, request_ids: list[str]) -> None:
-        for port, placed in self._pool.place(request_ids).items():
+        for port, placed in self._pool.place(request_ids, lambda rid: self._requests[rid].argmax_only).items():
             port.add([self._requests[rid].sampler_sequence(self.scheduler.sampled_token(rid)) for rid in placed])
 
     def _move(self, moved: list[str], address: str, reason: str) -> None:

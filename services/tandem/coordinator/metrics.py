@@ -186,7 +186,8 @@ class StateCollector(Collector):
                 phase.add_metric([*values, name], float(s.phase == name))
             yield switches
             yield phase
-        yield family(GaugeMetricFamily, "sampler_pool_size", "Sampler replicas up (taking sequences).",
+        yield family(GaugeMetricFamily, "sampler_pool_size",
+                     "Sampler replicas up (taking sequences), the last stage's own included when it hosts one.",
                      len(s.samplers))
         sequences = GaugeMetricFamily(PREFIX + "sampler_pool_sequences",
                                       "Sequences each sampler replica holds, as it last reported.",

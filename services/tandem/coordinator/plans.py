@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from tandem.coordinator.steps import Step
+from tandem.core import frames
 from tandem.v1 import cpu_sampler_pb2
 from tandem.v1 import stage_worker_pb2 as stage_pb
 
@@ -10,9 +11,11 @@ from tandem.v1 import stage_worker_pb2 as stage_pb
 class SamplerTable:
     """The sampler replicas the stages know, by index. Append-only, so an index keeps its address
     for the life of the stages' streams; a replica that leaves the pool keeps its index, and one
-    that comes back gets it again."""
+    that comes back gets it again. The last stage's own sampler (at address `hosted`) is sent as
+    frames.HOSTED_SAMPLER: the stage samples its rows itself."""
 
-    def __init__(self) -> None:
+    def __init__(self, hosted: str = "") -> None:
+        self.hosted = hosted
         self.addresses: list[str] = []
         self._index: dict[str, int] = {}
         self._num_sent = 0  # entries the stages have
@@ -21,7 +24,7 @@ class SamplerTable:
         i = self._index.get(address)
         if i is None:
             i = self._index[address] = len(self.addresses)
-            self.addresses.append(address)
+            self.addresses.append(frames.HOSTED_SAMPLER if address == self.hosted else address)
         return i
 
     def unsent(self) -> list[str]:
@@ -53,13 +56,14 @@ def step_plan(step: Step, samplers: SamplerTable, traceparent: str = "") -> stag
     return plan
 
 
-def sample_plans(step: Step, traceparent: str = "") -> dict[str, cpu_sampler_pb2.SamplePlan]:
+def sample_plans(step: Step, traceparent: str = "", hosted: str = "") -> dict[str, cpu_sampler_pb2.SamplePlan]:
     """Each replica's rows of a step, by address, in plan order: the order of its logits rows;
     each carries the step span's `traceparent` when the step is traced. Partial prefill chunks
-    are not sampled: they are in no replica's plan."""
+    are not sampled: they are in no replica's plan; nor are the rows of the sampler the last
+    stage hosts (at `hosted`), which it hands their request ids in-process."""
     plans: dict[str, cpu_sampler_pb2.SamplePlan] = {}
     for s in step.sequences:
-        if s.is_partial_prefill:
+        if s.is_partial_prefill or (hosted and s.sampler == hosted):
             continue
         plan = plans.get(s.sampler)
         if plan is None:

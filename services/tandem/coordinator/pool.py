@@ -4,11 +4,17 @@ what the loop must do (the sequences to hand to a replica, the sequences that lo
 A replica takes sequences once its Results stream is confirmed (up). When it goes down or
 leaves the pool, every sequence it held or was being handed comes back to the loop, which
 runs their unanswered rows again and places them elsewhere.
+
+One replica may be hosted by the last stage itself (`hosted`): it samples next to the logits,
+so its rows never cross to another process. It takes the sequences that need only an argmax
+(the loop says which), the CPU replicas take the rest; with no CPU replica up it takes every
+sequence, and with it down the argmax sequences go to the CPU replicas like any other.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tandem.coordinator.ports import SamplerPort
@@ -22,7 +28,8 @@ class Replica:
 
 
 class SamplerPool:
-    def __init__(self) -> None:
+    def __init__(self, hosted: str = "") -> None:
+        self.hosted = hosted  # address of the last stage's own sampler; empty: none
         self.replicas: dict[str, Replica] = {}
         self._holders: dict[str, Replica] = {}
 
@@ -67,14 +74,22 @@ class SamplerPool:
             del self._holders[rid]
         return moved
 
-    def place(self, request_ids: list[str]) -> dict[SamplerPort, list[str]]:
-        """Give each sequence to the least loaded replica that is up; with none up they wait."""
-        up = [r for r in self.replicas.values() if r.is_up]
+    def place(self, request_ids: list[str], argmax_only: Callable[[str], bool] = lambda rid: False
+              ) -> dict[SamplerPort, list[str]]:
+        """Give each sequence to a replica that is up: an argmax-only one to the hosted replica,
+        any other to the least loaded CPU replica (the hosted one when no CPU replica is up);
+        with none up they wait."""
+        hosted = self.replicas.get(self.hosted)
+        hosted = hosted if hosted is not None and hosted.is_up else None
+        cpu = [r for r in self.replicas.values() if r.is_up and r is not hosted]
         groups: dict[SamplerPort, list[str]] = defaultdict(list)
-        if not up:
+        if hosted is None and not cpu:
             return groups
         for rid in request_ids:
-            replica = min(up, key=lambda r: len(r.request_ids))
+            if hosted is not None and (not cpu or argmax_only(rid)):
+                replica = hosted
+            else:
+                replica = min(cpu, key=lambda r: len(r.request_ids))
             replica.request_ids.add(rid)
             self._holders[rid] = replica
             groups[replica.port].append(rid)

@@ -220,7 +220,7 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncSer
                          credentials=credentials)
     block_bytes, num_host_blocks = _kv_figures(config, model, probe)
     scheduler = Scheduler(config.num_blocks, config.block_size, config.max_num_seqs, config.max_num_batched_tokens,
-                          config.max_in_flight or len(config.stages) + 1, num_host_blocks,
+                          config.max_in_flight or len(config.stages), num_host_blocks,
                           prefix_caching=config.enable_prefix_caching, chunked_prefill=config.enable_chunked_prefill,
                           phases=td_pipe.for_stages(config.num_blocks, config.block_size, config.max_num_batched_tokens,
                                                     stage_infos) if config.temporal_phases else None)
@@ -230,6 +230,7 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncSer
                     lambda address: ports.GrpcSampler(address, inbox.put, credentials),
                     ports.GrpcKvStore(config.kv_store, credentials) if config.kv_store else None, inbox,
                     max_queue=config.max_queue, step_timeout_s=config.step_timeout_s, sample_plans=config.sample_plans,
+                    hosted_sampler=config.stages[-1] if config.greedy_on_stage else "",
                     stage_health=StageHealth(config.stage_down_timeout_s, config.recompute_on_stage_failure),
                     on_outputs=wakeups.notify)
     engine.start(discovery.from_config(config))

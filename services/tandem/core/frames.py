@@ -36,6 +36,10 @@ from tandem.v1 import common_pb2, cpu_sampler_pb2, stage_worker_pb2, tensor_pb2
 # Activations as they arrived: a tensor [tokens, hidden], or raw bytes and the stream's layout
 Arrived = torch.Tensor | tuple[bytes, tensor_pb2.TensorLayout]
 
+# In a step plan's sampler table (StepPlan.sampler_addresses): the sampler the last stage hosts
+# itself, whose rows are sampled in the stage's process instead of crossing a logits stream.
+HOSTED_SAMPLER = ""
+
 # --- ActivationFrame -----------------------------------------------------------------------
 
 

@@ -85,11 +85,14 @@ class SamplerRunner:
         return num_frames
 
     def sample(self, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
-               logits: torch.Tensor) -> None:
+               logits: torch.Tensor, traceparent: str = "") -> None:
         """Sample one frame's rows (logits [rows, vocab] float32) and publish the tokens to every
-        Results subscriber. The Logits stream calls this; so does a last stage that samples in-process."""
+        Results subscriber, in a span under the step's `traceparent` when the step is traced. The
+        Logits stream calls this; so does a last stage that samples in-process."""
         cpu = time.process_time_ns()
-        result = self.engine.sample_frame(request_ids, sample_indices, logits)
+        with tracing.child_span("cpu_sampler", "sample", traceparent, {
+                "tandem.step_id": step_id, "tandem.num_rows": len(request_ids)}):
+            result = self.engine.sample_frame(request_ids, sample_indices, logits)
         with self._counter_lock:
             self.sample_ns_total += result.sample_ns
             self.sample_cpu_ns_total += time.process_time_ns() - cpu
@@ -121,9 +124,7 @@ class SamplerRunner:
             request_ids, sample_indices, traceparent = plan.request_ids, plan.sample_indices, plan.traceparent
         logits, shm_bytes = read_logits(frame, header, ring, len(request_ids))  # [rows, vocab]
         try:
-            with tracing.child_span("cpu_sampler", "sample", traceparent, {
-                    "tandem.step_id": frame.step_id, "tandem.num_rows": len(request_ids)}):
-                self.sample(frame.step_id, request_ids, sample_indices, logits)
+            self.sample(frame.step_id, request_ids, sample_indices, logits, traceparent)
         finally:
             if shm_bytes:
                 ring.free(frame.ring_slot.index)

@@ -61,9 +61,10 @@ class StageWorkerConfig:
         "build the next step's input tensors while this one computes, in two alternating buffers "
         "(token-safe: a buffer is reused only after the step that read it finished); off: in series", True)
     sample_on_stage: bool = doc(
-        "last stage only: also serve the CpuSampler API and sample every row here, in series with "
-        "the forward pass, as a vLLM-style pipeline does (the baseline preset); the coordinator "
-        "then lists this stage as its one sampler", False)
+        "last stage only: also serve the CpuSampler API and sample here, in series with the forward pass, "
+        "the rows the coordinator places on this stage: every row when it lists this stage as its one "
+        "sampler, as a vLLM-style pipeline does (the baseline preset), or the argmax-only rows when it "
+        "has greedy_on_stage and this stage's samplers (or sampler discovery) name replicas for the rest", False)
     fast_sampler: bool = doc("with sample_on_stage: use the fast sampler instead of the straightforward one", False)
     structured_streams: bool = doc(
         "structure-aware transmission: outgoing streams send the tensor layout once, then each frame is a "
@@ -93,6 +94,11 @@ class StageWorkerConfig:
         "append one JSON line per step to this file (start and end on the host's monotonic clock, rows, "
         "prefill tokens): the timeline `tandem bench --timeline` draws; empty: none", "")
 
+    @property
+    def has_sampler_replicas(self) -> bool:
+        """Whether this config names sampler replicas (a list, or a discovery source) to send logits to."""
+        return bool(self.samplers) or self.sampler_discovery != "static"
+
     def validate(self) -> None:
         if not self.model:
             raise ConfigError("config field 'model' must name a model directory")
@@ -118,7 +124,7 @@ class StageWorkerConfig:
         is_last = self.stage_index == self.num_stages - 1
         if self.sample_on_stage and not is_last:
             raise ConfigError("config field 'sample_on_stage' may only be set on the last stage")
-        if is_last and not self.sample_on_stage:
+        if is_last and (not self.sample_on_stage or self.has_sampler_replicas):
             discovery.check_config(self)
         if self.sampler_wait_s < 0:
             raise ConfigError(f"config field 'sampler_wait_s'={self.sampler_wait_s} must be >= 0")

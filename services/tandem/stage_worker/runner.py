@@ -38,8 +38,9 @@ from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# (step_id, request_ids, sample_indices, logits [rows, vocab] float32) -> None: sample the rows here
-Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor], None]
+# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) -> None:
+# sample the rows here
+Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str], None]
 
 
 class StagePeers(Protocol):
@@ -101,7 +102,7 @@ class StageRunner:
     def load(self) -> None:
         """Load the stage's weights, measure its profile, and start executing plans."""
         c = self.config
-        executor = StageExecutor(c, self.samplers.knows if self.samplers is not None else None)
+        executor = StageExecutor(c, self._is_known_sampler())
         self.model_config_sha256 = config_sha256(c.model)
         if c.profile_at_startup:
             self.profile = measure_profile(c.model, c.device, c.dtype, config=executor.model_config)
@@ -119,6 +120,16 @@ class StageRunner:
         if c.step_log:  # line-buffered, open for the process's life
             self._step_log = open(c.step_log, "a", buffering=1)  # noqa: SIM115
         threading.Thread(target=self._execute_loop, name="stage-executor", daemon=True).start()
+
+    def _is_known_sampler(self) -> Callable[[str], bool] | None:
+        """Which sampler names a plan may use: those the stage's own configuration found, and its
+        hosted sampler's when it hosts one; None on a stage that sends no logits."""
+        directory = self.samplers
+        if directory is None:
+            return None
+        if self.sample is None:
+            return directory.knows
+        return lambda address: address == frames.HOSTED_SAMPLER or directory.knows(address)
 
     def ready(self) -> StageExecutor:
         if self.executor is None:
@@ -241,15 +252,19 @@ class StageRunner:
         sampled = [i for i, s in enumerate(plan.sequences) if not s.is_partial_prefill]
         if not sampled:
             return
-        if self.sample is not None:  # sample here, in series (baseline)
+        if self.sample is not None and self.samplers is None:  # every row sampled here, in series (baseline)
             self.sample(plan.step_id, [plan.sequences[i].request_id for i in sampled],
-                        [plan.sequences[i].sample_index for i in sampled], logits)
+                        [plan.sequences[i].sample_index for i in sampled], logits, plan.traceparent)
             return
         rows: dict[str, list[int]] = defaultdict(list)  # address -> its rows of `logits`
         for row, i in enumerate(sampled):
             rows[samplers[i]].append(row)
-        for address, idx in rows.items():
+        hosted = rows.pop(frames.HOSTED_SAMPLER, None)  # sampled here, once the others' rows are on their way
+        for address, idx in [*rows.items(), *([(frames.HOSTED_SAMPLER, hosted)] if hosted else [])]:
             seqs = [plan.sequences[sampled[row]] for row in idx]
             rows_logits = logits if len(idx) == len(sampled) else logits[idx]
-            self.peers.send_logits(address, plan.step_id, [s.request_id for s in seqs],
-                                   [s.sample_index for s in seqs], rows_logits)
+            request_ids, sample_indices = [s.request_id for s in seqs], [s.sample_index for s in seqs]
+            if address == frames.HOSTED_SAMPLER and self.sample is not None:  # known only when hosted
+                self.sample(plan.step_id, request_ids, sample_indices, rows_logits, plan.traceparent)
+            else:
+                self.peers.send_logits(address, plan.step_id, request_ids, sample_indices, rows_logits)

@@ -87,8 +87,9 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     """Take the stage's cores, load the stage, start its server (and its metrics on
     config.metrics_port) and mark it ready.
 
-    A last stage given `sample` samples its logits in-process; `hosted` are services its server
-    serves too (both: the baseline's sampler, wired by tandem.compose). `metrics` defaults to a
+    A last stage given `sample` samples in-process the rows of the sampler it hosts (every row,
+    unless its config also names sampler replicas); `hosted` are services its server serves too
+    (both: the stage's own sampler, wired by tandem.compose). `metrics` defaults to a
     fresh registry; pass one to share it with a hosted service or to observe it (`metrics.port`).
     """
     place_process(parse_cpu_list(config.cpus), config.num_threads, f"stage-worker {config.stage_index}")
@@ -97,7 +98,7 @@ def serve(config: StageWorkerConfig, sample: Sample | None = None, hosted: Itera
     server = Server(config.host, config.port, config.max_workers, credentials=credentials,
                     health_port=config.tls.health_port)
     is_last = config.stage_index == config.num_stages - 1
-    samplers = open_directory(config) if is_last and sample is None else None
+    samplers = open_directory(config) if is_last and (sample is None or config.has_sampler_replicas) else None
     runner = StageRunner(config, GrpcPeers(config, credentials), sample, metrics, samplers)
     server.add(pb_grpc.add_StageWorkerServicer_to_server, StageWorkerServicer(runner), [SERVICE_NAME])
     for register, servicer, names in hosted:
