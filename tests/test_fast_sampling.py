@@ -14,6 +14,7 @@ import random
 import pytest
 import torch
 
+from tandem.core import fast_sampling
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.fast_sampling import FastSampler, PenaltyHistory
@@ -316,3 +317,37 @@ def test_config_switch_defaults_and_validation():
     assert SamplerEngine.from_config(load_config(SamplerConfig, {"fast_sampler": False, "vocab_size": 8})).fast_sampler is False
     with pytest.raises(ConfigError, match="num_threads"):
         load_config(SamplerConfig, {"num_threads": 0, "vocab_size": 8})
+
+
+@pytest.mark.parametrize("columns", [7, 512, 513, 2 * 256 + 1, 32000, 32001])
+def test_first_argmax_is_torch_argmax_ties_and_short_chunks_included(columns):
+    from tandem.core.argmax import first_argmax
+
+    generator = torch.Generator().manual_seed(columns)
+    x = torch.randn(9, columns, generator=generator)
+    x[1] = 0.0  # every column ties: the first wins
+    x[2, -1] = 50.0  # the maximum in the last (maybe short) chunk
+    x[3, 3] = x[3, -2] = 40.0  # a tie across chunks
+    x[4, :] = -INF
+    x[4, columns // 2] = -1.0
+    x[5, 0] = 60.0
+    x[6, columns // 2] = x[6, columns // 2 + 1] = 70.0  # a tie inside one chunk
+    assert torch.equal(first_argmax(x), x.argmax(dim=1))
+
+
+def test_a_frame_of_argmax_only_rows_takes_the_short_path_with_the_reference_s_tokens(monkeypatch):
+    vocab = 4096
+    rows = [dict(seed=i, temperature=0.0) for i in range(6)]
+    rows += [dict(seed=9, temperature=0.0, min_tokens=3), dict(seed=10, temperature=0.0)]  # blocks EOS for 3 tokens
+    reference_states, fast_states = twins(vocab, rows)
+    for state in reference_states + fast_states:
+        state.blocked_ids = torch.tensor([2])
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(5))
+    logits[6, 2] = 100.0  # the blocked id would win without min_tokens
+    compare(FastSampler(), logits, reference_states, fast_states, steps=5)
+    assert fast_states[6].output_ids[0] != 2
+    greedy_only, greedy_twins = twins(vocab, rows[:6])
+    short_paths = []
+    monkeypatch.setattr(fast_sampling, "first_argmax", lambda x: short_paths.append(x.data_ptr()) or x.argmax(dim=1))
+    compare(FastSampler(reference_below=0), logits[:6], greedy_only, greedy_twins, steps=3)  # all argmax-only
+    assert short_paths[0] == logits[:6].data_ptr()  # the frame itself, not a copy

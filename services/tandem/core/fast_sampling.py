@@ -49,6 +49,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
+from tandem.core.argmax import first_argmax
 from tandem.core.errors import InvalidArgumentError
 from tandem.core.penalty_history import PenaltyHistory
 from tandem.core.sampling import (
@@ -151,6 +152,11 @@ class FastSampler:
             return sample(logits, states, sample_indices)  # rows of one sequence depend on their order
         if logits.numel() < self.reference_below:
             return sample(logits, states, sample_indices)  # a small frame: the reference is faster
+        if all(index == state.num_outputs and _argmax_only(state) for state, index in zip(states, sample_indices)):
+            tokens = first_argmax(logits).tolist()  # nothing changes the logits: no copy, no pass before
+            for state, token in zip(states, tokens):
+                state.append(token)
+            return [(token, None) for token in tokens]
         results: list[Result | None] = [None] * len(states)
         new_rows = []
         for row, (state, index) in enumerate(zip(states, sample_indices)):
@@ -203,7 +209,7 @@ class FastSampler:
         tokens = [0] * len(rows)
         greedy_rows = [i for i, g in enumerate(greedy) if g]
         if greedy_rows:
-            for i, token in zip(greedy_rows, ws.rows("greedy", scaled, greedy_rows).argmax(dim=1).tolist()):
+            for i, token in zip(greedy_rows, first_argmax(ws.rows("greedy", scaled, greedy_rows)).tolist()):
                 tokens[i] = token
         logprob_rows = [i for i, o in enumerate(opts) if o.logprobs is not None]
         if logprob_rows:
@@ -348,6 +354,15 @@ def _min_p(probs: torch.Tensor, opts: SamplingOptions) -> torch.Tensor:
     probs = probs.clone()
     probs = probs.masked_fill(probs < opts.min_p * probs.max(), 0.0)
     return probs / probs.sum()
+
+
+def _argmax_only(state: SequenceState) -> bool:
+    """Whether the state's next token is the argmax of its logits row as they come: greedy, with
+    no penalty, logit bias or logprobs, and no token blocked by min_tokens."""
+    o = state.options
+    return (o.temperature < GREEDY_TEMPERATURE and o.repetition_penalty == 1.0 and not o.frequency_penalty
+            and not o.presence_penalty and o.logprobs is None and not state.bias_ids.numel()
+            and not (state.num_outputs < o.min_tokens and state.blocked_ids.numel()))
 
 
 def _penalize(x: torch.Tensor, frame: list[SequenceState], histories: list[PenaltyHistory | None]) -> None:
