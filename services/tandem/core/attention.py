@@ -10,10 +10,15 @@ masked. On CPU, where every padded key costs a copy and a multiply, sequences of
 lengths run in groups of similar length (each padded to its own longest) when that saves more
 than the extra calls cost. Steps with longer queries gather their keys through each sequence's block table into
 a padded [B, max_context] view and run one masked scaled-dot-product call.
+
+On CPU the gathered keys and values go into buffers each thread keeps and every layer and step
+reuses (`GatherBuffers`): a fresh tensor of megabytes per layer costs more in page faults and
+allocation than the copy itself (32 sequences x 512 tokens: about 3 ms a gather against 0.6).
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -175,6 +180,35 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+class GatherBuffers(threading.local):
+    """Per thread, one growing buffer per name; `take` gives a tensor of `shape` over its start.
+    What a caller takes is valid until it takes the same name again."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+            buffer = self._buffers[name] = torch.empty(max(numel, numel * 5 // 4), dtype=like.dtype, device=like.device)
+        return buffer[:numel].view(*shape)
+
+
+_BUFFERS = GatherBuffers()
+
+
+def _gather(name: str, source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """source.index_select(dim, index); on CPU into this thread's buffer `name` (see GatherBuffers)."""
+    if source.device.type != "cpu":
+        return source.index_select(dim, index)
+    shape = list(source.shape)
+    shape[dim] = index.numel()
+    return torch.index_select(source, dim, index, out=_BUFFERS.take(name, shape, source))
+
+
 def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
              meta: AttentionMetadata) -> None:
     """Store the step's new keys and values k, v [T, kv_heads, head_dim] into one layer's cache
@@ -195,8 +229,10 @@ def paged_attention(
         return decode_attention(q, keys, values, meta, scale)
     num_tokens, num_heads, head_dim = q.shape
     b, max_q = meta.num_seqs, meta.max_query_len
-    k = keys[:, meta.key_slots].transpose(0, 1)  # [B, kv_heads, max_ctx, head_dim]
-    v = values[:, meta.key_slots].transpose(0, 1)
+    slots = meta.key_slots.flatten()
+    kv_heads, head_dim = keys.shape[0], keys.shape[2]
+    k = _gather("k", keys, 1, slots).view(kv_heads, b, -1, head_dim).transpose(0, 1)  # [B, kv_heads, max_ctx, head_dim]
+    v = _gather("v", values, 1, slots).view(kv_heads, b, -1, head_dim).transpose(0, 1)
     padded = q.new_zeros(b * max_q, num_heads, head_dim)
     padded[meta.query_index] = q
     padded = padded.view(b, max_q, num_heads, head_dim).transpose(1, 2)  # [B, heads, max_q, head_dim]
@@ -228,8 +264,8 @@ def _decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tab
     b, num_heads = q.shape[:2]
     group, context = num_heads // kv_heads, key_bias.shape[1]
     blocks = keys.view(kv_heads, -1, block_size, head_dim)
-    k = blocks.index_select(1, block_tables).view(kv_heads * b, context, head_dim)
-    v = values.view(blocks.shape).index_select(1, block_tables).view(kv_heads * b, context, head_dim)
+    k = _gather("k", blocks, 1, block_tables).view(kv_heads * b, context, head_dim)
+    v = _gather("v", values.view(blocks.shape), 1, block_tables).view(kv_heads * b, context, head_dim)
     qg = q.view(b, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads * b, group, head_dim)
     scores = torch.bmm(qg, k.transpose(1, 2)).view(kv_heads, b, group, context)
     scores = scores.float().mul_(scale).add_(key_bias[None, :, None, :])

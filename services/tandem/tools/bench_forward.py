@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from tandem.bench.flops import matmul_parameters, measure_peak
+from tandem.core.cpus import keep_freed_memory
 from tandem.core.cuda_graphs import DecodeGraphs
 from tandem.core.model import DTYPES, StageModel
 from tandem.core.model_config import ModelConfig
@@ -108,6 +109,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    keep_freed_memory()  # as `tandem serve` does for every stage
     config = ModelConfig.from_dir(args.model)
     flops = model_flops_per_token(config, args.context + 1)
     on_cuda = torch.device(args.device).type == "cuda"
