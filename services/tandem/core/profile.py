@@ -2,8 +2,8 @@
 
 One documented JSON format (docs/stage-profile.md) for everything that reasons about time:
 the cost-aware layer split today, a temporal scheduler and placement later. A profile is a
-table of median milliseconds over a grid of tokens in a step x context length, measured by
-tandem.core.profiler; `load_profile` checks a file and names the field at fault, and the
+table of milliseconds (the fastest of a few runs) over a grid of tokens in a step x context
+length, measured by tandem.core.profiler; `load_profile` checks a file and names the field at fault, and the
 `*_ms` methods interpolate between the grid points. Pure: no torch here.
 """
 
@@ -44,7 +44,7 @@ class StageProfile:
     num_threads: int  # torch intra-op threads it was measured with
     cpus: tuple[int, ...]  # cores it was measured on
     max_seqs_per_step: int
-    repeats: int  # timed runs per point, after one warm-up; the median is kept
+    repeats: int  # timed runs per point, after one warm-up; the fastest is kept
     tokens: tuple[int, ...]  # grid: new tokens in the step, ascending
     contexts: tuple[int, ...]  # grid: tokens per sequence after the step, ascending
     layer_ms: tuple[tuple[float, ...], ...]  # [tokens][contexts] one decoder layer

@@ -9,7 +9,6 @@ cache for `max_seqs_per_step` sequences of the longest context.
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ class Grid:
     tokens: tuple[int, ...] = (1, 8, 32, 128, 512)
     contexts: tuple[int, ...] = (128, 1024)
     max_seqs_per_step: int = 32
-    repeats: int = 3
+    repeats: int = 5
     budget_s: float = 5.0  # past this, each remaining point runs once, without a warm-up
 
     def fitted(self, max_context: int) -> Grid:
@@ -69,12 +68,12 @@ def measure_profile(model_dir: str | Path, device: str = "cpu", dtype: str = "au
         for context in grid.contexts:
             meta = step_metadata(tokens, num_seqs, context, max_blocks, dev, config.sliding_window)
             if n == 1:  # a one-layer model's only stage is also the first: it takes token ids
-                row.append(timer.median_ms(lambda: model(ids, meta, cache)))
+                row.append(timer.best_ms(lambda: model(ids, meta, cache)))
             else:
-                row.append(timer.median_ms(lambda: model(hidden, meta, cache)))
+                row.append(timer.best_ms(lambda: model(hidden, meta, cache)))
         layer_ms.append(tuple(row))
-        head_ms.append(timer.median_ms(lambda: model.compute_logits(hidden, meta)))
-        embed_ms.append(timer.median_ms(lambda: F.embedding(ids, embedding)))
+        head_ms.append(timer.best_ms(lambda: model.compute_logits(hidden, meta)))
+        embed_ms.append(timer.best_ms(lambda: F.embedding(ids, embedding)))
     placement = current_placement()
     return StageProfile(
         model=Path(model_dir).name, num_layers=n, hidden_size=config.hidden_size, vocab_size=config.vocab_size,
@@ -107,17 +106,18 @@ def step_metadata(tokens: int, num_seqs: int, context: int, max_blocks: int, dev
 
 
 class _Timer:
-    """Median wall time of a call, with a warm-up, within the grid's time budget."""
+    """The fastest wall time of a call, with a warm-up, within the grid's time budget: other work
+    on the core only ever slows a run down."""
 
     def __init__(self, device: torch.device, grid: Grid, t_start: float):
         self.device, self.grid, self.t_start = device, grid, t_start
 
-    def median_ms(self, call: Callable[[], object]) -> float:
+    def best_ms(self, call: Callable[[], object]) -> float:
         over_budget = time.perf_counter() - self.t_start > self.grid.budget_s
         if not over_budget:
             call()
         runs = [self._run(call) for _ in range(1 if over_budget else self.grid.repeats)]
-        return round(statistics.median(runs), 4)
+        return round(min(runs), 4)
 
     def _run(self, call: Callable[[], object]) -> float:
         self._sync()
