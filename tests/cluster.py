@@ -10,7 +10,7 @@ from tandem import compose
 from tandem.coordinator import servicer as coordinator
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.metrics import Metrics
-from tandem.core.tls import TlsConfig
+from tandem.core.wire.tls import TlsConfig
 from tandem.cpu_sampler import servicer as cpu_sampler
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.runner import SamplerRunner

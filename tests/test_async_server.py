@@ -13,8 +13,8 @@ import grpc.aio
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tandem.core.aio_server import AsyncServer
 from tandem.core.errors import InvalidArgumentError, ResourceExhaustedError
+from tandem.core.wire.aio_server import AsyncServer
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc
 

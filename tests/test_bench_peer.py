@@ -32,7 +32,7 @@ from tandem.bench.report import format_comparison, format_run, run_figures
 from tandem.bench.runner import SendOptions
 from tandem.bench.workload import Request
 from tandem.cli import build_parser, main
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 
 parse = build_parser().parse_args
 

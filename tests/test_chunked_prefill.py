@@ -9,8 +9,8 @@ import torch
 from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
-from tandem.core.attention import SequenceSlice
-from tandem.core.pipeline import LocalPipeline
+from tandem.core.modeling.attention import SequenceSlice
+from tandem.core.modeling.pipeline import LocalPipeline
 from test_services import assert_all_released, reference, run_concurrently
 
 PROMPT = [5, 7, 9, 11, 13, 200, 3, 40, 41]  # 9 tokens: blocks of 4 fill up between chunks

@@ -262,7 +262,7 @@ def test_a_server_with_an_api_key_refuses_calls_without_it() -> None:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from tandem.client.errors import UnauthenticatedError
-    from tandem.core.aio_server import AsyncServer
+    from tandem.core.wire.aio_server import AsyncServer
 
     server = AsyncServer("127.0.0.1", 0, api_key="sekret")
     server.add(coordinator_pb2_grpc.add_CoordinatorServicer_to_server, AsyncFakeCoordinator(), ["tandem.v1.Coordinator"])

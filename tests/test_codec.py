@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from tandem.core.codec import DTYPES, CodecLimits, decode, decode_rows, encode
 from tandem.core.errors import CodecError
+from tandem.core.wire.codec import DTYPES, CodecLimits, decode, decode_rows, encode
 from tandem.v1 import tensor_pb2
 
 # Same-size integer dtype, to compare float payloads bit for bit (NaN != NaN otherwise).
@@ -182,7 +182,7 @@ def test_tiny_payload_is_copied() -> None:
 def test_no_warning_from_read_only_buffer() -> None:
     # In a fresh process (torch warns once per process) with UserWarnings turned into errors.
     code = (
-        "import torch; from tandem.core.codec import decode, encode; "
+        "import torch; from tandem.core.wire.codec import decode, encode; "
         "decode(encode(torch.zeros(4096)))"
     )
     run = subprocess.run(

@@ -10,9 +10,9 @@ import pytest
 
 from kube_api import FakeKubeApi
 from tandem.coordinator.config import CoordinatorConfig
-from tandem.core import discovery
-from tandem.core.discovery import EndpointSliceDiscovery, StaticDiscovery, slice_addresses
 from tandem.core.errors import ConfigError
+from tandem.core.wire import discovery
+from tandem.core.wire.discovery import EndpointSliceDiscovery, StaticDiscovery, slice_addresses
 
 SERVICE = "tandem-cpu-sampler"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.core import codec, frames
 from tandem.core.errors import CodecError, InvalidArgumentError, NotFoundError, UnavailableError
+from tandem.core.wire import codec, frames
 from tandem.v1 import common_pb2, cpu_sampler_pb2, stage_worker_pb2
 
 HIDDEN, VOCAB = 8, 16

@@ -348,7 +348,7 @@ def test_stage_threads_beyond_the_cpu_limit_are_refused() -> None:
 
 
 def test_auto_boundaries_mount_one_profile_in_every_stage() -> None:
-    from tandem.core.profile import balanced_split, parse_profile
+    from tandem.core.modeling.profile import balanced_split, parse_profile
     from test_stage_profile import profile
 
     values = {"pipeline": {"numStages": 2, "stageBoundaries": "auto", "stageProfile": profile().to_json()}}

@@ -9,9 +9,9 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tandem.core.codec import decode, encode
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError, InvalidArgumentError, NotFoundError, ResourceExhaustedError
+from tandem.core.wire.codec import decode, encode
 from tandem.kv_store import SERVICE_NAME, BlockStore, KvStoreConfig, serve
 from tandem.v1 import kv_store_pb2, kv_store_pb2_grpc, tensor_pb2
 

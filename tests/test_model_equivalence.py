@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tandem.core.pipeline import LocalPipeline
+from tandem.core.modeling.pipeline import LocalPipeline
 
 PROMPTS = [
     [5, 7, 9, 11, 13, 200, 3],
@@ -158,7 +158,7 @@ def test_decode_in_groups_of_similar_length_matches_transformers(arch, checkpoin
     """With groups free (no fixed cost), the prompts of 1 to 27 tokens decode in groups of
     similar length, each padded to its own longest; the tokens and logits still equal
     transformers', across Mistral's sliding window too."""
-    from tandem.core import attention
+    from tandem.core.modeling import attention
 
     monkeypatch.setattr(attention, "GROUP_COST_BLOCKS", 0)
     built = []
@@ -182,7 +182,7 @@ def test_decode_in_groups_of_similar_length_matches_transformers(arch, checkpoin
 
 
 def test_decode_groups_balance_padding_against_their_fixed_cost():
-    from tandem.core.attention import decode_groups
+    from tandem.core.modeling.attention import decode_groups
 
     blocks = [30, 1, 60, 1, 2, 31]
     assert decode_groups(blocks, overhead=0) == [[1, 3, 4], [0, 2, 5]]  # 1, 1, 2 | 30, 31, 60

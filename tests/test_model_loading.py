@@ -9,11 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tandem.core.attention import AttentionMetadata, SequenceSlice
 from tandem.core.errors import ConfigError, InvalidArgumentError, ModelLoadError
-from tandem.core.model import StageModel
-from tandem.core.model_config import ModelConfig
-from tandem.core.stages import plan_stages
+from tandem.core.modeling.attention import AttentionMetadata, SequenceSlice
+from tandem.core.modeling.model import StageModel
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.stages import plan_stages
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from pki import make_pki
 from tandem.client import TandemClient
 from tandem.client.errors import ClientError
 from tandem.core.errors import ConfigError
-from tandem.core.tls import TlsConfig
+from tandem.core.wire.tls import TlsConfig
 from tandem.v1 import (
     cpu_sampler_pb2,
     cpu_sampler_pb2_grpc,

@@ -11,7 +11,7 @@ import pytest
 from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.client.errors import PermissionDeniedError, UnauthenticatedError
-from tandem.core.interceptors import ApiKeyInterceptor, carries_key
+from tandem.core.wire.interceptors import ApiKeyInterceptor, carries_key
 from tandem.v1 import coordinator_pb2, coordinator_pb2_grpc
 
 API_KEY_ENV, ADMIN_KEY_ENV = "TANDEM_TEST_INFO_API_KEY", "TANDEM_TEST_INFO_ADMIN_KEY"

@@ -9,10 +9,10 @@ import pytest
 
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError
-from tandem.core.model_config import ModelConfig
-from tandem.core.profile import StageProfile, balanced_split, interpolate, load_profile, parse_profile
-from tandem.core.profiler import Grid, measure_profile
-from tandem.core.stages import balanced_boundaries, parse_boundaries, plan_stages, stage_times
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.profile import StageProfile, balanced_split, interpolate, load_profile, parse_profile
+from tandem.core.modeling.profiler import Grid, measure_profile
+from tandem.core.modeling.stages import balanced_boundaries, parse_boundaries, plan_stages, stage_times
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import stage_boundaries
 from tandem.tools import profile_stage

@@ -11,9 +11,9 @@ import pytest
 
 from kube_api import FakeKubeApi
 from tandem.core.config import load_config
-from tandem.core.discovery import StaticDiscovery
 from tandem.core.errors import ConfigError, InvalidArgumentError
-from tandem.core.frames import HOSTED_SAMPLER
+from tandem.core.wire.discovery import StaticDiscovery
+from tandem.core.wire.frames import HOSTED_SAMPLER
 from tandem.stage_worker import servicer as stage_worker
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.runner import StageRunner

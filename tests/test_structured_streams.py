@@ -19,9 +19,9 @@ import torch
 
 from cluster import start_cluster
 from tandem.client import TandemClient
-from tandem.core import codec, shm_ring
 from tandem.core.errors import CodecError
-from tandem.core.shm_ring import RingReader, RingWriter
+from tandem.core.wire import codec, shm_ring
+from tandem.core.wire.shm_ring import RingReader, RingWriter
 from tandem.cpu_sampler import SamplerConfig, serve
 from tandem.v1 import common_pb2, cpu_sampler_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc, tensor_pb2
 from tandem.v1 import cpu_sampler_pb2 as pb

@@ -89,7 +89,7 @@ def test_greedy_generation_is_python_like(model, tokenizer: Tokenizer, prompt: s
 
 def test_tandem_pipeline_generates_like_transformers(model, tokenizer: Tokenizer) -> None:
     """Tandem's own stages, split in two, load the bundled model and generate what transformers does."""
-    from tandem.core.pipeline import LocalPipeline
+    from tandem.core.modeling.pipeline import LocalPipeline
 
     prompt = tokenizer.encode("def parse_args(")
     # BOS and pad share id 0 here, so the attention mask must be given, not inferred from pads.

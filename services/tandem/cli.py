@@ -9,7 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from tandem import compose
-from tandem.core.tls import TlsConfig
+from tandem.core.wire.tls import TlsConfig
 from tandem.presets import SWITCHES, resolve
 
 BUNDLED_MODEL = "tiny"

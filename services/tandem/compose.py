@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from tandem.core.metrics import Metrics
-    from tandem.core.server import Server
+    from tandem.core.wire.server import Server
     from tandem.stage_worker.config import StageWorkerConfig
 
 # service -> (its config module, config class, the module whose serve(config) starts it)

@@ -19,9 +19,9 @@ from typing import Any
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.config import dump_config
 from tandem.core.cpus import CorePlan, format_cpu_list, plan_cores, usable_cpus
-from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import parse_boundaries
-from tandem.core.tls import TlsConfig
+from tandem.core.modeling.profile import balanced_split, load_profile
+from tandem.core.modeling.stages import parse_boundaries
+from tandem.core.wire.tls import TlsConfig
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.gateway.config import GatewayConfig
 from tandem.kv_store.config import KvStoreConfig
@@ -141,7 +141,7 @@ class Launcher:
         `max_num_seqs` shape the coordinator's micro-batches and `max_queue` bounds its waiting requests
         (see CoordinatorConfig). With `gateway_port` (0: any free port) the OpenAI-compatible gateway
         starts too, at `self.gateway`. With `tls` every
-        service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.tls).
+        service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.wire.tls).
         With `step_logs` every stage logs its steps to `self.step_logs[i]` (StageWorkerConfig.step_log);
         `prefix_caching` is the coordinator's enable_prefix_caching.
         """

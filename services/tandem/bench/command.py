@@ -33,7 +33,7 @@ from tandem.bench.workload import (
     read_dataset,
     synthetic_entries,
 )
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 from tandem.launcher import add_layout_arguments
 from tandem.presets import resolve
 
@@ -290,7 +290,7 @@ def run_dtype(args: argparse.Namespace, config: ModelConfig | None) -> str | Non
         return None
     import torch
 
-    from tandem.core.model import resolve_dtype
+    from tandem.core.modeling.model import resolve_dtype
 
     return str(resolve_dtype(args.dtype, config, torch.device(args.device))).removeprefix("torch.")
 

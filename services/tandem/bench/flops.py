@@ -26,7 +26,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 
 CPU_SIZES = (256, 512, 1024)
 CUDA_SIZES = (4096, 8192)
@@ -99,7 +99,7 @@ def _best_rate(n: int, dtype, device: str, budget_s: float) -> float:
     """The best FLOPs per second of n x n matmuls over WINDOWS_PER_SIZE windows within `budget_s`."""
     import torch
 
-    from tandem.core.linear import PackedLinear
+    from tandem.core.modeling.linear import PackedLinear
 
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     out = torch.empty(n, n, dtype=dtype, device=device)

@@ -62,8 +62,8 @@ def load_model(model_dir: str, device: str, dtype: str = "auto"):
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from tandem.core.model import resolve_dtype
-    from tandem.core.model_config import ModelConfig
+    from tandem.core.modeling.model import resolve_dtype
+    from tandem.core.modeling.model_config import ModelConfig
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

@@ -12,7 +12,7 @@ from tandem.bench import stats
 from tandem.bench.cputime import IDLE, cpu_by_process
 from tandem.bench.flops import request_flops
 from tandem.bench.runner import Measurement, RequestRecord
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 
 # The figures compared between runs, in the order the table shows them.
 RATIO_KEYS = ("output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s")

@@ -12,8 +12,8 @@ from collections.abc import Sequence
 
 from tandem.coordinator.config import CoordinatorConfig
 from tandem.core.errors import ConfigError
-from tandem.core.model_config import config_sha256
-from tandem.core.tls import Credentials, open_channel
+from tandem.core.modeling.model_config import config_sha256
+from tandem.core.wire.tls import Credentials, open_channel
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 

@@ -6,11 +6,11 @@ import dataclasses
 from dataclasses import dataclass
 
 from tandem.coordinator.limits import Limits
-from tandem.core import discovery
 from tandem.core.config import doc
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
-from tandem.core.tls import TlsConfig, tls_field
+from tandem.core.wire import discovery
+from tandem.core.wire.tls import TlsConfig, tls_field
 
 
 @dataclass(frozen=True)

@@ -42,8 +42,6 @@ from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
-from tandem.core import frames
-from tandem.core.discovery import SamplerDiscovery
 from tandem.core.errors import (
     AlreadyExistsError,
     InvalidArgumentError,
@@ -51,6 +49,8 @@ from tandem.core.errors import (
     TandemError,
     UnavailableError,
 )
+from tandem.core.wire import frames
+from tandem.core.wire.discovery import SamplerDiscovery
 from tandem.v1 import common_pb2
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-from tandem.core.tls import Credentials, open_channel
+from tandem.core.wire.tls import Credentials, open_channel
 from tandem.v1 import (
     cpu_sampler_pb2,
     cpu_sampler_pb2_grpc,

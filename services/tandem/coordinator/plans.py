@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tandem.coordinator.steps import Step
-from tandem.core import frames
+from tandem.core.wire import frames
 from tandem.v1 import cpu_sampler_pb2
 from tandem.v1 import stage_worker_pb2 as stage_pb
 

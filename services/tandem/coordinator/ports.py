@@ -26,9 +26,9 @@ from tandem.coordinator.events import (
     StepFailed,
     TokensSampled,
 )
-from tandem.core.server import CHANNEL_OPTIONS
-from tandem.core.streams import StreamSender
-from tandem.core.tls import Credentials, open_channel
+from tandem.core.wire.server import CHANNEL_OPTIONS
+from tandem.core.wire.streams import StreamSender
+from tandem.core.wire.tls import Credentials, open_channel
 from tandem.v1 import (
     cpu_sampler_pb2,
     cpu_sampler_pb2_grpc,

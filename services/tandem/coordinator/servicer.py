@@ -25,16 +25,17 @@ from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
-from tandem.core import discovery, tracing
-from tandem.core.aio_server import AsyncServer
+from tandem.core import tracing
 from tandem.core.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
-from tandem.core.interceptors import carries_key
 from tandem.core.metrics import Metrics
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 from tandem.core.sampling import SamplingOptions
-from tandem.core.server import wait_ready
-from tandem.core.tls import Credentials
 from tandem.core.tokenizer import Tokenizer
+from tandem.core.wire import discovery
+from tandem.core.wire.aio_server import AsyncServer
+from tandem.core.wire.interceptors import carries_key
+from tandem.core.wire.server import wait_ready
+from tandem.core.wire.tls import Credentials
 from tandem.v1 import common_pb2
 from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc as pb_grpc

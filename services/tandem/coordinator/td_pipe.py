@@ -28,7 +28,7 @@ from typing import Any
 
 from tandem.coordinator.output_lengths import BucketMeans, OutputLengthPredictor
 from tandem.coordinator.steps import Sequence as Seq
-from tandem.core.profile import BALANCE_CONTEXT, StageProfile, parse_profile
+from tandem.core.modeling.profile import BALANCE_CONTEXT, StageProfile, parse_profile
 
 log = logging.getLogger(__name__)
 

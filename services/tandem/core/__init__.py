@@ -1,1 +1,2 @@
-"""Code shared by every Tandem service: model, tensor codec, tokenizer, configuration, errors."""
+"""Code shared by the Tandem services: the model (core.modeling), the wire (core.wire), sampling,
+the tokenizer, configuration, cores, metrics, tracing and errors."""

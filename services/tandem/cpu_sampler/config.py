@@ -8,8 +8,8 @@ from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError, ModelLoadError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
-from tandem.core.model_config import ModelConfig
-from tandem.core.tls import TlsConfig, tls_field
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.wire.tls import TlsConfig, tls_field
 
 MAX_TOKEN_ID_BOUND = 2**31  # token ids are int32 on the wire
 

@@ -16,10 +16,10 @@ import torch
 
 from tandem.core import tracing
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError
-from tandem.core.frames import LogitsHeader, carries_rows, read_logits, read_logits_header
 from tandem.core.metrics import Metrics
 from tandem.core.sampling import SamplingOptions, SequenceState
-from tandem.core.shm_ring import RingReader
+from tandem.core.wire.frames import LogitsHeader, carries_rows, read_logits, read_logits_header
+from tandem.core.wire.shm_ring import RingReader
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import FrameResult, SamplerEngine
 from tandem.cpu_sampler.handoff import PlanBook, Subscribers

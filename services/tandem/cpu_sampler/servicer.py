@@ -9,8 +9,8 @@ import grpc
 
 from tandem.core import tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
-from tandem.core.server import Server
-from tandem.core.tls import Credentials
+from tandem.core.wire.server import Server
+from tandem.core.wire.tls import Credentials
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.runner import SamplerRunner
 from tandem.v1 import cpu_sampler_pb2 as pb

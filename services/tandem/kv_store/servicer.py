@@ -9,10 +9,10 @@ import grpc
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tandem.core import codec
 from tandem.core.metrics import PREFIX, Metrics
-from tandem.core.server import Server
-from tandem.core.tls import Credentials
+from tandem.core.wire import codec
+from tandem.core.wire.server import Server
+from tandem.core.wire.tls import Credentials
 from tandem.kv_store.config import KvStoreConfig
 from tandem.kv_store.store import BlockStore
 from tandem.v1 import kv_store_pb2, kv_store_pb2_grpc

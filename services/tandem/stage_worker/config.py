@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tandem.core import discovery
 from tandem.core.config import doc
 from tandem.core.cpus import cpus_field
 from tandem.core.errors import ConfigError
 from tandem.core.metrics import check_metrics_port, metrics_port_field
-from tandem.core.stages import AUTO
-from tandem.core.tls import TlsConfig, tls_field
+from tandem.core.modeling.stages import AUTO
+from tandem.core.wire import discovery
+from tandem.core.wire.tls import TlsConfig, tls_field
 
 
 @dataclass(frozen=True)

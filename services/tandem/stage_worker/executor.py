@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.core.attention import AttentionMetadata, SequenceSlice
-from tandem.core.cuda_graphs import DecodeGraphs
 from tandem.core.errors import ConfigError, InvalidArgumentError
-from tandem.core.model import StageModel
-from tandem.core.model_config import ModelConfig
-from tandem.core.profile import balanced_split, load_profile
-from tandem.core.stages import plan_stages
+from tandem.core.modeling.attention import AttentionMetadata, SequenceSlice
+from tandem.core.modeling.cuda_graphs import DecodeGraphs
+from tandem.core.modeling.model import StageModel
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.profile import balanced_split, load_profile
+from tandem.core.modeling.stages import plan_stages
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.tables import PlanTables
 from tandem.v1 import stage_worker_pb2 as pb

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 import grpc
 import torch
 
-from tandem.core import codec, frames
-from tandem.core.shm_ring import RingWriter
-from tandem.core.streams import StreamSender
+from tandem.core.wire import codec, frames
+from tandem.core.wire.shm_ring import RingWriter
+from tandem.core.wire.streams import StreamSender
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 import grpc
 import torch
 
-from tandem.core import codec
-from tandem.core.server import CHANNEL_OPTIONS
-from tandem.core.tls import Credentials, open_channel
+from tandem.core.wire import codec
+from tandem.core.wire.server import CHANNEL_OPTIONS
+from tandem.core.wire.tls import Credentials, open_channel
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions, Traffic

@@ -21,13 +21,14 @@ from typing import Protocol, TextIO
 
 import torch
 
-from tandem.core import frames, tracing
+from tandem.core import tracing
 from tandem.core.errors import CodecError, InvalidArgumentError, UnavailableError
-from tandem.core.frames import Arrived
 from tandem.core.metrics import Metrics
-from tandem.core.model_config import config_sha256
-from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
-from tandem.core.profiler import measure_profile
+from tandem.core.modeling.model_config import config_sha256
+from tandem.core.modeling.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageProfile
+from tandem.core.modeling.profiler import measure_profile
+from tandem.core.wire import frames
+from tandem.core.wire.frames import Arrived
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared

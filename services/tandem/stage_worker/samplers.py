@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Iterable
 
-from tandem.core.discovery import SamplerDiscovery, StaticDiscovery, from_config
+from tandem.core.wire.discovery import SamplerDiscovery, StaticDiscovery, from_config
 from tandem.stage_worker.config import StageWorkerConfig
 
 log = logging.getLogger(__name__)

@@ -9,12 +9,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 import grpc
 
-from tandem.core import frames, tracing
+from tandem.core import tracing
 from tandem.core.cpus import current_placement, parse_cpu_list, place_process
 from tandem.core.errors import InvalidArgumentError
 from tandem.core.metrics import Metrics
-from tandem.core.server import Server
-from tandem.core.tls import Credentials
+from tandem.core.wire import frames
+from tandem.core.wire.server import Server
+from tandem.core.wire.tls import Credentials
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
 from tandem.stage_worker.runner import Sample, StageRunner

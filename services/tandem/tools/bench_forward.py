@@ -33,11 +33,11 @@ import torch
 
 from tandem.bench.flops import matmul_parameters, measure_peak
 from tandem.core.cpus import keep_freed_memory
-from tandem.core.cuda_graphs import DecodeGraphs
-from tandem.core.model import DTYPES, StageModel
-from tandem.core.model_config import ModelConfig
-from tandem.core.profiler import BLOCK_SIZE, step_metadata
-from tandem.core.stages import LayerRange
+from tandem.core.modeling.cuda_graphs import DecodeGraphs
+from tandem.core.modeling.model import DTYPES, StageModel
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.profiler import BLOCK_SIZE, step_metadata
+from tandem.core.modeling.stages import LayerRange
 
 PEER_SCRIPT = Path(__file__).with_name("peer_vllm_step.py")
 

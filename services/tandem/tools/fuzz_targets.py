@@ -20,8 +20,8 @@ import torch
 from google.protobuf.message import DecodeError, Message
 
 import tandem.assets
-from tandem.core import codec
 from tandem.core.errors import InvalidArgumentError, NotFoundError
+from tandem.core.wire import codec
 from tandem.v1 import coordinator_pb2, cpu_sampler_pb2, stage_worker_pb2, tensor_pb2
 
 MODEL = Path(tandem.assets.__file__).parent / "tiny"
@@ -202,7 +202,7 @@ def check_logits_frame(frame: cpu_sampler_pb2.LogitsFrame) -> None:
 def coordinator():
     from tandem.coordinator.config import CoordinatorConfig
     from tandem.coordinator.servicer import CoordinatorServicer
-    from tandem.core.model_config import ModelConfig
+    from tandem.core.modeling.model_config import ModelConfig
     from tandem.core.tokenizer import Tokenizer
 
     return CoordinatorServicer(CoordinatorConfig(model=str(MODEL)), None, None, Tokenizer.from_dir(MODEL),  # type: ignore[arg-type]

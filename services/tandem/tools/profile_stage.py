@@ -55,8 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from tandem.core.cpus import cpus_field, format_cpu_list, place_process
-    from tandem.core.profile import BALANCE_CONTEXT, BALANCE_TOKENS, balanced_split
-    from tandem.core.profiler import Grid, measure_profile
+    from tandem.core.modeling.profile import BALANCE_CONTEXT, BALANCE_TOKENS, balanced_split
+    from tandem.core.modeling.profiler import Grid, measure_profile
 
     try:
         place_process(cpus_field("--cpus", args.cpus), args.threads, "profile_stage")

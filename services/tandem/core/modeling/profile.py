@@ -3,7 +3,7 @@
 One documented JSON format (docs/stage-profile.md) for everything that reasons about time:
 the cost-aware layer split today, a temporal scheduler and placement later. A profile is a
 table of milliseconds (the fastest of a few runs) over a grid of tokens in a step x context
-length, measured by tandem.core.profiler; `load_profile` checks a file and names the field at fault, and the
+length, measured by tandem.core.modeling.profiler; `load_profile` checks a file and names the field at fault, and the
 `*_ms` methods interpolate between the grid points. Pure: no torch here.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.core.errors import ConfigError
-from tandem.core.stages import LayerRange, balanced_boundaries, plan_stages, stage_times
+from tandem.core.modeling.stages import LayerRange, balanced_boundaries, plan_stages, stage_times
 
 FORMAT = "tandem-stage-profile"
 VERSION = 1

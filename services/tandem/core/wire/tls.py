@@ -52,7 +52,7 @@ class TlsConfig:
 
 def tls_field() -> Any:
     """The `tls` field of a service's config."""
-    return doc("Mutual TLS between services (see tandem.core.tls); all empty: plaintext.", default_factory=TlsConfig)
+    return doc("Mutual TLS between services (see tandem.core.wire.tls); all empty: plaintext.", default_factory=TlsConfig)
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,9 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tandem.core import tls
-from tandem.core.interceptors import ApiKeyInterceptor, AsyncErrorInterceptor
-from tandem.core.server import CHANNEL_OPTIONS, Lifecycle, listen
+from tandem.core.wire import tls
+from tandem.core.wire.interceptors import ApiKeyInterceptor, AsyncErrorInterceptor
+from tandem.core.wire.server import CHANNEL_OPTIONS, Lifecycle, listen
 
 T = TypeVar("T")
 

@@ -10,12 +10,12 @@ from pathlib import Path
 
 import torch
 
-from tandem.core.attention import AttentionMetadata, SequenceSlice
 from tandem.core.block_pool import BlockPool
-from tandem.core.cuda_graphs import DecodeGraphs
-from tandem.core.model import StageModel
-from tandem.core.model_config import ModelConfig
-from tandem.core.stages import plan_stages
+from tandem.core.modeling.attention import AttentionMetadata, SequenceSlice
+from tandem.core.modeling.cuda_graphs import DecodeGraphs
+from tandem.core.modeling.model import StageModel
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.stages import plan_stages
 
 # (logits [B, vocab], step) -> token ids [B]
 SampleFn = Callable[[torch.Tensor, int], torch.Tensor]

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.core import codec
 from tandem.core.errors import (
     AlreadyExistsError,
     CodecError,
@@ -30,7 +29,8 @@ from tandem.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tandem.core.shm_ring import RingReader
+from tandem.core.wire import codec
+from tandem.core.wire.shm_ring import RingReader
 from tandem.v1 import common_pb2, cpu_sampler_pb2, stage_worker_pb2, tensor_pb2
 
 # Activations as they arrived: a tensor [tokens, hidden], or raw bytes and the stream's layout

@@ -23,7 +23,7 @@ from tandem.v1 import tensor_pb2
 
 if sys.byteorder != "little":
     raise ImportError(
-        "tandem.core.codec needs a little-endian host: the wire format is little-endian "
+        "tandem.core.wire.codec needs a little-endian host: the wire format is little-endian "
         f"and tensors are sent as raw memory, but this host is {sys.byteorder}-endian"
     )
 

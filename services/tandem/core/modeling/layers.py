@@ -13,10 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.core.attention import AttentionMetadata, paged_attention, write_kv
-from tandem.core.linear import PackedLinear
-from tandem.core.model_config import ModelConfig
-from tandem.core.rope import apply_rotary
+from tandem.core.modeling.attention import AttentionMetadata, paged_attention, write_kv
+from tandem.core.modeling.linear import PackedLinear
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.rope import apply_rotary
 
 
 class RMSNorm(nn.Module):

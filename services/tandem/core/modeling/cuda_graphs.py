@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.core.attention import AttentionMetadata
-from tandem.core.kv_cache import PagedKVCache
-from tandem.core.model import StageModel
+from tandem.core.modeling.attention import AttentionMetadata
+from tandem.core.modeling.kv_cache import PagedKVCache
+from tandem.core.modeling.model import StageModel
 
 log = logging.getLogger(__name__)
 # One capture at a time in a process: entering a capture synchronizes the whole device, which a

@@ -1,4 +1,4 @@
-"""Measuring a stage profile (tandem.core.profile) on this process's device, dtype and threads.
+"""Measuring a stage profile (tandem.core.modeling.profile) on this process's device, dtype and threads.
 
 Layers of a Llama-family model all have the same shape, so one decoder layer stands for all:
 the profile loads the model's last layer with the final norm and LM head (a one-layer last
@@ -17,13 +17,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tandem.core.attention import AttentionMetadata, SequenceSlice
 from tandem.core.cpus import current_placement
-from tandem.core.model import StageModel
-from tandem.core.model_config import ModelConfig
-from tandem.core.profile import StageProfile
-from tandem.core.stages import LayerRange
-from tandem.core.weights import CheckpointIndex
+from tandem.core.modeling.attention import AttentionMetadata, SequenceSlice
+from tandem.core.modeling.model import StageModel
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.profile import StageProfile
+from tandem.core.modeling.stages import LayerRange
+from tandem.core.modeling.weights import CheckpointIndex
 
 BLOCK_SIZE = 16
 

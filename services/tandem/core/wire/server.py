@@ -13,8 +13,8 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tandem.core import tls
-from tandem.core.interceptors import ErrorInterceptor
+from tandem.core.wire import tls
+from tandem.core.wire.interceptors import ErrorInterceptor
 
 MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [

@@ -13,15 +13,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from tandem.core.attention import AttentionMetadata
 from tandem.core.errors import ConfigError
-from tandem.core.kv_cache import PagedKVCache
-from tandem.core.layers import DecoderLayer, RMSNorm
-from tandem.core.linear import PackedLinear
-from tandem.core.model_config import ModelConfig
-from tandem.core.rope import RotaryEmbedding
-from tandem.core.stages import LayerRange
-from tandem.core.weights import CheckpointIndex
+from tandem.core.modeling.attention import AttentionMetadata
+from tandem.core.modeling.kv_cache import PagedKVCache
+from tandem.core.modeling.layers import DecoderLayer, RMSNorm
+from tandem.core.modeling.linear import PackedLinear
+from tandem.core.modeling.model_config import ModelConfig
+from tandem.core.modeling.rope import RotaryEmbedding
+from tandem.core.modeling.stages import LayerRange
+from tandem.core.modeling.weights import CheckpointIndex
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from tandem.core.model_config import RopeConfig
+from tandem.core.modeling.model_config import RopeConfig
 
 
 def inverse_frequencies(rope: RopeConfig, head_dim: int) -> torch.Tensor:
