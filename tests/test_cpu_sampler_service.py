@@ -16,7 +16,8 @@ from tandem.core import codec
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError
 from tandem.core.model_config import ModelConfig
-from tandem.core.sampling import SamplingOptions, SequenceState, sample
+from tandem.core.sampling import SequenceState, sample
+from tandem.core.sampling_options import SamplingOptions
 from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
 from tandem.cpu_sampler.runner import SamplerRunner
 from tandem.v1 import common_pb2, cpu_sampler_pb2_grpc, tensor_pb2

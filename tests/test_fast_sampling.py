@@ -17,7 +17,8 @@ import torch
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError, InvalidArgumentError
 from tandem.core.fast_sampling import FastSampler, PenaltyHistory
-from tandem.core.sampling import SamplingOptions, SequenceState, sample, truncated_probs
+from tandem.core.sampling import SequenceState, sample, truncated_probs
+from tandem.core.sampling_options import SamplingOptions
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import SamplerEngine
 from tandem.v1 import common_pb2

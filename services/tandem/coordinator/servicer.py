@@ -31,7 +31,7 @@ from tandem.core.errors import InvalidArgumentError, NotFoundError, PermissionDe
 from tandem.core.interceptors import carries_key
 from tandem.core.metrics import Metrics
 from tandem.core.model_config import ModelConfig
-from tandem.core.sampling import SamplingOptions
+from tandem.core.sampling_options import SamplingOptions
 from tandem.core.server import wait_ready
 from tandem.core.tls import Credentials
 from tandem.core.tokenizer import Tokenizer

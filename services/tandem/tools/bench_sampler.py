@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from tandem.core.fast_sampling import FastSampler
-from tandem.core.sampling import SamplingOptions, SequenceState, sample
+from tandem.core.sampling import SequenceState, sample
+from tandem.core.sampling_options import SamplingOptions
 from tandem.v1 import common_pb2
 
 ROWS = 32
