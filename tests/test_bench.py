@@ -13,11 +13,12 @@ import pytest
 
 from processes import alive, children_of
 from tandem.bench import command, flops, stats
-from tandem.bench.command import Target, plan_targets, sampling_options
+from tandem.bench.command import Target, plan_targets
 from tandem.bench.cputime import CpuClock, CpuWindow, cpu_by_process, parse_stat_cpu_ticks, process_cpu_s
 from tandem.bench.flops import Peak
 from tandem.bench.hf import generate_options, plan_batches
 from tandem.bench.metrics import Counters
+from tandem.bench.options import sampling_options
 from tandem.bench.profiling import Profiler, find_py_spy, parse_collapsed, summarize
 from tandem.bench.repeats import alternate, median_figures, run_label
 from tandem.bench.report import compare, format_comparison, format_run, run_figures

@@ -15,7 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from tandem.bench import flops, peer
-from tandem.bench.command import Target, plan_targets, run_dtype
+from tandem.bench.command import Target, plan_targets
+from tandem.bench.facts import run_dtype
 from tandem.bench.flops import Peak, context_sum, matmul_parameters, measure_peak, request_flops
 from tandem.bench.openai_api import base_url, measure_openai, parse_event
 from tandem.bench.peer import (

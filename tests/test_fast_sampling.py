@@ -3,7 +3,7 @@
 Every test samples identical copies of the same sequences with `sample()` and with a
 FastSampler and compares the results exactly (token ids, and logprobs as protos of float
 values). Samplers built with small blocks and rounds drive every candidate path on small
-vocabularies; `top_p_rows` shows which paths a test exercised.
+vocabularies; `draw.top_p_rows` shows which paths a test exercised.
 """
 
 from __future__ import annotations
@@ -17,8 +17,10 @@ import torch
 from tandem.core import fast_sampling
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError, InvalidArgumentError
-from tandem.core.fast_sampling import FastSampler, PenaltyHistory
-from tandem.core.sampling import SamplingOptions, SequenceState, sample, truncated_probs
+from tandem.core.fast_sampling import FastSampler
+from tandem.core.penalty_history import PenaltyHistory
+from tandem.core.sampling import SequenceState, sample, truncated_probs
+from tandem.core.sampling_options import SamplingOptions
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import SamplerEngine
 from tandem.v1 import common_pb2
@@ -124,9 +126,9 @@ def test_random_frames_match_reference(vocab, sampler):
                 scale=rng.choice([1.0, 3.0]))
     fast.close()
     if vocab >= 1001 and sampler in ("small-blocks", "histogram-only", "default"):
-        assert fast.top_p_rows["block" if sampler != "histogram-only" else "histogram"] > 0
+        assert fast.draw.top_p_rows["block" if sampler != "histogram-only" else "histogram"] > 0
     if sampler == "reference-fallback":
-        assert set(fast.top_p_rows) <= {"reference"}
+        assert set(fast.draw.top_p_rows) <= {"reference"}
 
 
 @pytest.mark.parametrize("sampler", list(SAMPLERS))
@@ -141,7 +143,7 @@ def test_distributions_equal_the_reference_bit_for_bit(sampler):
         opts = [make_state(vocab, "r", **row).options for row in rows]
         scaled = random_logits(rng, len(rows), vocab) * rng.choice([1.0, 3.0])  # as if temperature-scaled
         reference = [truncated_probs(scaled[i].clone(), o) for i, o in enumerate(opts)]
-        whole, compact = fast.distributions(scaled.clone(), opts)
+        whole, compact = fast.draw.distributions(scaled.clone(), opts)
         for i, probs in whole.items():
             assert torch.equal(probs, reference[i]), f"row {i}"
         order, ids, values = compact or ([], None, None)
@@ -167,7 +169,7 @@ def test_every_candidate_path_is_exercised_and_exact():
             + [dict(seed=i, temperature=0.9, top_p=0.9999999) for i in range(3)])
     fast = FastSampler(**FAST)
     compare(fast, logits, *twins(vocab, rows))
-    assert fast.top_p_rows == {"block": 3, "histogram": 3, "reference": 3}
+    assert fast.draw.top_p_rows == {"block": 3, "histogram": 3, "reference": 3}
 
 
 @pytest.mark.parametrize("top_p", [1e-7, 0.3, 0.5, 0.75, 0.999])
@@ -288,7 +290,7 @@ def test_small_frames_go_to_the_reference_and_large_ones_do_not():
     for vocab, fast_path in ((4000, False), (4096, True)):  # 4 rows: 16,000 and 16,384 logits
         fast = FastSampler()
         compare(fast, torch.randn(4, vocab) * 3, *twins(vocab, rows), steps=2)
-        assert (sum(fast.top_p_rows.values()) > 0) == fast_path
+        assert (sum(fast.draw.top_p_rows.values()) > 0) == fast_path
 
 
 def test_engine_gives_the_same_frames_with_either_sampler():

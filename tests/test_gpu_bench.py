@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from tandem.cli import build_parser
-from tandem.tools import gpu_bench
-from tandem.tools.gpu_bench import FULL, QUICK, Step, bench_command, format_summary, forward_command, parse_pytest_counts
+from tandem.tools import gpu_bench, gpu_bench_steps
+from tandem.tools.gpu_bench import FULL, QUICK, bench_command, forward_command, parse_pytest_counts
+from tandem.tools.gpu_bench_steps import Step
+from tandem.tools.gpu_bench_summary import format_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,16 +122,16 @@ def test_summary_without_figures():
 
 def test_run_command_records_failure_and_stops_a_timed_out_group(tmp_path, monkeypatch):
     env = {"PATH": "/usr/bin:/bin"}
-    ok = gpu_bench.run_command("ok", [sys.executable, "-c", "print('hi')"], tmp_path / "ok.txt", 60, env)
+    ok = gpu_bench_steps.run_command("ok", [sys.executable, "-c", "print('hi')"], tmp_path / "ok.txt", 60, env)
     assert ok.status == "ok" and "hi" in (tmp_path / "ok.txt").read_text()
-    bad = gpu_bench.run_command("bad", [sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "bad.txt", 60, env)
+    bad = gpu_bench_steps.run_command("bad", [sys.executable, "-c", "raise SystemExit('boom')"], tmp_path / "bad.txt", 60, env)
     assert bad.status == "failed" and "exit status 1" in bad.detail and "boom" in bad.detail
-    assert gpu_bench.run_command("late", ["true"], tmp_path / "late.txt", 5, env).status == "skipped"
-    monkeypatch.setattr(gpu_bench, "MIN_STEP_S", 0.5)
+    assert gpu_bench_steps.run_command("late", ["true"], tmp_path / "late.txt", 5, env).status == "skipped"
+    monkeypatch.setattr(gpu_bench_steps, "MIN_STEP_S", 0.5)
     pid_file = tmp_path / "grandchild.pid"
     spawn = (f"import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
              f"open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(60)")
-    slow = gpu_bench.run_command("slow", [sys.executable, "-c", spawn], tmp_path / "slow.txt", 2, env)
+    slow = gpu_bench_steps.run_command("slow", [sys.executable, "-c", spawn], tmp_path / "slow.txt", 2, env)
     assert slow.status == "timed out" and slow.seconds < 30
     stat = Path(f"/proc/{int(pid_file.read_text())}/stat")
     deadline = time.monotonic() + 5
@@ -146,7 +148,7 @@ def _running(stat: Path) -> bool:
 
 
 def test_imports_here():
-    step = gpu_bench.check_imports()
+    step = gpu_bench_steps.check_imports()
     assert step.status == "ok", step.detail
 
 

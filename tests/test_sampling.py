@@ -13,13 +13,13 @@ import torch
 
 from tandem.core.errors import InvalidArgumentError
 from tandem.core.sampling import (
-    SamplingOptions,
     SequenceState,
     check_row,
     penalized_logits,
     sample,
     sample_key,
 )
+from tandem.core.sampling_options import SamplingOptions
 from tandem.v1 import common_pb2
 
 VOCAB = 50

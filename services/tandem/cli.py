@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
 
     import tandem.bench
-    from tandem.bench.command import add_arguments as add_bench_arguments
+    from tandem.bench.options import add_arguments as add_bench_arguments
 
     bench = sub.add_parser("bench", help="measure throughput and latency on a synthetic or recorded workload",
                            description=tandem.bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -1,10 +1,22 @@
-"""Per-sequence penalty state kept up to date one token at a time (see FastSampler)."""
+"""FastSampler's penalties: each sequence's penalty state kept up to date one token at a time,
+and the reference's steps 1-4 (`sampling.penalized_logits`) applied to a whole frame at once.
+
+Each sequence keeps its seen ids and output counts incrementally (`PenaltyHistory`: one new
+token is a dict lookup and at most two array writes). `penalize` applies every row's bias,
+min_tokens mask and penalties with one gather and one write over the touched ids of all rows,
+with the reference's float32 formulas element by element.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import numpy as np
+import torch
 
 from tandem.core.sampling import SequenceState
+from tandem.core.sampling_options import SamplingOptions
 
 
 class _Growable:
@@ -57,3 +69,43 @@ class PenaltyHistory:
                 self._seen.add(token)
                 self.seen_ids.append(token)
         self.synced = len(output_ids)
+
+
+def penalize(x: torch.Tensor, frame: list[SequenceState], histories: list[PenaltyHistory | None]) -> None:
+    """Steps 1-4 of `sampling.penalized_logits` on every row of x [n, vocab], in place.
+
+    Each step gathers the touched entries of all rows, applies the reference's float32
+    formula to them and writes them back; steps run in the reference's order, and a step
+    touches only its own row's entries, so each row sees exactly the reference's sequence.
+    """
+    vocab = x.shape[1]
+    flat = x.view(-1)
+    bias = [(i * vocab + s.bias_ids, s.bias_values) for i, s in enumerate(frame) if s.bias_ids.numel()]
+    if bias:
+        flat.index_add_(0, torch.cat([b[0] for b in bias]), torch.cat([b[1] for b in bias]))
+    blocked = [i * vocab + s.blocked_ids for i, s in enumerate(frame)
+               if s.num_outputs < s.options.min_tokens and s.blocked_ids.numel()]
+    if blocked:
+        flat[torch.cat(blocked)] = -math.inf
+    repeated = [(i, s.options, h.seen_ids.view()) for i, (s, h) in enumerate(zip(frame, histories))
+                if h and s.options.repetition_penalty != 1.0]
+    if repeated:
+        ids, (penalty,) = _flat(repeated, vocab, lambda o: [o.repetition_penalty])
+        v = flat[ids]
+        flat[ids] = torch.where(v > 0, v / penalty, v * penalty)
+    counted = [(i, s.options, h.output_ids.view()) for i, (s, h) in enumerate(zip(frame, histories))
+               if h and h.output_ids.size and (s.options.frequency_penalty or s.options.presence_penalty)]
+    if counted:
+        ids, (frequency, presence) = _flat(counted, vocab, lambda o: [o.frequency_penalty, o.presence_penalty])
+        counts = torch.from_numpy(np.concatenate([histories[i].output_counts.view() for i, _, _ in counted]))
+        flat[ids] -= frequency * counts + presence
+
+
+def _flat(entries: list, vocab: int, scalars: Callable[[SamplingOptions], list[float]]
+          ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Flat ids (row * vocab + id) of (row, options, ids) entries, and per id a float32 copy
+    of each of the row's scalars, as the reference's `tensor op python float` casts them."""
+    lengths = [len(ids) for _, _, ids in entries]
+    ids = torch.from_numpy(np.concatenate([ids + i * vocab for i, _, ids in entries]))
+    values = np.array([scalars(o) for _, o, _ in entries], dtype=np.float32)  # [entries, scalars]
+    return ids, [torch.from_numpy(np.repeat(values[:, k], lengths)) for k in range(values.shape[1])]

@@ -2,5 +2,7 @@
 
 A thin ASGI app (Starlette, served by uvicorn) that reaches the coordinator only through the async
 client SDK: `protocol` maps OpenAI request bodies to generate options and results back, `chat`
-renders chat templates, `app` holds the routes, `server` runs them (`tandem serve gateway`).
+renders chat templates, `app` holds the routes, `streams` merges a request's Generate calls and
+watches for the client leaving, `answers` writes the whole body or the server-sent events,
+`server` runs them (`tandem serve gateway`).
 """

@@ -1,7 +1,8 @@
 """The OpenAI-compatible HTTP API: a Starlette app that calls the coordinator through AsyncTandemClient.
 
 Each choice of a request is one Generate call; a client that disconnects closes the calls, and the
-coordinator aborts the requests.
+coordinator aborts the requests. The routes are here; how the calls' streams are merged is
+streams.py, and how the answer is written, answers.py.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
@@ -23,105 +24,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from tandem.client import (
-    AsyncGenerateStream,
-    AsyncTandemClient,
-    ClientError,
-    DeadlineExceededError,
-    GenerateChunk,
-    GenerateResult,
-    InvalidArgumentError,
-    NotFoundError,
-    ResourceExhaustedError,
-    UnavailableError,
-)
+from tandem.client import AsyncGenerateStream, AsyncTandemClient, ClientError
 from tandem.core.metrics import Metrics
+from tandem.gateway.answers import error_response, openai_error, sse_events, whole_body
 from tandem.gateway.chat import ChatTemplate, ChatTemplateError
 from tandem.gateway.config import GatewayConfig
-from tandem.gateway.protocol import (
-    Job,
-    OpenAIError,
-    chat_logprobs,
-    completion_logprobs,
-    finish_reason,
-    parse_chat,
-    parse_completion,
-    token_ids_of,
-    usage_body,
-)
+from tandem.gateway.protocol import Job, OpenAIError, parse_chat, parse_completion
+from tandem.gateway.streams import final_results, merged, unless_disconnected
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
-Event = tuple[int, GenerateChunk | GenerateResult]
-HTTP_STATUS: list[tuple[type[ClientError], int]] = [
-    (InvalidArgumentError, 400), (NotFoundError, 404), (ResourceExhaustedError, 429),
-    (UnavailableError, 503), (DeadlineExceededError, 504),
-]
 CLIENT_CLOSED_REQUEST = 499  # what nginx logs for a client that left; nobody reads the answer
-
-
-def _error_response(e: OpenAIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-def _openai_error(e: ClientError) -> OpenAIError:
-    status = next((s for cls, s in HTTP_STATUS if isinstance(e, cls)), 500)
-    return OpenAIError(status, e.message, code=e.code.name.lower())
-
-
-async def _merged(streams: list[AsyncGenerateStream]) -> AsyncIterator[Event]:
-    """(choice index, chunk or result) of every stream as they arrive; the first error ends it all.
-    However it ends, every stream is closed (and its request aborted unless it finished)."""
-    queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
-
-    async def pump(i: int, stream: AsyncGenerateStream) -> None:
-        try:
-            async for chunk in stream:
-                queue.put_nowait((i, chunk))
-            queue.put_nowait((i, stream.result))
-        except Exception as e:  # noqa: BLE001 - handed to the consumer
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
-    try:
-        for _ in range(len(streams)):
-            while True:
-                i, item = await queue.get()
-                if isinstance(item, Exception):
-                    raise item
-                yield i, item
-                if isinstance(item, GenerateResult):
-                    break
-    finally:
-        for task in tasks:
-            task.cancel()
-        for stream in streams:
-            stream.close()
-
-
-async def _chained(first: Event, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-    yield first
-    async for e in events:
-        yield e
-
-
-async def _wait_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
-    """`work`'s result, or None when the client disconnects first (`work` is then cancelled)."""
-    task = asyncio.ensure_future(work)
-    watch = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watch.cancel()
-        task.cancel()  # no-op once done
-        with contextlib.suppress(asyncio.CancelledError):
-            await asyncio.wait({task})
-    return None if task.cancelled() else task.result()
 
 
 class Gateway:
@@ -170,12 +82,12 @@ class Gateway:
                 self._authorize(request)
                 return await handler(request)
             except OpenAIError as e:
-                return _error_response(e)
+                return error_response(e)
             except ClientError as e:
-                return _error_response(_openai_error(e))
+                return error_response(openai_error(e))
             except Exception as e:  # noqa: BLE001 - a bug here still answers in OpenAI's shape
                 log.exception("%s %s failed", request.method, request.url.path)
-                return _error_response(OpenAIError(500, f"internal error: {type(e).__name__}: {e}"))
+                return error_response(OpenAIError(500, f"internal error: {type(e).__name__}: {e}"))
 
         async def run(request: Request) -> Response:
             start, route = time.monotonic(), request.url.path
@@ -223,7 +135,7 @@ class Gateway:
         try:
             await asyncio.wait_for(self.client.server_info(), timeout=5.0)
         except (ClientError, asyncio.TimeoutError) as e:
-            return _error_response(OpenAIError(503, f"the coordinator does not answer: {e}"))
+            return error_response(OpenAIError(503, f"the coordinator does not answer: {e}"))
         return Response(status_code=200)
 
     async def models(self, request: Request) -> Response:
@@ -260,26 +172,18 @@ class Gateway:
             for stream in streams:
                 stream.close()
             raise OpenAIError(400, str(e)) from None
-        events = _merged(streams)
+        events = merged(streams)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                 "model": self.model_name}
         if not job.stream:
-            results = await _unless_disconnected(request, self._results(events, len(streams)))
+            results = await unless_disconnected(request, final_results(events, len(streams)))
             if results is None:
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
-            return JSONResponse(await self._whole(head, job, results, chat))
-        first = await _unless_disconnected(request, anext(events))  # errors before any token keep their status
+            return JSONResponse(await whole_body(head, job, results, chat, self._texts))
+        first = await unless_disconnected(request, anext(events))  # errors before any token keep their status
         if first is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return StreamingResponse(self._sse(head, job, chat, first, events), media_type="text/event-stream")
-
-    @staticmethod
-    async def _results(events: AsyncIterator[Event], n: int) -> list[GenerateResult]:
-        results: list[Any] = [None] * n
-        async for i, item in events:
-            if isinstance(item, GenerateResult):
-                results[i] = item
-        return results
+        return StreamingResponse(sse_events(head, job, chat, first, events, self._texts), media_type="text/event-stream")
 
     async def _texts(self, ids: set[int]) -> dict[int, str]:
         """Text of each token id (for logprobs), asked of the coordinator once per id."""
@@ -288,54 +192,3 @@ class Gateway:
         texts = await asyncio.gather(*(self.client.detokenize([t], skip_special_tokens=False) for t in missing))
         self._token_texts.update(zip(missing, texts))
         return self._token_texts
-
-    async def _whole(self, head: dict[str, Any], job: Job, results: list[GenerateResult], chat: bool) -> dict[str, Any]:
-        choices = []
-        for i, r in enumerate(results):
-            logprobs = None
-            if job.logprobs and r.logprobs is not None:
-                text_of = await self._texts(token_ids_of(r.logprobs))
-                logprobs = chat_logprobs(r.logprobs, text_of) if chat else completion_logprobs(r.logprobs, text_of, 0)
-            body = {"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text}
-            choices.append({"index": i, **body, "logprobs": logprobs, "finish_reason": finish_reason(r.finish_reason)})
-        return {**head, "object": "chat.completion" if chat else "text_completion", "choices": choices,
-                "usage": usage_body([r.usage for r in results], job.n)}
-
-    async def _sse(self, head: dict[str, Any], job: Job, chat: bool, first: Event,
-                   events: AsyncIterator[Event]) -> AsyncIterator[str]:
-        """Server-sent events: a chunk per new text, one with each choice's finish reason, the usage
-        when asked for, then [DONE]. An error after the first event arrives as an error event."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        num_calls = len(job.prompts) * job.n
-
-        def event(choices: list[dict[str, Any]], **more: Any) -> str:
-            return f"data: {json.dumps({**head, 'choices': choices, **more})}\n\n"
-
-        offsets = [0] * num_calls
-        usages: list[Any] = [None] * num_calls
-        try:
-            if chat:
-                yield event([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None} for i in range(num_calls)])
-            async for i, item in _chained(first, events):
-                if isinstance(item, GenerateResult):
-                    usages[i] = item.usage
-                    yield event([{"index": i, **({"delta": {}} if chat else {"text": ""}), "logprobs": None,
-                                  "finish_reason": finish_reason(item.finish_reason)}])
-                    continue
-                logprobs = None
-                if job.logprobs and item.logprobs:
-                    text_of = await self._texts(token_ids_of(item.logprobs))
-                    logprobs = (chat_logprobs(item.logprobs, text_of) if chat
-                                else completion_logprobs(item.logprobs, text_of, offsets[i]))
-                offsets[i] += len(item.text)
-                if item.text or logprobs:
-                    body = {"delta": {"content": item.text}} if chat else {"text": item.text}
-                    yield event([{"index": i, **body, "logprobs": logprobs, "finish_reason": None}])
-            if job.include_usage:
-                yield event([], usage=usage_body(usages, job.n))
-        except ClientError as e:
-            yield f"data: {json.dumps(_openai_error(e).body())}\n\n"
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-        yield "data: [DONE]\n\n"

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from tandem.core.fast_sampling import FastSampler
-from tandem.core.sampling import SamplingOptions, SequenceState, sample
+from tandem.core.sampling import SequenceState, sample
+from tandem.core.sampling_options import SamplingOptions
 from tandem.v1 import common_pb2
 
 ROWS = 32
@@ -84,7 +85,7 @@ def run(kind: str, threads: int, sampler_threads: int, steps: int, prompt_len: i
         "vocab": VOCAB, "frames": steps, "prompt_len": prompt_len, "output_len": output_len,
         "straightforward_ms": 1e3 * reference_s / steps, "fast_ms": 1e3 * fast_s / steps,
         "speedup": reference_s / fast_s, "tokens_identical": True,
-        "fast_top_p_rows_by_path": dict(fast.top_p_rows),
+        "fast_top_p_rows_by_path": dict(fast.draw.top_p_rows),
         "top_p_set_size_min_median_max": [sizes[0], sizes[len(sizes) // 2], sizes[-1]],
     }
 

@@ -26,31 +26,21 @@ workload, to check that everything runs before spending minutes on the real figu
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
-import platform
 import re
 import shlex
-import signal
-import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-SERVICES_DIR = Path(__file__).resolve().parents[2]  # what PYTHONPATH must hold: the folder of `tandem`
-REPO_DIR = SERVICES_DIR.parent
+from tandem.tools.gpu_bench_steps import REPO_DIR, SERVICES_DIR, Step, check_imports, machine_facts, run_command
+from tandem.tools.gpu_bench_summary import format_summary
+
 STAGE_COUNTS = (2, 4)
 RUNS = ("baseline", "full")
 FORWARD_BATCH, FORWARD_CONTEXT = 128, 256
-MIN_STEP_S = 20.0  # a step with less time than this left in --budget-s is skipped
-# Module -> the pip package that provides it, for what the services, tests and bench import.
-MODULES = {"grpc": "grpcio", "grpc_health.v1.health": "grpcio-health-checking",
-           "grpc_reflection.v1alpha.reflection": "grpcio-reflection", "google.protobuf": "protobuf",
-           "yaml": "pyyaml", "numpy": "numpy", "safetensors": "safetensors", "tokenizers": "tokenizers",
-           "transformers": "transformers", "tqdm": "tqdm", "pytest": "pytest"}
-PROTO_MODULES = ("common", "tensor", "coordinator", "stage_worker", "cpu_sampler", "kv_store")
 
 
 @dataclass(frozen=True)
@@ -65,16 +55,6 @@ FULL = Size(("--hidden", "2048", "--layers", "16", "--heads", "16", "--kv-heads"
             ("--num-requests", "128", "--prompt-len", "128", "--output-len", "128", "--num-blocks", "4096"))
 QUICK = Size(("--hidden", "1024", "--layers", "8", "--heads", "16", "--kv-heads", "4", "--vocab", "32000"),
              ("--num-requests", "32", "--prompt-len", "64", "--output-len", "32", "--num-blocks", "1024"))
-
-
-@dataclass(frozen=True)
-class Step:
-    """What became of one step."""
-
-    name: str
-    status: str  # "ok", "failed", "timed out" or "skipped"
-    seconds: float = 0.0
-    detail: str = ""  # why it failed or was skipped, or where its output is
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -138,149 +118,6 @@ def parse_pytest_counts(text: str) -> dict[str, int]:
         counts[word.rstrip("s") if word in ("errors", "warnings") else word] = int(number)
     return counts
 
-
-# --- the summary: a pure function of what the steps left -----------------------------------------
-
-def _num(x: float | None, fmt: str = ".1f", scale: float = 1.0, unit: str = "") -> str:
-    return "-" if x is None else f"{x * scale:{fmt}}{unit}"
-
-
-def _run_row(num_stages: int, run: Mapping) -> str:
-    busy = " / ".join(_num(s.get("busy_fraction"), ".0f", 100, "%") for s in run.get("stages", [])) or "-"
-    failed = f" ({run['num_failed']} failed)" if run.get("num_failed") else ""
-    return (f"| {num_stages} | {run['name']}{failed} | {_num(run.get('output_tokens_per_s'))} | "
-            f"{_num(run.get('ttft_p50_s'), '.1f', 1e3, ' ms')} | {_num(run.get('tpot_p50_s'), '.2f', 1e3, ' ms')} | "
-            f"{busy} | {_num(run.get('fraction_of_peak'), '.2f', 100, '%')} |")
-
-
-def _bench_lines(benches: Mapping[int, Mapping | None]) -> list[str]:
-    done = {n: doc for n, doc in sorted(benches.items()) if doc}
-    if not done:
-        return ["No bench wrote its figures; see the steps above."]
-    lines = ["| stages | baseline tok/s | full tok/s | full/baseline |", "| --- | --- | --- | --- |"]
-    for n, doc in done.items():
-        by_name = {r["name"]: r for r in doc.get("runs", [])}
-        ratio = doc.get("ratios", {}).get("full/baseline", {}).get("output_tokens_per_s")
-        lines.append(f"| {n} | {_num(by_name.get('baseline', {}).get('output_tokens_per_s'))} | "
-                     f"{_num(by_name.get('full', {}).get('output_tokens_per_s'))} | {_num(ratio, '.2f', unit='x')} |")
-    lines += ["", "| stages | run | output tok/s | TTFT p50 | TPOT p50 | stage busy (0 / 1 / ...) | of peak |",
-              "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [_run_row(n, run) for n, doc in done.items() for run in doc.get("runs", [])]
-    first = next(iter(done.values()))
-    w, m = first.get("workload", {}), first.get("machine", {})
-    lines += ["", f"Workload: {w.get('num_requests', '-')} requests, {w.get('prompt_tokens', '-')} prompt and "
-                  f"{w.get('output_tokens', '-')} output tokens, all sent at once, temperature "
-                  f"{w.get('temperature', '-')}. Peak: "
-                  f"{_num(m.get('peak_flops_per_s'), '.1f', 1e-12, ' TFLOP/s')} ({m.get('peak_dtype', '-')} matmul, "
-                  f"{m.get('peak_matrix_size', '-')}x{m.get('peak_matrix_size', '-')}); host {m.get('num_cores', '-')} "
-                  f"cores, {m.get('cpu_model') or '-'}."]
-    return lines
-
-
-def _forward_lines(forward: Mapping | None) -> list[str]:
-    runs = (forward or {}).get("runs", [])
-    if not runs:
-        return ["No figures (see the steps above)."]
-    lines = ["| dtype | mode | batch | context | step | tok/s | of peak |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['dtype']} | {r['mode']} | {r['batch']} | {r['context']} | {_num(r['step_ms'], '.2f', unit=' ms')} | "
-              f"{_num(r['tokens_per_s'], '.0f')} | {_num(r['fraction_of_peak'], '.1f', 100, '%')} |" for r in runs]
-    ms = {r["mode"]: r["step_ms"] for r in runs}
-    if "eager" in ms and "graphs" in ms:
-        lines += ["", f"CUDA graphs: {ms['eager'] / ms['graphs']:.2f}x the eager step."]
-    return lines
-
-
-def format_summary(facts: Mapping[str, str], steps: Sequence[Step], tests: Mapping[str, int] | None,
-                   benches: Mapping[int, Mapping | None], forward: Mapping | None = None) -> str:
-    """summary.md from the machine's facts, the steps, pytest's counts, the forward pass's JSON and
-    each bench's JSON (None: none)."""
-    lines = ["# Tandem GPU benchmark", ""]
-    lines += [f"- {key}: {value}" for key, value in facts.items()]
-    lines += ["", "## Steps", "", "| step | status | seconds | detail |", "| --- | --- | --- | --- |"]
-    lines += [f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.detail.replace('|', '/')} |" for s in steps]
-    lines += ["", "## GPU tests", ""]
-    if tests:
-        lines.append(", ".join(f"{tests.get(k, 0)} {k}" for k in ("passed", "failed", "skipped")) +
-                     f", {tests.get('error', 0)} errors" +
-                     f" ({tests.get('deselected', 0)} deselected; details in gpu-tests.txt)")
-    else:
-        lines.append("No counts (see gpu-tests.txt, if it was written).")
-    lines += ["", "## Forward pass alone", "", *_forward_lines(forward)]
-    lines += ["", "## Throughput and latency", "", *_bench_lines(benches)]
-    return "\n".join(lines) + "\n"
-
-
-# --- the steps --------------------------------------------------------------------------------------
-
-def _tail(path: Path, num_chars: int = 200) -> str:
-    """The end of a log, its lines joined, progress bars' carriage returns taken as line ends."""
-    try:
-        text = path.read_text(errors="replace").replace("\r", "\n")
-    except OSError:
-        return ""
-    return " / ".join(line.strip() for line in text.splitlines() if line.strip())[-num_chars:]
-
-
-def run_command(name: str, cmd: Sequence[str], log: Path, limit_s: float, env: Mapping[str, str]) -> Step:
-    """Run `cmd` from the repository root, all output to `log`; its whole process group is stopped
-    at the time limit (the bench's services with it)."""
-    if limit_s < MIN_STEP_S:
-        return Step(name, "skipped", 0, "no time left in --budget-s")
-    start = time.monotonic()
-    with open(log, "w") as out:
-        out.write(f"$ {shlex.join(cmd)}\n\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO_DIR, env=dict(env), stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            rc = proc.wait(timeout=limit_s)
-        except subprocess.TimeoutExpired:
-            _stop_group(proc)
-            return Step(name, "timed out", time.monotonic() - start, f"after {limit_s:.0f} s; see {log.name}")
-    seconds = time.monotonic() - start
-    if rc != 0:
-        return Step(name, "failed", seconds, f"exit status {rc}; see {log.name}: ...{_tail(log)}")
-    return Step(name, "ok", seconds, f"output in {log.name}")
-
-
-def _stop_group(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
-    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait_s)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def check_imports() -> Step:
-    """The packages the services import and the generated protobuf modules, imported here."""
-    start, missing = time.monotonic(), []
-    for module, package in MODULES.items():
-        try:
-            importlib.import_module(module)
-        except Exception as e:  # noqa: BLE001 - any failure to import is the finding
-            missing.append(f"{module} ({package}: {type(e).__name__}: {e})"[:200])
-    for name in PROTO_MODULES:
-        for suffix in ("_pb2", "_pb2_grpc"):
-            try:
-                importlib.import_module(f"tandem.v1.{name}{suffix}")
-            except Exception as e:  # noqa: BLE001 - missing, or generated for another protobuf/grpcio
-                missing.append(f"tandem.v1.{name}{suffix} ({type(e).__name__}: {e})"[:200])
-    status = "failed" if missing else "ok"
-    return Step("imports", status, time.monotonic() - start, "; ".join(missing) or "every module imports")
-
-
-def machine_facts() -> dict[str, str]:
-    import torch
-
-    props = torch.cuda.get_device_properties(0)
-    return {"GPU": f"{props.name}, {props.total_memory / 2**30:.0f} GiB ({torch.cuda.device_count()} visible)",
-            "torch": f"{torch.__version__} (CUDA {torch.version.cuda})",
-            "Python": f"{platform.python_version()} ({sys.executable})", "host cores": str(os.cpu_count())}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

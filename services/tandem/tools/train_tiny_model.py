@@ -31,24 +31,18 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import random
-import sysconfig
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
-EOT = "<|endoftext|>"
-# Tests, data tables, GUI and deprecated packages: little of the Python we want it to write.
-SKIPPED_DIRS = {
-    "site-packages", "test", "tests", "idle_test", "encodings", "pydoc_data",
-    "idlelib", "tkinter", "turtledemo", "lib2to3", "distutils", "ensurepip",
-}
+from tandem.tools.train_tiny_corpus import eot_id_of, read_corpus, tokenize_files, train_tokenizer
+from tandem.tools.train_tiny_output import greedy_sample, readme, save
+
 SAMPLE_PROMPTS = ["def", "class Foo:\n    def __init__(self"]
 
 
@@ -91,66 +85,6 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
         else:
             parser.add_argument(flag, type=type(default), default=default)
     return TrainArgs(**vars(parser.parse_args(argv)))
-
-
-def read_corpus(max_chars: int, max_file_chars: int) -> tuple[list[str], list[str]]:
-    """Stdlib modules, sorted by path, each cut at a line end to `max_file_chars`, until
-    `max_chars` in all; returns (train, held-out) texts, every 20th file held out."""
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts: list[str] = []
-    num_chars = 0
-    for path in sorted(stdlib.rglob("*.py")):
-        rel = path.relative_to(stdlib)
-        if any(part in SKIPPED_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
-            continue
-        if rel.name.startswith("_sysconfigdata"):  # build settings of this machine
-            continue
-        text = path.read_text(encoding="utf-8", errors="replace")
-        if len(text) > max_file_chars:
-            text = text[: text.rfind("\n", 0, max_file_chars) + 1]
-        if num_chars + len(text) > max_chars:
-            break
-        texts.append(text)
-        num_chars += len(text)
-    train = [t for i, t in enumerate(texts) if i % 20 != 19]
-    held_out = [t for i, t in enumerate(texts) if i % 20 == 19]
-    return train, held_out
-
-
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
-    """ByteLevel BPE; `encode` prepends `<|endoftext|>` as BOS (files were separated by it)."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=2,
-        special_tokens=[EOT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer=trainer)
-    eot_id = eot_id_of(tok)
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{EOT} $A", pair=f"{EOT} $A {EOT} $B", special_tokens=[(EOT, eot_id)]
-    )
-    return tok
-
-
-def eot_id_of(tok: Tokenizer) -> int:
-    eot_id = tok.token_to_id(EOT)
-    assert eot_id is not None, f"{EOT} is a special token of every tokenizer trained here"
-    return eot_id
-
-
-def tokenize_files(tok: Tokenizer, texts: list[str]) -> torch.Tensor:
-    """One long id stream: EOT file EOT file ... EOT."""
-    eot_id = eot_id_of(tok)
-    ids = [eot_id]
-    for enc in tok.encode_batch(texts, add_special_tokens=False):
-        ids.extend(enc.ids)
-        ids.append(eot_id)
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def build_model(args: TrainArgs, vocab_size: int, eot_id: int) -> LlamaForCausalLM:
@@ -279,81 +213,6 @@ def train(args: TrainArgs) -> dict[str, float]:
     print(json.dumps(figures, indent=2), flush=True)
     print("samples:\n" + samples, flush=True)
     return figures
-
-
-def save(model: LlamaForCausalLM, tok: Tokenizer, out: Path, eot_id: int) -> None:
-    """config.json, model.safetensors, generation_config.json, tokenizer files."""
-    model.generation_config = GenerationConfig(
-        bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id, do_sample=False
-    )
-    model.save_pretrained(out, safe_serialization=True)
-    tok.save(str(out / "tokenizer.json"))
-    tokenizer_config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": EOT,
-        "eos_token": EOT,
-        "pad_token": EOT,
-        "model_max_length": model.config.max_position_embeddings,
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
-
-
-@torch.no_grad()
-def greedy_sample(model: LlamaForCausalLM, tok: Tokenizer, prompt: str, num_tokens: int) -> str:
-    model.eval()
-    ids = torch.tensor([tok.encode(prompt).ids])
-    out = model.generate(ids, max_new_tokens=num_tokens, do_sample=False)  # type: ignore[misc]
-    return prompt + tok.decode(out[0, ids.shape[1] :].tolist())
-
-
-def format_flags(args: TrainArgs) -> str:
-    """The command-line flags that reproduce `args` (all but --out)."""
-    flags = []
-    for key, value in asdict(args).items():
-        name = key.replace("_", "-")
-        if isinstance(value, bool):
-            flags.append(f"--{name}" if value else f"--no-{name}")
-        elif key != "out":
-            flags.append(f"--{name} {value}")
-    return " ".join(flags)
-
-
-def readme(args: TrainArgs, figures: dict[str, float], samples: str) -> str:
-    return f"""# tiny: the bundled demo model
-
-A {figures['num_params'] / 1e6:.2f}M-parameter Llama (grouped-query attention:
-{args.num_heads} query heads, {args.num_kv_heads} KV heads; {args.num_layers} layers, hidden
-{args.hidden_size}, tied embeddings, float32 weights) with a {args.vocab_size}-entry ByteLevel
-BPE tokenizer. `<|endoftext|>` is BOS and EOS, and `encode` prepends it. It writes
-Python-looking text and nothing more: it exists so that `tandem up` and the tests have a real
-Hugging Face model directory to serve. As with any ByteLevel BPE, end prompts before a space,
-not after it ("def", not "def ").
-
-## How it was trained
-
-    PYTHONPATH=services python -m tandem.tools.train_tiny_model --out services/tandem/assets/tiny
-
-Flags in effect: `{format_flags(args)}`.
-
-- Corpus: Python {platform.python_version()}'s standard library modules, sorted by path (tests,
-  data tables, GUI and deprecated packages skipped; each file cut at a line end after
-  {args.max_file_chars} characters), every 20th file held out, files separated by
-  `<|endoftext|>`: {figures['num_train_tokens']} train tokens, {figures['num_held_out_tokens']}
-  held-out tokens.
-- AdamW (betas 0.9/0.95, weight decay {args.weight_decay}), peak lr {args.lr}, {args.warmup_steps}
-  warmup steps then cosine decay to {args.min_lr_ratio}x, batch {args.batch_size} x {args.seq_len}
-  tokens, {args.steps} steps, bfloat16 autocast: {args.bf16_autocast}, seed {args.seed},
-  {args.threads} CPU thread(s).
-- Wall time: {figures['wall_time_s'] / 60:.1f} minutes.
-- Final loss (nats/token, {args.num_eval_windows} fixed windows of {args.seq_len} tokens):
-  train {figures['train_loss']:.3f}, held-out {figures['held_out_loss']:.3f}.
-
-## Greedy samples (48 new tokens)
-
-```
-{samples}
-```
-"""
 
 
 def main(argv: list[str] | None = None) -> None:
