@@ -158,18 +158,19 @@ class Engine:
             self._num_unreceived += 1
         self._inbox.put(Submitted(request))
 
-    def check_admission(self) -> None:
+    def check_admission(self, num_preparing: int = 0) -> None:
         """Refuse now what `submit` would refuse whatever the request (draining, a stage down too
-        long, the queue full), so that the front does no work, such as tokenizing, for it."""
+        long, the queue full), so that the front does no work, such as tokenizing, for it;
+        `num_preparing` requests the front let in and has not yet submitted count as queued."""
         with self._lock:
-            self._check_admission()
+            self._check_admission(num_preparing)
 
-    def _check_admission(self) -> None:  # under self._lock
+    def _check_admission(self, num_preparing: int = 0) -> None:  # under self._lock
         if self._draining:
             raise UnavailableError("the coordinator is shutting down; retry on another replica")
         if self.snapshot.unavailable:
             raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
-        if self.snapshot.num_waiting + self._num_unreceived >= self.max_queue:
+        if self.snapshot.num_waiting + self._num_unreceived + num_preparing >= self.max_queue:
             raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
 
     def abort(self, request_id: str, finish_reason: int = common_pb2.FINISH_REASON_ABORTED) -> bool:

@@ -1,13 +1,18 @@
-"""Size limits of what a client may send, checked before any work is done for it.
+"""The limits a request meets at the front door, checked before any work is done for it.
 
-One request must not be able to slow everyone else down or grow the coordinator without bound:
-a prompt of many megabytes, tens of thousands of stop strings, a huge logit-bias map. Each
-limit is a config field (CoordinatorConfig), and a request over one is refused with
+Size: one request must not be able to slow everyone else down or grow the coordinator without
+bound: a prompt of many megabytes, tens of thousands of stop strings, a huge logit-bias map.
+Each limit is a config field (CoordinatorConfig), and a request over one is refused with
 INVALID_ARGUMENT naming the field, the size and the limit.
+
+The queue (`Admission`): past `max_queue` requests waiting, a request is refused with
+RESOURCE_EXHAUSTED before its prompt is tokenized.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from tandem.core.errors import InvalidArgumentError
@@ -47,6 +52,33 @@ class Limits:
 
     def check_token_ids(self, field: str, count: int) -> None:
         _at_most(field, count, self.max_prompt_tokens, "ids")
+
+
+class Admission:
+    """The queue limit at the front door, on the public API's event loop (one thread, no lock).
+
+    The engine counts a request from its submission: the requests waiting, and those submitted
+    and not yet taken in by its loop. A request the front has let in is first prepared (its
+    prompt tokenized, off the loop); those are counted here, so that a burst arriving at a nearly
+    full queue is refused at once, not each after its tokenization. A request is counted in one
+    place at any time: here until `preparing` ends, which is right before the front submits it
+    (with no await between) or when its preparation fails or its client leaves.
+    """
+
+    def __init__(self, check_admission: Callable[[int], None]):
+        self._check_admission = check_admission  # Engine.check_admission: raises its refusal
+        self.num_preparing = 0
+
+    @contextmanager
+    def preparing(self) -> Iterator[None]:
+        """Let one request in for its preparation, or raise the refusal (RESOURCE_EXHAUSTED with
+        the queue full, UNAVAILABLE when the coordinator takes no requests)."""
+        self._check_admission(self.num_preparing)
+        self.num_preparing += 1
+        try:
+            yield
+        finally:
+            self.num_preparing -= 1
 
 
 def _at_most(field: str, size: int, limit: int, unit: str) -> None:

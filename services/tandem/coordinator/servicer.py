@@ -21,6 +21,7 @@ from tandem.coordinator.config import CoordinatorConfig
 from tandem.coordinator.engine import Engine, Inbox
 from tandem.coordinator.front import Chunk, TextStream, Wakeups
 from tandem.coordinator.info import ServiceProbe
+from tandem.coordinator.limits import Admission
 from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
@@ -54,11 +55,13 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
         self.limits = config.limits()
+        self.admission = Admission(engine.check_admission)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         self.limits.check_generate(request)
-        self.engine.check_admission()  # a full queue refuses at once, before the prompt is tokenized
-        req, text = await asyncio.to_thread(self._new_request, request)
+        with self.admission.preparing():  # a full queue refuses here, before the prompt is tokenized
+            req, text = await asyncio.to_thread(self._new_request, request)
+        # No await until submit: the request is counted by the front until here, by the engine from there.
         req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
                                         self.config.trace_every_n_steps)
         ready, stats, error = self.wakeups.watch(req), None, None
