@@ -22,11 +22,11 @@ from tandem.coordinator.info import ServiceProbe
 from tandem.coordinator.limits import Admission
 from tandem.coordinator.metrics import CoordinatorMetrics
 from tandem.coordinator.servicer import SERVICE_NAME, CoordinatorServicer
-from tandem.core.aio_server import AsyncServer
 from tandem.core.errors import ConfigError, InvalidArgumentError, ResourceExhaustedError
 from tandem.core.metrics import Metrics
-from tandem.core.model_config import ModelConfig
+from tandem.core.modeling.model_config import ModelConfig
 from tandem.core.tokenizer import Tokenizer
+from tandem.core.wire.aio_server import AsyncServer
 from tandem.v1 import coordinator_pb2_grpc
 from test_engine_loop import Rig
 
