@@ -55,7 +55,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         self.max_model_len = config.max_model_len or model.max_position_embeddings
         self.block_bytes = block_bytes  # one KV block over all layers of all stages
         self.limits = config.limits()
-        self.admission = Admission(engine.check_admission)
+        self.admission = Admission(lambda num_preparing: self.engine.check_admission(num_preparing))
 
     async def Generate(self, request: pb.GenerateRequest, context):
         self.limits.check_generate(request)
