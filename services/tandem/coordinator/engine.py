@@ -377,7 +377,7 @@ class Engine:
             self._requests[rid].sampler = event.port.address  # from now on it is scheduled
 
     def _place(self, request_ids: list[str]) -> None:
-        for port, placed in self._pool.place(request_ids, lambda rid: self._requests[rid].argmax_only).items():
+        for port, placed in self._pool.place(request_ids, lambda rid: self._requests[rid].options.needs_only_argmax).items():
             port.add([self._requests[rid].sampler_sequence(self.scheduler.sampled_token(rid)) for rid in placed])
 
     def _move(self, moved: list[str], address: str, reason: str) -> None:

@@ -81,14 +81,6 @@ class Request(Sequence):
     def is_finished(self) -> bool:
         return self.finish_reason != common_pb2.FINISH_REASON_UNSPECIFIED
 
-    @property
-    def argmax_only(self) -> bool:
-        """Whether sampling its rows takes nothing but an argmax of the logits: greedy, with no
-        penalty, logit bias or logprobs (such rows are cheapest sampled next to their logits)."""
-        o = self.options
-        return (o.temperature == 0 and o.repetition_penalty == 1 and o.presence_penalty == 0
-                and o.frequency_penalty == 0 and not o.logit_bias and o.logprobs is None)
-
     def sampler_sequence(self, pending_token: int | None = None) -> cpu_sampler_pb2.SamplerSequence:
         """The request as a sampler replica holds it: its outputs so far, plus a token sampled
         in a step not committed yet. TypeError or ValueError for a value the wire cannot carry."""

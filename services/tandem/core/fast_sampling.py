@@ -193,12 +193,10 @@ class FastSampler:
 
 
 def _argmax_only(state: SequenceState) -> bool:
-    """Whether the state's next token is the argmax of its logits row as they come: greedy, with
-    no penalty, logit bias or logprobs, and no token blocked by min_tokens."""
-    o = state.options
-    return (o.temperature < GREEDY_TEMPERATURE and o.repetition_penalty == 1.0 and not o.frequency_penalty
-            and not o.presence_penalty and o.logprobs is None and not state.bias_ids.numel()
-            and not (state.num_outputs < o.min_tokens and state.blocked_ids.numel()))
+    """Whether the state's next token is the argmax of its logits row as they come: its options
+    need only an argmax, and min_tokens blocks no token any more."""
+    return state.options.needs_only_argmax and not (state.num_outputs < state.options.min_tokens
+                                                    and state.blocked_ids.numel())
 
 
 def _logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> common_pb2.SampleLogprobs:

@@ -33,10 +33,9 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from tandem.core.errors import InvalidArgumentError
-from tandem.core.sampling_options import SamplingOptions  # also imported from here by cpu_sampler
+from tandem.core.sampling_options import GREEDY_TEMPERATURE, SamplingOptions  # also imported from here
 from tandem.v1 import common_pb2
 
-GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily, as in vLLM
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 

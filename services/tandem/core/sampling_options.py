@@ -14,6 +14,7 @@ from tandem.core.errors import InvalidArgumentError
 from tandem.v1 import common_pb2
 
 MAX_LOGPROBS = 20
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily, as in vLLM
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,15 @@ class SamplingOptions:
     logprobs: int | None = None  # None: no logprobs; 0: only the sampled token's
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), sorted by id
     n: int = 1
+
+    @property
+    def needs_only_argmax(self) -> bool:
+        """Whether a token is the argmax of its logits row as they come (min_tokens aside, which
+        masks tokens for a sequence's first outputs): greedy, with no penalty, logit bias or
+        logprobs. The coordinator places such requests on the last stage's own sampler; the fast
+        sampler takes a short path for them."""
+        return (self.temperature < GREEDY_TEMPERATURE and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias and self.logprobs is None)
 
     @classmethod
     def from_proto(
