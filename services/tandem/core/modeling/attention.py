@@ -3,7 +3,8 @@
 A step is a list of sequences, each adding `num_new_tokens` after `num_computed_tokens`
 already cached. Tokens of all sequences are packed into one [T] axis for the linear layers.
 
-Decode steps (one new token per sequence) gather each sequence's blocks per KV head, whole
+Decode steps (one new token per sequence) in float32 on CPU run cpu_attention's kernel, which
+reads each sequence's blocks where they lie. Elsewhere (GPUs, other dtypes) they gather each sequence's blocks per KV head, whole
 blocks at a time, into [kv_heads * B, context, head_dim] and run two batched matmuls with the
 query heads of a group side by side; the context is padded to whole blocks and the padding
 masked. On CPU, where every padded key costs a copy and a multiply, sequences of very different
@@ -18,6 +19,7 @@ allocation than the copy itself (32 sequences x 512 tokens: about 3 ms a gather 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +29,11 @@ import torch
 import torch.nn.functional as F
 
 from tandem.core.errors import InvalidArgumentError
+from tandem.core.modeling import cpu_attention
+
+# Decode attention on CPU reads the cache in place (cpu_attention) unless TANDEM_CPU_ATTENTION is
+# "gather", which keeps the portable gather-and-matmul path (for comparison and as a fallback).
+CPU_KERNEL = os.environ.get("TANDEM_CPU_ATTENTION", "kernel") != "gather"
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class AttentionMetadata:
     block_tables: torch.Tensor | None = None  # [B * max_blocks] int64 block ids, row by row, padded with 0
     key_bias: torch.Tensor | None = None  # [B, max_blocks * block_size] float32, 0 where the token may attend, else -inf
     groups: tuple[DecodeGroup, ...] = ()  # on CPU, when rows of very different lengths run apart
+    context_lens: torch.Tensor | None = None  # [B] int64 keys each sequence attends over, its new one included
+    sliding_window: int | None = None
     # Steps with longer queries:
     key_slots: torch.Tensor | None = None  # [B, max_context] int64 cache slot of each key, padded with 0
     mask: torch.Tensor | None = None  # [B, 1, max_query, max_context] bool, True where a query may attend
@@ -155,6 +164,7 @@ class AttentionMetadata:
             key_bias = torch.zeros(mask.shape[0], mask.shape[2]).masked_fill_(~mask[:, 0], float("-inf"))
             groups = decode_groups([-(-c // block_size) for c in context_lens]) if device.type == "cpu" else []
             return cls(**common, block_tables=_to(tables.flatten(), device), key_bias=_to(key_bias, device),
+                       context_lens=_to(torch.tensor(context_lens), device), sliding_window=sliding_window,
                        groups=tuple(_group(g, tables, key_bias, block_size) for g in groups) if len(groups) > 1 else ())
         key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
         query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
@@ -248,6 +258,10 @@ def decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence over its whole blocks -> [B, heads, head_dim]."""
+    if meta.context_lens is not None and CPU_KERNEL and cpu_attention.supports(q, keys):
+        assert meta.block_tables is not None
+        return cpu_attention.decode_attention(q, keys, values, meta.block_tables.view(meta.num_seqs, -1),
+                                              meta.context_lens, meta.block_size, scale, meta.sliding_window)
     if meta.groups:
         out = torch.empty_like(q)
         for g in meta.groups:
