@@ -52,6 +52,22 @@ def typical_decode_step(workload: Workload, num_stages: int, max_in_flight: int 
     return rows, max(1, round((workload.prompt_tokens + workload.output_tokens / 2) / n))
 
 
+def default_num_blocks(model: str, device: str, dtype: str, block_size: int = 16) -> int:
+    """KV blocks per stage holding what vLLM's KV memory per worker holds (peer.KV_CACHE_GIB),
+    a block counted over all the model's layers: no stage's cache outgrows that memory, and
+    neither system preempts for want of blocks where the other would not."""
+    import torch
+
+    from tandem.bench.peer import KV_CACHE_GIB
+    from tandem.core.modeling.model import resolve_dtype
+    from tandem.core.modeling.model_config import ModelConfig
+
+    config = ModelConfig.from_dir(model)
+    itemsize = resolve_dtype(dtype, config, torch.device(device)).itemsize
+    block_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * block_size * config.head_dim * itemsize
+    return max(1, KV_CACHE_GIB * 2**30 // block_bytes)
+
+
 @contextmanager
 def deployment(args: argparse.Namespace, model: str, preset: str, label: str, workload: Workload):
     """A deployment of `preset` started for one run, `label` (tandem.bench.repeats), and stopped, every
@@ -61,7 +77,8 @@ def deployment(args: argparse.Namespace, model: str, preset: str, label: str, wo
 
     launcher = Launcher(log_dir=run_log_dir(args, label), say=lambda line: log(f"{label}: {line}"))
     try:
-        endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=args.num_blocks,
+        num_blocks = args.num_blocks or default_num_blocks(model, args.device, args.dtype)
+        endpoint = launcher.up(model, args.stages, args.samplers, port=0, num_blocks=num_blocks,
                                stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                                max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
                                device=args.device, preset=preset, dtype=args.dtype,

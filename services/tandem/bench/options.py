@@ -72,7 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="weights and activations of every run, and of the peak matmul (default: auto, the "
                             "checkpoint's dtype on CUDA and float32 on CPU)")
     add_layout_arguments(where)
-    where.add_argument("--num-blocks", type=_positive(int), default=512, help="KV blocks per stage (default: 512)")
+    where.add_argument("--num-blocks", type=_positive(int),
+                       help="KV blocks per stage (default: as many as the KV memory each vLLM worker gets, "
+                            "VLLM_CPU_KVCACHE_SPACE, would hold with every layer of the model on one stage)")
     where.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                        help="start Tandem's coordinators with prefix caching off (vLLM: --no-enable-prefix-caching "
                             "in --vllm-args)")
