@@ -34,9 +34,10 @@ def test_kernel_equals_the_gather_path(threads, block_size, window, monkeypatch)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = attention.decode_attention(q, keys, values, meta, 0.17)
-        monkeypatch.setattr(attention, "CPU_KERNEL", False)
-        want = attention.decode_attention(q, keys, values, meta, 0.17)
+        with torch.inference_mode():  # as the stages run (the gather path's buffers are inference tensors)
+            got = attention.decode_attention(q, keys, values, meta, 0.17)
+            monkeypatch.setattr(attention, "CPU_KERNEL", False)
+            want = attention.decode_attention(q, keys, values, meta, 0.17)
     finally:
         torch.set_num_threads(previous)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -64,9 +65,10 @@ def test_bfloat16_cache_is_read_exactly():
     values = torch.randn(kv_heads, used * block_size, head_dim).bfloat16()
     q = torch.randn(len(lens), heads, head_dim).bfloat16()
     meta = AttentionMetadata.build(seqs, block_size)
-    got = attention.decode_attention(q, keys, values, meta, 0.2)
+    with torch.inference_mode():
+        got = attention.decode_attention(q, keys, values, meta, 0.2)
+        want = attention.decode_attention(q.float(), keys.float(), values.float(), meta, 0.2)  # float32 throughout
     assert got.dtype == torch.bfloat16
-    want = attention.decode_attention(q.float(), keys.float(), values.float(), meta, 0.2)  # float32 throughout
     torch.testing.assert_close(got, want.bfloat16(), atol=1e-6, rtol=2**-7)  # at most one bfloat16 step apart
 
 

@@ -88,6 +88,16 @@ def decode_groups(num_blocks: Sequence[int], overhead: int | None = None) -> lis
 
 
 @dataclass(frozen=True)
+class PrefillSequence:
+    """One sequence of a step with longer queries, on CPU: its rows of the step and its keys."""
+
+    start: int  # its first row in the step's [T] axis
+    length: int  # its new tokens
+    key_slots: torch.Tensor  # [context] int64 cache slot of each key it attends over
+    mask: torch.Tensor | None  # [length, context] bool where a query may attend; None: causal, nothing cached before
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """Per-step tensors shared by every layer of a stage."""
 
@@ -107,6 +117,7 @@ class AttentionMetadata:
     key_slots: torch.Tensor | None = None  # [B, max_context] int64 cache slot of each key, padded with 0
     mask: torch.Tensor | None = None  # [B, 1, max_query, max_context] bool, True where a query may attend
     query_index: torch.Tensor | None = None  # [T] int64 row of each token in the padded [B * max_query] layout
+    prefill: tuple[PrefillSequence, ...] = ()  # on CPU instead of the padded layout: each sequence apart
 
     @property
     def is_decode(self) -> bool:
@@ -166,10 +177,30 @@ class AttentionMetadata:
             return cls(**common, block_tables=_to(tables.flatten(), device), key_bias=_to(key_bias, device),
                        context_lens=_to(torch.tensor(context_lens), device), sliding_window=sliding_window,
                        groups=tuple(_group(g, tables, key_bias, block_size) for g in groups) if len(groups) > 1 else ())
+        if device.type == "cpu":
+            return cls(**common, prefill=tuple(_prefill_sequences(seqs, tables, block_size, sliding_window)))
         key_slots = tables[:, key_pos // block_size] * block_size + key_pos % block_size  # [B, max_ctx]
         query_index = (torch.arange(num_seqs)[:, None] * max_q + offsets[None, :])[is_real]
         return cls(**common, key_slots=_to(key_slots, device), mask=_to(mask[:, None], device),
                    query_index=_to(query_index, device))
+
+
+def _prefill_sequences(seqs: Sequence[SequenceSlice], tables: torch.Tensor, block_size: int,
+                       sliding_window: int | None) -> list[PrefillSequence]:
+    out, start = [], 0
+    for i, s in enumerate(seqs):
+        context = s.num_computed_tokens + s.num_new_tokens
+        key_pos = torch.arange(context)
+        slots = tables[i, key_pos // block_size] * block_size + key_pos % block_size
+        mask = None
+        if s.num_computed_tokens or (sliding_window is not None and context > sliding_window):
+            query_pos = torch.arange(s.num_computed_tokens, context)[:, None]
+            mask = key_pos[None, :] <= query_pos
+            if sliding_window is not None:
+                mask &= key_pos[None, :] > query_pos - sliding_window
+        out.append(PrefillSequence(start, s.num_new_tokens, slots, mask))
+        start += s.num_new_tokens
+    return out
 
 
 def _group(rows: list[int], tables: torch.Tensor, key_bias: torch.Tensor, block_size: int) -> DecodeGroup:
@@ -237,6 +268,8 @@ def paged_attention(
     """Causal attention of the new tokens over their sequences' cached context -> [T, heads, head_dim]."""
     if meta.is_decode:
         return decode_attention(q, keys, values, meta, scale)
+    if meta.prefill:
+        return _prefill_apart(q, keys, values, meta.prefill, scale)
     num_tokens, num_heads, head_dim = q.shape
     b, max_q = meta.num_seqs, meta.max_query_len
     slots = meta.key_slots.flatten()
@@ -248,6 +281,21 @@ def paged_attention(
     padded = padded.view(b, max_q, num_heads, head_dim).transpose(1, 2)  # [B, heads, max_q, head_dim]
     out = F.scaled_dot_product_attention(padded, k, v, attn_mask=meta.mask, scale=scale, enable_gqa=True)
     return out.transpose(1, 2).reshape(b * max_q, num_heads, head_dim)[meta.query_index]
+
+
+def _prefill_apart(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   sequences: tuple[PrefillSequence, ...], scale: float) -> torch.Tensor:
+    """Each sequence's queries over its own keys, unpadded; a fresh prompt through SDPA's causal
+    kernel, which never builds the scores of masked keys."""
+    out = torch.empty_like(q)
+    for p in sequences:
+        rows = slice(p.start, p.start + p.length)
+        k = keys.index_select(1, p.key_slots)[None]  # [1, kv_heads, context, head_dim]
+        v = values.index_select(1, p.key_slots)[None]
+        attended = F.scaled_dot_product_attention(q[rows].transpose(0, 1)[None], k, v, attn_mask=p.mask,
+                                                  is_causal=p.mask is None, scale=scale, enable_gqa=True)
+        out[rows] = attended[0].transpose(0, 1)
+    return out
 
 
 def decode_attention(
