@@ -14,7 +14,15 @@ import pytest
 from processes import alive, children_of
 from tandem.bench import command, flops, stats
 from tandem.bench.command import Target, plan_targets
-from tandem.bench.cputime import CpuClock, CpuWindow, cpu_by_process, parse_stat_cpu_ticks, process_cpu_s
+from tandem.bench.cputime import (
+    CpuClock,
+    CpuWindow,
+    cpu_by_process,
+    machine_ticks,
+    parse_stat_cpu_ticks,
+    process_cpu_s,
+    wait_until_quiet,
+)
 from tandem.bench.flops import Peak
 from tandem.bench.hf import generate_options, plan_batches
 from tandem.bench.metrics import Counters
@@ -433,6 +441,34 @@ def test_proc_stat_cpu_ticks_are_counted_after_the_command_name():
     if os.path.exists("/proc/self/stat"):
         with open("/proc/self/stat") as f:
             assert parse_stat_cpu_ticks(f.read()) >= 0
+
+
+def test_machine_ticks_leave_idle_and_iowait_out_of_busy():
+    #          user nice system idle iowait irq softirq steal guest guest_nice
+    line = "cpu  100 5 40 800 50 3 2 0 0 0"
+    assert machine_ticks(line) == (150, 1000)
+    if os.path.exists("/proc/stat"):
+        busy, total = machine_ticks()
+        assert 0 <= busy <= total
+
+
+def test_waiting_for_quiet_cores_stops_at_the_first_quiet_interval_or_gives_up():
+    def readings(*busy_shares):  # ticks before and after each interval, 100 ticks an interval
+        out, busy = [(0, 0)], 0
+        for share in busy_shares:
+            busy += round(100 * share)
+            out += [(busy, len(out) // 2 * 100 + 100)] * 2
+        return iter(out)
+
+    slept = []
+    ticks = readings(0.9, 0.5, 0.05, 0.9)
+    assert wait_until_quiet(0.15, 10, 1, ticks=lambda: next(ticks), sleep=slept.append) == pytest.approx(0.05)
+    assert len(slept) == 3  # two busy intervals, then a quiet one
+    slept.clear()
+    ticks = readings(*[0.8] * 5)
+    assert wait_until_quiet(0.15, 5, 1, ticks=lambda: next(ticks), sleep=slept.append) == pytest.approx(0.8)
+    assert len(slept) == 5  # gave up after max_wait_s
+    assert wait_until_quiet(ticks=lambda: None, sleep=slept.append) is None  # no /proc/stat: no waiting
 
 
 def test_cpu_clock_reads_processes_and_marks_the_unreadable():

@@ -15,8 +15,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError
 from tandem.core.modeling.model_config import ModelConfig
-from tandem.core.sampling import SequenceState, sample
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.options import SamplingOptions
+from tandem.core.sampling.reference import SequenceState, sample
 from tandem.core.wire import codec
 from tandem.cpu_sampler import SERVICE_NAME, SamplerConfig, serve
 from tandem.cpu_sampler.runner import SamplerRunner

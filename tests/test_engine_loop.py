@@ -33,7 +33,7 @@ from tandem.core.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.options import SamplingOptions
 from tandem.core.tokenizer import Tokenizer
 from tandem.v1 import common_pb2, cpu_sampler_pb2
 

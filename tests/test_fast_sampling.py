@@ -14,13 +14,13 @@ import random
 import pytest
 import torch
 
-from tandem.core import fast_sampling
 from tandem.core.config import load_config
 from tandem.core.errors import ConfigError, InvalidArgumentError
-from tandem.core.fast_sampling import FastSampler
-from tandem.core.penalty_history import PenaltyHistory
-from tandem.core.sampling import SequenceState, sample, truncated_probs
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling import fast as fast_sampling
+from tandem.core.sampling.fast import FastSampler
+from tandem.core.sampling.options import SamplingOptions
+from tandem.core.sampling.penalty_history import PenaltyHistory
+from tandem.core.sampling.reference import SequenceState, sample, truncated_probs
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.cpu_sampler.engine import SamplerEngine
 from tandem.v1 import common_pb2
@@ -323,7 +323,7 @@ def test_config_switch_defaults_and_validation():
 
 @pytest.mark.parametrize("columns", [7, 512, 513, 2 * 256 + 1, 32000, 32001])
 def test_first_argmax_is_torch_argmax_ties_and_short_chunks_included(columns):
-    from tandem.core.argmax import first_argmax
+    from tandem.core.sampling.argmax import first_argmax
 
     generator = torch.Generator().manual_seed(columns)
     x = torch.randn(9, columns, generator=generator)

@@ -12,14 +12,14 @@ import pytest
 import torch
 
 from tandem.core.errors import InvalidArgumentError
-from tandem.core.sampling import (
+from tandem.core.sampling.options import SamplingOptions
+from tandem.core.sampling.reference import (
     SequenceState,
     check_row,
     penalized_logits,
     sample,
     sample_key,
 )
-from tandem.core.sampling_options import SamplingOptions
 from tandem.v1 import common_pb2
 
 VOCAB = 50
@@ -191,7 +191,7 @@ def test_sample_key_is_stable_and_63_bit():
     key = sample_key(123, "req-1", 7)
     assert 0 <= key < 2**63 and key == sample_key(123, "req-1", 7)
     assert len({sample_key(123, "req-1", 8), sample_key(124, "req-1", 7), sample_key(123, "req-2", 7), key}) == 4
-    code = "from tandem.core.sampling import sample_key; print(sample_key(123, 'req-1', 7))"
+    code = "from tandem.core.sampling.reference import sample_key; print(sample_key(123, 'req-1', 7))"
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert int(other.stdout) == key

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tandem.bench.cputime import wait_until_quiet
 from tandem.bench.facts import machine_info, model_facts, peak_flops, run_dtype
 from tandem.bench.measure import TRANSFORMERS, Target, log, measure
 from tandem.bench.options import DEFAULT_NUM_REQUESTS, sampling_options
@@ -124,6 +125,8 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
     repeats: dict[str, list[dict]] = {t.name: [] for t in targets}
     for repeat, target in alternate(targets, args.repeats):
         label = run_label(target.name, repeat, args.repeats)
+        if args.settle > 0 and (busy := wait_until_quiet(max_wait_s=args.settle)) is not None and busy >= 0.15:
+            log(f"{label}: the cores are still {busy:.0%} busy after {args.settle:g} s of waiting; measuring anyway")
         log(f"{label}: {target.description}")
         try:
             m = measure(target, args, model, workload, dtype, label, sampling_options(args))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 IDLE = "idle"
@@ -41,6 +41,39 @@ def total_cpu_s(pids: Sequence[int]) -> float | None:
     """CPU seconds of several processes together; None if any of them is unreadable."""
     values = [process_cpu_s(pid) for pid in pids]
     return None if None in values else sum(values)
+
+
+def machine_ticks(stat: str | None = None) -> tuple[int, int] | None:
+    """(busy, total) clock ticks of every core together, from /proc/stat's first line (or
+    `stat`, its text); busy is all but idle and iowait. None where there is no /proc/stat."""
+    if stat is None:
+        try:
+            with open("/proc/stat") as f:
+                stat = f.readline()
+        except OSError:
+            return None
+    fields = [int(x) for x in stat.split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return sum(fields) - fields[3] - fields[4], sum(fields)
+
+
+def wait_until_quiet(busy_below: float = 0.15, max_wait_s: float = 30.0, interval_s: float = 0.5,
+                     ticks: Callable[[], tuple[int, int] | None] = machine_ticks,
+                     sleep: Callable[[float], None] = time.sleep) -> float | None:
+    """Wait until the cores were less than `busy_below` busy over an interval (what a run before
+    left running, a server still stopping or the kernel reclaiming its memory, would otherwise
+    slow the next run's stage profile and its start), at most `max_wait_s`. Returns the busy
+    share of the last interval, or None where it cannot be read."""
+    busy = None
+    for _ in range(max(1, round(max_wait_s / interval_s))):
+        before = ticks()
+        sleep(interval_s)
+        after = ticks()
+        if before is None or after is None or after[1] <= before[1]:
+            return None
+        busy = (after[0] - before[0]) / (after[1] - before[1])
+        if busy < busy_below:
+            break
+    return busy
 
 
 @dataclass(frozen=True)

@@ -72,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="weights and activations of every run, and of the peak matmul (default: auto, the "
                             "checkpoint's dtype on CUDA and float32 on CPU)")
     add_layout_arguments(where)
+    where.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
+                       help="before each run, wait up to this long for the cores to be under 15%% busy, so that "
+                            "what the run before left (a server stopping, memory being reclaimed) does not slow "
+                            "the next one's start and its stage profile; 0: do not wait (default: 30)")
     where.add_argument("--num-blocks", type=_positive(int),
                        help="KV blocks per stage (default: as many as the KV memory each vLLM worker gets, "
                             "VLLM_CPU_KVCACHE_SPACE, would hold with every layer of the model on one stage)")

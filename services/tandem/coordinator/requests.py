@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from tandem.coordinator.request_trace import RequestTrace
 from tandem.coordinator.steps import Sequence
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.options import SamplingOptions
 from tandem.v1 import common_pb2, cpu_sampler_pb2
 
 

@@ -30,7 +30,7 @@ from tandem.core import tracing
 from tandem.core.errors import InvalidArgumentError, NotFoundError, PermissionDeniedError
 from tandem.core.metrics import Metrics
 from tandem.core.modeling.model_config import ModelConfig
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.options import SamplingOptions
 from tandem.core.tokenizer import Tokenizer
 from tandem.core.wire import discovery
 from tandem.core.wire.aio_server import AsyncServer

@@ -1,6 +1,6 @@
 """The cpu-sampler service: per-sequence sampling state; logits rows in, tokens out.
 
-`serve(config)` starts a replica; the sampling itself is `tandem.core.sampling`.
+`serve(config)` starts a replica; the sampling itself is `tandem.core.sampling.reference`.
 """
 
 from tandem.cpu_sampler.config import SamplerConfig

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from tandem.core.errors import InvalidArgumentError
-from tandem.core.fast_sampling import FastSampler
-from tandem.core.sampling import SequenceState, check_row, sample
+from tandem.core.sampling.fast import FastSampler
+from tandem.core.sampling.reference import SequenceState, check_row, sample
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.v1 import common_pb2
 

@@ -17,7 +17,7 @@ import torch
 from tandem.core import tracing
 from tandem.core.errors import FailedPreconditionError, InvalidArgumentError
 from tandem.core.metrics import Metrics
-from tandem.core.sampling import SamplingOptions, SequenceState
+from tandem.core.sampling.reference import SamplingOptions, SequenceState
 from tandem.core.wire.frames import LogitsHeader, carries_rows, read_logits, read_logits_header
 from tandem.core.wire.shm_ring import RingReader
 from tandem.cpu_sampler.config import SamplerConfig

@@ -38,7 +38,7 @@ from tandem.coordinator.events import (
 from tandem.coordinator.front import TextStream
 from tandem.coordinator.requests import Request
 from tandem.coordinator.scheduler import Scheduler
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.options import SamplingOptions
 from tandem.core.tokenizer import Tokenizer
 from tandem.v1 import common_pb2, cpu_sampler_pb2
 

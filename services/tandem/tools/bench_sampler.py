@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from tandem.core.fast_sampling import FastSampler
-from tandem.core.sampling import SequenceState, sample
-from tandem.core.sampling_options import SamplingOptions
+from tandem.core.sampling.fast import FastSampler
+from tandem.core.sampling.options import SamplingOptions
+from tandem.core.sampling.reference import SequenceState, sample
 from tandem.v1 import common_pb2
 
 ROWS = 32
