@@ -1,15 +1,14 @@
 """The coordinator's loop: receive events, commit what they settle, schedule, send.
 
-One thread owns the requests, the scheduler and the sampler pool. The front (the servicer on
-its asyncio loop) sees only `submit`, `abort` and the published `snapshot`; committed tokens go
-onto each request's `outputs`, and once per turn `on_outputs` is given every request that got
-some, so that the front wakes their readers with one hand-over whatever the number of tokens. Stages, sampler replicas and the KV store are
-reached through ports that never block; what they answer comes back as events.
+One thread owns the requests, the scheduler and the sampler replicas. The front (the servicer
+on its asyncio loop) sees only `submit`, `abort` and the published `snapshot`; committed tokens
+go onto each request's `outputs`, and once per turn `on_outputs` is given every request that
+got some, so that the front wakes their readers with one hand-over whatever the number of
+tokens. Stages, sampler replicas and the KV store are reached through ports that never block;
+what they answer comes back as events.
 
-Sampler replicas come and go (discovery, crashes). A replica takes sequences once its Results
-stream is confirmed; when it is removed or its stream breaks, its sequences move to the
-others with their committed tokens, and rows it had not answered run again. Sampling is a
-pure function of (row, seed, index, history), so the moved rows give the same tokens.
+Beside the loop: the sampler replicas' membership and failover (samplers.py), and what the
+front's threads and the loop share under one lock, admission included (gate.py).
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from tandem.coordinator import plans, request_trace
 from tandem.coordinator.events import (
@@ -36,19 +34,14 @@ from tandem.coordinator.events import (
     Submitted,
     TokensSampled,
 )
-from tandem.coordinator.pool import SamplerPool
+from tandem.coordinator.gate import Gate, Snapshot
 from tandem.coordinator.ports import KvStorePort, SamplerPort, StagePort
 from tandem.coordinator.requests import Request
+from tandem.coordinator.samplers import Samplers
 from tandem.coordinator.scheduler import Scheduler
 from tandem.coordinator.stage_health import StageHealth
 from tandem.coordinator.steps import Commit, Sampled, Status, Step
-from tandem.core.errors import (
-    AlreadyExistsError,
-    InvalidArgumentError,
-    ResourceExhaustedError,
-    TandemError,
-    UnavailableError,
-)
+from tandem.core.errors import InvalidArgumentError, TandemError, UnavailableError
 from tandem.core.wire import frames
 from tandem.core.wire.discovery import SamplerDiscovery
 from tandem.v1 import common_pb2
@@ -62,53 +55,36 @@ class SamplingError(TandemError):
     """A sampler could not sample a sequence's logits row."""
 
 
-@dataclass(frozen=True)
-class Snapshot:
-    """What the front may read: published by the loop after each turn, never changed."""
-
-    num_running: int = 0
-    num_waiting: int = 0  # swapped out included
-    num_blocks_used: int = 0
-    num_preemptions: int = 0
-    samplers: tuple[str, ...] = ()  # the replicas up, by address
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
-    prefix_cache_hits: int = 0  # of those, found there
-    unavailable: str = ""  # why new requests are refused (a stage down too long); empty: they are not
-    phase: str = ""  # with temporal phases: "prefill" or "decode"; empty: off
-    phase_switches: tuple[int, int] = (0, 0)  # with temporal phases: switches to prefill, to decode
-    sampler_indices: tuple[int, ...] = ()  # of each replica up, its index in the stages' sampler table
-
-
 class Engine:
     def __init__(self, scheduler: Scheduler, stages: Sequence[StagePort], open_sampler: Callable[[str], SamplerPort],
                  kv_store: KvStorePort | None, inbox: Inbox, *, max_queue: int, step_timeout_s: float,
                  sample_plans: bool = True, hosted_sampler: str = "", stage_health: StageHealth | None = None,
                  on_outputs: Callable[[list[Request]], None] = lambda requests: None):
-        self.scheduler, self.max_queue, self.step_timeout_s = scheduler, max_queue, step_timeout_s
+        self.scheduler, self.step_timeout_s = scheduler, step_timeout_s
         self.sample_plans = sample_plans
-        self.snapshot = Snapshot()
+        self._gate = Gate(max_queue)  # shared with the front
         self._health = stage_health or StageHealth(timeout_s=15.0, recover=True)
-        self._draining = False
-        self._stages, self._open_sampler, self._kv_store, self._inbox = stages, open_sampler, kv_store, inbox
-        # hosted_sampler: the last stage's address when it hosts a sampler for argmax-only rows
-        self._pool = SamplerPool(hosted_sampler)
-        self._sampler_table = plans.SamplerTable(hosted_sampler)  # the replicas by index, as the stages know them
+        self._stages, self._kv_store, self._inbox = stages, kv_store, inbox
         self._requests: dict[str, Request] = {}
+        # hosted_sampler: the last stage's address when it hosts a sampler for argmax-only rows
+        self._samplers = Samplers(open_sampler, hosted_sampler, self._requests, scheduler, self._commit)
         self._on_outputs = on_outputs
         self._given_outputs: dict[Request, None] = {}  # requests given outputs this turn, once each
-        self._lock = threading.Lock()  # guards the three below, shared with the front
-        self._live_ids: set[str] = set()  # ids submitted and not yet ended
-        self._num_unreceived = 0  # requests submitted and not yet taken in by the loop
         self._discovery: SamplerDiscovery | None = None
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        samplers = self._samplers
         self._handlers: dict[type, Callable] = {
-            Submitted: self._on_submitted, Aborted: self._on_aborted, MembershipChanged: self._on_membership,
-            SamplerUp: self._on_sampler_up, SamplerDown: self._on_sampler_down,
-            SequencesAdded: self._on_sequences_added, TokensSampled: self._on_tokens_sampled,
-            StepComputed: self._on_step_computed, StepFailed: self._on_step_failed,
-            StageDown: self._on_stage_down, StageUp: self._on_stage_up,
+            Submitted: self._on_submitted, Aborted: self._on_aborted, MembershipChanged: samplers.on_membership,
+            SamplerUp: samplers.on_up, SamplerDown: samplers.on_down, SequencesAdded: samplers.on_sequences_added,
+            TokensSampled: self._on_tokens_sampled, StepComputed: self._on_step_computed,
+            StepFailed: self._on_step_failed, StageDown: self._on_stage_down, StageUp: self._on_stage_up,
         }
+
+    @property
+    def snapshot(self) -> Snapshot:
+        """The loop's state after its last turn, for the front."""
+        return self._gate.snapshot
 
     def start(self, discovery: SamplerDiscovery) -> None:
         self._discovery = discovery
@@ -118,16 +94,7 @@ class Engine:
     def drain(self, grace_s: float) -> bool:
         """Refuse new requests (UNAVAILABLE) and wait, at most `grace_s`, for the admitted ones to
         end; whether they all did."""
-        with self._lock:
-            self._draining = True
-        deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline:
-            with self._lock:
-                if not self._live_ids:
-                    return True
-            time.sleep(0.05)
-        log.warning("%d requests still running after the %.0f s drain", len(self._live_ids), grace_s)
-        return False
+        return self._gate.drain(grace_s)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -136,8 +103,7 @@ class Engine:
         self._thread.join(timeout=5)
         for stage in self._stages:
             stage.close()
-        for replica in self._pool.replicas.values():
-            replica.port.close()
+        self._samplers.close()
         if self._kv_store is not None:
             self._kv_store.close()
 
@@ -150,33 +116,18 @@ class Engine:
             request.sampler_sequence()
         except (TypeError, ValueError) as e:  # a value the wire cannot carry
             raise InvalidArgumentError(f"request {request.request_id!r}: {e}") from e
-        with self._lock:
-            self._check_admission()
-            if request.request_id in self._live_ids:
-                raise AlreadyExistsError(f"request id {request.request_id!r} is already in use")
-            self._live_ids.add(request.request_id)
-            self._num_unreceived += 1
+        self._gate.reserve(request.request_id)
         self._inbox.put(Submitted(request))
 
     def check_admission(self, num_preparing: int = 0) -> None:
         """Refuse now what `submit` would refuse whatever the request (draining, a stage down too
         long, the queue full), so that the front does no work, such as tokenizing, for it;
         `num_preparing` requests the front let in and has not yet submitted count as queued."""
-        with self._lock:
-            self._check_admission(num_preparing)
-
-    def _check_admission(self, num_preparing: int = 0) -> None:  # under self._lock
-        if self._draining:
-            raise UnavailableError("the coordinator is shutting down; retry on another replica")
-        if self.snapshot.unavailable:
-            raise UnavailableError(f"{self.snapshot.unavailable}; retry later")
-        if self.snapshot.num_waiting + self._num_unreceived + num_preparing >= self.max_queue:
-            raise ResourceExhaustedError(f"the queue is full ({self.max_queue} requests waiting); retry later")
+        self._gate.check(num_preparing)
 
     def abort(self, request_id: str, finish_reason: int = common_pb2.FINISH_REASON_ABORTED) -> bool:
         """End a live request early; False if no request with that id is live."""
-        with self._lock:
-            is_live = request_id in self._live_ids
+        is_live = self._gate.is_live(request_id)
         if is_live:
             self._inbox.put(Aborted(request_id, finish_reason))
         return is_live
@@ -228,10 +179,8 @@ class Engine:
                 traced.append(span)
         traceparent = request_trace.step_traceparent(traced) if traced else ""
         if self.sample_plans:  # ahead of the stages' plans, so they are there before the logits
-            for address, plan in plans.sample_plans(step, traceparent, self._pool.hosted).items():
-                if (port := self._pool.port(address)) is not None:
-                    port.send_plan(plan)
-        plan = plans.step_plan(step, self._sampler_table, traceparent)
+            self._samplers.send_plans(step, traceparent)
+        plan = plans.step_plan(step, self._samplers.table, traceparent)
         for stage in self._stages:
             stage.send(plan)
 
@@ -253,12 +202,10 @@ class Engine:
         request = self._requests.pop(request_id)
         request.fail(finish_reason, error)
         self._given_outputs[request] = None
-        with self._lock:
-            self._live_ids.discard(request_id)
+        self._gate.end(request_id)
         was_swapped = request.status == Status.SWAPPED
         commits = self.scheduler.finish(request_id)
-        if (port := self._pool.release(request_id)) is not None:
-            port.release([request_id])
+        self._samplers.release(request_id)
         if was_swapped and self._kv_store is not None:
             self._kv_store.free([request_id])
         return commits
@@ -277,15 +224,13 @@ class Engine:
     def _publish(self, num_received: int) -> None:
         s = self.scheduler
         snapshot = Snapshot(s.num_running, s.num_waiting, s.blocks.num_blocks - s.blocks.num_free,
-                            s.num_preemptions, self._pool.addresses_up, s.blocks.num_queried_tokens,
+                            s.num_preemptions, self._samplers.addresses_up, s.blocks.num_queried_tokens,
                             s.blocks.num_hit_tokens,
                             self._health.message() if self._health.expired(time.monotonic()) else "",
                             phase=s.phases.phase.value if s.phases is not None else "",
                             phase_switches=s.phases.switch_counts() if s.phases is not None else (0, 0),
-                            sampler_indices=tuple(self._sampler_table.index(a) for a in self._pool.addresses_up))
-        with self._lock:
-            self.snapshot = snapshot
-            self._num_unreceived -= num_received
+                            sampler_indices=self._samplers.indices_up())
+        self._gate.publish(snapshot, num_received)
 
     # --- events -------------------------------------------------------------------------
 
@@ -293,7 +238,7 @@ class Engine:
         request = event.request
         self._requests[request.request_id] = request
         self.scheduler.add(request)  # it waits, unscheduled, until a replica holds it
-        self._place([request.request_id])
+        self._samplers.place([request.request_id])
 
     def _on_aborted(self, event: Aborted) -> None:
         if event.request_id in self._requests:
@@ -344,49 +289,3 @@ class Engine:
     def _on_stage_up(self, event: StageUp) -> None:
         if self._health.up(event.stage):
             log.info("stage %d is back", event.stage)
-
-    # --- sampler replicas ---------------------------------------------------------------
-
-    def _on_membership(self, event: MembershipChanged) -> None:
-        addresses = event.addresses | {self._pool.hosted} if self._pool.hosted else event.addresses
-        for address in addresses - self._pool.replicas.keys():
-            port = self._open_sampler(address)
-            self._pool.join(port)
-            port.start()
-        for address in self._pool.replicas.keys() - addresses:
-            port, moved = self._pool.leave(address)
-            port.close()
-            self._move(moved, address, "removed from the sampler pool")
-
-    def _on_sampler_up(self, event: SamplerUp) -> None:
-        if self._pool.up(event.port):
-            log.info("sampler %s is up", event.port.address)
-            self._place([rid for rid in self._requests if not self._pool.has_placed(rid)])
-
-    def _on_sampler_down(self, event: SamplerDown) -> None:
-        self._move(self._pool.down(event.port), event.port.address, event.reason)
-
-    def _on_sequences_added(self, event: SequencesAdded) -> None:
-        if event.error:  # the replica is out until it confirms a new subscription
-            moved = self._pool.down(event.port)
-            self._move(moved, event.port.address, event.error)
-            event.port.release(sorted({*moved, *event.request_ids}))  # whatever it took, once it answers
-            event.port.reconnect()
-            return
-        for rid in self._pool.confirm(event.port, event.request_ids):
-            self._requests[rid].sampler = event.port.address  # from now on it is scheduled
-
-    def _place(self, request_ids: list[str]) -> None:
-        for port, placed in self._pool.place(request_ids, lambda rid: self._requests[rid].options.needs_only_argmax).items():
-            port.add([self._requests[rid].sampler_sequence(self.scheduler.sampled_token(rid)) for rid in placed])
-
-    def _move(self, moved: list[str], address: str, reason: str) -> None:
-        """These sequences lost their replica: their unanswered rows run again, and they go to
-        the other replicas with the tokens sampled so far."""
-        if not moved:
-            return
-        log.warning("sampler %s is down (%s); moving its %d sequences", address, reason, len(moved))
-        for rid in moved:
-            self._requests[rid].sampler = ""
-        self._commit(self.scheduler.retry(moved))
-        self._place([rid for rid in moved if rid in self._requests])

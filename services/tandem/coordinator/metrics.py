@@ -21,8 +21,8 @@ from prometheus_client import Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from tandem.coordinator.engine import Snapshot
 from tandem.coordinator.front import TextStream
+from tandem.coordinator.gate import Snapshot
 from tandem.coordinator.info import Report
 from tandem.coordinator.requests import Request
 from tandem.core.metrics import PREFIX, Metrics

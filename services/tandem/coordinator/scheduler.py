@@ -12,7 +12,7 @@ of `max_num_batched_tokens` tokens: first its share of the ready decodes (all re
 spread over the micro-batches in flight), then the next chunks of partly prefilled prompts,
 swapped sequences coming back, and waiting prompts, while blocks and the budget allow. When
 blocks run out, the most recently arrived idle sequence is preempted: swapped to the KV store
-when it has room, else its blocks are freed and it is recomputed later.
+when it has room, else its blocks are freed and it is recomputed later (preemption.py).
 
 Chunked prefill (on by default, as in vLLM): a prefill takes what the budget leaves, so a
 long prompt runs over several steps, each beside other sequences' decodes. A chunk that stops
@@ -22,8 +22,8 @@ chunk. Without chunking a prefill runs whole, and one longer than the budget run
 
 With temporal phases (TD-Pipe; coordinator/td_pipe.py) the whole pipeline runs either
 prefill micro-batches or decode micro-batches, never both: the phase is decided at each
-`schedule()`, prompts are admitted only while the projected KV peak fits, and the switch back
-to prefill follows the stages' forward time.
+`schedule()` (`TemporalPhases.what_may_run`), prompts are admitted only while the projected
+KV peak fits, and the switch back to prefill follows the stages' forward time.
 
 With prefix caching (core.block_pool), a prompt admitted starts from the longest run of
 its full blocks already cached, computing only the rest (at least its last token, whose logits
@@ -35,6 +35,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
+from tandem.coordinator import preemption
 from tandem.coordinator.budget import num_decodes, prefill_chunk
 from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
 from tandem.coordinator.steps import (
@@ -47,7 +48,7 @@ from tandem.coordinator.steps import (
     Step,
 )
 from tandem.coordinator.swap_space import SwapSpace
-from tandem.coordinator.td_pipe import Phase, Projection, Running, TemporalPhases, as_running, waiting_prompt_lens
+from tandem.coordinator.td_pipe import TemporalPhases, as_running, head_of_line, waiting_prompt_lens
 from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
@@ -123,13 +124,14 @@ class Scheduler:
             return None
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
-        decode, admit, projection = self._phase()
+        decode, admit, projection = (True, True, None) if self.phases is None else self.phases.what_may_run(
+            self.seqs, self.waiting, bool(self.in_flight))
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
         num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values())
         for seq in ready[: num_decodes(len(ready), num_rows_in_flight, self.max_in_flight, self.max_num_seqs, budget)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
-                self._take(seq, step, 1)
+                step.take(seq, 1)
         for seq in [s for s in self.seqs.values() if s.status == Status.PREFILLING and s.sampler and admit]:
             num_new = prefill_chunk(seq.num_tokens - seq.num_computed_tokens, budget, self.chunked_prefill,
                                     not step.sequences)
@@ -140,7 +142,7 @@ class Scheduler:
             if not self._grow(seq, num_new, step):
                 break
             budget -= num_new
-            self._take(seq, step, num_new)
+            step.take(seq, num_new)
         while decode and self.swapped and len(step.sequences) < self.max_num_seqs and budget > 0:
             seq = self.seqs[self.swapped.first]
             if not seq.sampler or not self.blocks.can_allocate(self.swapped.num_blocks_of(seq.request_id) + 1):
@@ -149,7 +151,7 @@ class Scheduler:
             step.swap_in.append((seq.request_id, list(seq.block_table)))
             self._grow(seq, 1, step)
             budget -= 1
-            self._take(seq, step, 1)
+            step.take(seq, 1)
         while admit and self.waiting and len(step.sequences) < self.max_num_seqs:
             seq = self.seqs[self.waiting[0]]
             if not seq.sampler or (projection is not None and not projection.fits_or_alone(as_running(seq))):
@@ -164,12 +166,12 @@ class Scheduler:
             self.waiting.popleft()
             self._grow(seq, num_new, step)
             budget -= num_new
-            self._take(seq, step, num_new)
+            step.take(seq, num_new)
             if projection is not None:
                 projection.add(as_running(seq))
         if self.phases is not None and projection is not None and decode and step.sequences:
             self.phases.after_decode(len(step.sequences), waiting_prompt_lens(self.seqs, self.waiting), projection,
-                                     self._head())
+                                     head_of_line(self.seqs, self.waiting))
         if not step.sequences and not step.swap_out and not self._finished_ids:
             return None
         step.finished_request_ids, self._finished_ids = self._finished_ids, []
@@ -264,23 +266,6 @@ class Scheduler:
 
     # --- helpers ------------------------------------------------------------------------
 
-    def _phase(self) -> tuple[bool, bool, Projection | None]:
-        """Whether this micro-batch may take decodes, and prompts; with temporal phases, the
-        projection its admissions are checked against."""
-        if self.phases is None:
-            return True, True, None
-        statuses = {s.status for s in self.seqs.values()}
-        if self.phases.phase is Phase.DECODE and not self.waiting and Status.PREFILLING not in statuses:
-            return True, False, None  # steady decode, no prompt to weigh: no projection to build
-        projection = self.phases.projection(as_running(s) for s in self.seqs.values() if s.status is not Status.WAITING)
-        phase = self.phases.begin_step(projection, self._head(), len(self.waiting),
-                                       prefilling=Status.PREFILLING in statuses,
-                                       can_decode=bool(statuses & {Status.READY, Status.SWAPPED}) or bool(self.in_flight))
-        return phase is Phase.DECODE, phase is Phase.PREFILL, projection
-
-    def _head(self) -> Running | None:
-        return as_running(self.seqs[self.waiting[0]]) if self.waiting else None
-
     def _commit_if_complete(self, record: InFlight) -> list[Commit]:
         if not record.is_complete:
             return []
@@ -304,46 +289,10 @@ class Scheduler:
         if needed == 0:  # most decode steps
             return True
         while not self.blocks.can_allocate(needed):
-            if not self._preempt_one(step, exclude=seq):
+            if (victim := preemption.victim(self.seqs.values(), step, exclude=seq)) is None:
                 return False
+            self.num_preemptions += 1
+            if not preemption.preempt(victim, step, self.blocks, self.swapped):  # to be recomputed: first in line
+                self.waiting.appendleft(victim.request_id)
         seq.block_table.extend(self.blocks.allocate(needed))
         return True
-
-    def _preempt_one(self, step: Step, exclude: Sequence) -> bool:
-        in_step = {s.request_id for s in step.sequences}
-        victims = [s for s in self.seqs.values() if s.status in (Status.READY, Status.PREFILLING)
-                   and s is not exclude and s.request_id not in in_step]
-        if not victims:
-            return False
-        victim = victims[-1]  # the most recently arrived
-        self.num_preemptions += 1
-        n = len(victim.block_table)
-        if self.swapped.can_hold(n) and victim.status == Status.READY:  # a partial prefill recomputes
-            step.swap_out.append((victim.request_id, list(victim.block_table)))
-            self.swapped.put(victim.request_id, n)
-            victim.status = Status.SWAPPED
-        else:  # recompute: prompt and output so far are prefilled again
-            victim.num_computed_tokens = 0
-            victim.status = Status.WAITING
-            self.waiting.appendleft(victim.request_id)
-        self.blocks.free(victim.block_table)
-        victim.block_table, victim.num_blocks_on_stages = [], 0  # the stages get its next table whole
-        return True
-
-    def _take(self, seq: Sequence, step: Step, num_new: int) -> None:
-        seq.status, seq.step_id = Status.IN_FLIGHT, step.step_id
-        held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
-        end = seq.num_computed_tokens + num_new
-        step.sequences.append(
-            ScheduledSequence(
-                request_id=seq.request_id,
-                num_computed_tokens=seq.num_computed_tokens,
-                input_ids=seq.tokens_from(seq.num_computed_tokens, end),
-                block_table=[] if held else list(seq.block_table),
-                new_block_ids=seq.block_table[held:] if held else [],
-                sample_index=len(seq.output_ids),
-                sampler=seq.sampler,
-                is_partial_prefill=end < seq.num_tokens,
-            )
-        )
-

@@ -71,6 +71,25 @@ class Step:
     swap_out: list[tuple[str, list[int]]]
     swap_in: list[tuple[str, list[int]]]
 
+    def take(self, seq: Sequence, num_new: int) -> None:
+        """Put `seq`'s next `num_new` tokens in the step, which it is in flight in from now on;
+        its block table goes whole when the stages hold none of it, else only the ids appended."""
+        seq.status, seq.step_id = Status.IN_FLIGHT, self.step_id
+        held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
+        end = seq.num_computed_tokens + num_new
+        self.sequences.append(
+            ScheduledSequence(
+                request_id=seq.request_id,
+                num_computed_tokens=seq.num_computed_tokens,
+                input_ids=seq.tokens_from(seq.num_computed_tokens, end),
+                block_table=[] if held else list(seq.block_table),
+                new_block_ids=seq.block_table[held:] if held else [],
+                sample_index=len(seq.output_ids),
+                sampler=seq.sampler,
+                is_partial_prefill=end < seq.num_tokens,
+            )
+        )
+
 
 class Sampled(NamedTuple):
     """A sampler's answer for one row: the token, and its logprobs for the client (unread here)."""

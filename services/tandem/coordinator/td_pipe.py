@@ -15,7 +15,7 @@ switches rarely. Three decisions drive it, each a function of numbers the schedu
 
 `TemporalPhases` holds the phase and makes these decisions for the scheduler
 (coordinator/scheduler.py), which asks it at every `schedule()` whether decodes or prefills may
-run, and whether one more prompt fits the projected memory.
+run (`what_may_run`), and whether one more prompt fits the projected memory.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 
 from tandem.coordinator.output_lengths import BucketMeans, OutputLengthPredictor
 from tandem.coordinator.steps import Sequence as Seq
+from tandem.coordinator.steps import Status
 from tandem.core.modeling.profile import BALANCE_CONTEXT, StageProfile, parse_profile
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,11 @@ def waiting_prompt_lens(seqs: Mapping[str, Seq], waiting: Iterable[str], most: i
         if len(lens) >= most:
             break
     return lens
+
+
+def head_of_line(seqs: Mapping[str, Seq], waiting: Sequence[str]) -> Running | None:
+    """The first waiting prompt as the projection sees it; None when none waits."""
+    return as_running(seqs[waiting[0]]) if waiting else None
 
 
 def micro_batch_sizes(num_ready: int, num_in_flight: int) -> list[int]:
@@ -220,6 +226,19 @@ class TemporalPhases:
 
     def projection(self, running: Iterable[Running]) -> Projection:
         return Projection(running, self.block_size, self.share * self.num_blocks)
+
+    def what_may_run(self, seqs: Mapping[str, Seq], waiting: Sequence[str], any_in_flight: bool
+                     ) -> tuple[bool, bool, Projection | None]:
+        """Whether the scheduler's next micro-batch over `seqs` may take decodes, and prompts
+        (`waiting` in line), and the projection its admissions are checked against (or None)."""
+        statuses = {s.status for s in seqs.values()}
+        if self.phase is Phase.DECODE and not waiting and Status.PREFILLING not in statuses:
+            return True, False, None  # steady decode, no prompt to weigh: no projection to build
+        projection = self.projection(as_running(s) for s in seqs.values() if s.status is not Status.WAITING)
+        phase = self.begin_step(projection, head_of_line(seqs, waiting), len(waiting),
+                                prefilling=Status.PREFILLING in statuses,
+                                can_decode=bool(statuses & {Status.READY, Status.SWAPPED}) or any_in_flight)
+        return phase is Phase.DECODE, phase is Phase.PREFILL, projection
 
     def begin_step(self, projection: Projection, head: Running | None, num_waiting: int, *,
                    prefilling: bool = False, can_decode: bool = True) -> Phase:
