@@ -13,7 +13,9 @@ through the gather path, and at context 100 in 38 against 39 to 41. At 32 sequen
 one layer reads 17 MB of cache, and the kernel runs near the memory bandwidth one core gets here
 (about 8 GB/s).
 
-float32 only (numba has no bfloat16); other dtypes and GPUs take the portable path. With one
+float32 only; other dtypes and GPUs take the portable path. (A bfloat16 variant that widened
+each block to float32 through a block-loading function passed in as an argument ran, but numba
+cannot load such a kernel from its on-disk cache in another process.) With one
 thread the kernel runs serially in the calling thread; with more it runs its jobs on numba's
 OpenMP pool, which follows the process's CPU affinity.
 """
@@ -47,25 +49,9 @@ def _block_values(block, scores, column, acc_out):  # pragma: no cover - compile
                 acc_out[g, d] += p * block[i, d]
 
 
-def _as_is(cache, kv_head, block_id, buffer):  # pragma: no cover - compiled by numba
-    """One block [BS, D] of a float32 cache, where it lies."""
-    return cache[kv_head, block_id]
-
-
-def _widen(cache, kv_head, block_id, buffer):  # pragma: no cover - compiled by numba
-    """One block of a bfloat16 cache (its bits as int16) widened into `buffer` [BS, D] float32:
-    a bfloat16 is the upper half of the float32 with the same value."""
-    block, bits = cache[kv_head, block_id], buffer.view(np.uint32)
-    for i in range(block.shape[0]):
-        for d in range(block.shape[1]):
-            bits[i, d] = np.uint32(block[i, d] & 0xFFFF) << 16
-    return buffer
-
-
-def _kernel(q, keys, values, tables, lens, window, scale, out, load):  # pragma: no cover - compiled by numba
-    """q [B, H, D] float32; keys, values [KVH, blocks, BS, D], read a block at a time by
-    `load` (_as_is or _widen); tables [B, max_blocks]; lens [B] context lengths; window: attend
-    to the last `window` keys only (0: all) -> out [B, H, D] float32."""
+def _kernel(q, keys, values, tables, lens, window, scale, out):  # pragma: no cover - compiled by numba
+    """q [B, H, D]; keys, values [KVH, blocks, BS, D]; tables [B, max_blocks]; lens [B] context
+    lengths; window: attend to the last `window` keys only (0: all) -> out [B, H, D]."""
     num_seqs, num_heads, head_dim = q.shape
     kv_heads, _, block_size, _ = keys.shape
     group = num_heads // kv_heads
@@ -77,10 +63,9 @@ def _kernel(q, keys, values, tables, lens, window, scale, out, load):  # pragma:
         first, last = start // block_size, (n + block_size - 1) // block_size
         width = (last - first) * block_size
         scores = np.empty((group, width), dtype=np.float32)
-        buffer = np.empty((block_size, head_dim), dtype=np.float32)  # a widened block (bfloat16 caches)
         qs = q[b, kh * group:(kh + 1) * group] * scale  # [group, D]
         for j in range(first, last):
-            _block_scores(load(keys, kh, tables[b, j], buffer), qs, scores, (j - first) * block_size)
+            _block_scores(keys[kh, tables[b, j]], qs, scores, (j - first) * block_size)
         lo, hi = start - first * block_size, n - first * block_size  # the real keys among the columns
         for g in range(group):
             top = scores[g, lo]
@@ -99,7 +84,7 @@ def _kernel(q, keys, values, tables, lens, window, scale, out, load):  # pragma:
                 scores[g, t] = scores[g, t] * inv if lo <= t < hi else np.float32(0.0)
         acc_out = np.zeros((group, head_dim), dtype=np.float32)
         for j in range(first, last):
-            _block_values(load(values, kh, tables[b, j], buffer), scores, (j - first) * block_size, acc_out)
+            _block_values(values[kh, tables[b, j]], scores, (j - first) * block_size, acc_out)
         out[b, kh * group:(kh + 1) * group] = acc_out
 
 
@@ -113,8 +98,6 @@ def _compile(function, parallel: bool = False):
         return numba.njit(function, **options)  # type: ignore[call-overload]
 
 
-_as_is = _compile(_as_is)
-_widen = _compile(_widen)
 _block_scores = _compile(_block_scores)
 _block_values = _compile(_block_values)
 _serial = _compile(_kernel)
@@ -124,8 +107,8 @@ _MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # t
 
 
 def supports(q: torch.Tensor, keys: torch.Tensor) -> bool:
-    """Whether the kernel serves this step: a float32 or bfloat16 cache in host memory."""
-    return q.device.type == "cpu" and keys.dtype in (torch.float32, torch.bfloat16)
+    """Whether the kernel serves this step: float32 tensors in host memory."""
+    return q.device.type == "cpu" and keys.dtype == torch.float32 and q.dtype == torch.float32
 
 
 def decode_attention(
@@ -140,15 +123,11 @@ def decode_attention(
 ) -> torch.Tensor:
     """One query token per sequence over its context, read in place -> [B, heads, head_dim]."""
     kv_heads, _, head_dim = keys.shape
-    q32 = q.float().contiguous()
-    out = torch.empty_like(q32)
-    if keys.dtype == torch.bfloat16:  # numba has no bfloat16: its bits, widened a block at a time
-        keys, values, load = keys.view(torch.int16), values.view(torch.int16), _widen
-    else:
-        load = _as_is
-    args = (q32.numpy(), keys.view(kv_heads, -1, block_size, head_dim).numpy(),
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    args = (q.numpy(), keys.view(kv_heads, -1, block_size, head_dim).numpy(),
             values.view(kv_heads, -1, block_size, head_dim).numpy(), block_tables.numpy(), context_lens.numpy(),
-            sliding_window or 0, np.float32(scale), out.numpy(), load)
+            sliding_window or 0, np.float32(scale), out.numpy())
     threads = torch.get_num_threads()
     if threads <= 1 or q.shape[0] * kv_heads < 2:
         _serial(*args)
@@ -156,4 +135,4 @@ def decode_attention(
         with _pool_lock:  # one parallel region at a time: stages sharing a process take turns
             numba.set_num_threads(min(threads, _MAX_THREADS))
             _parallel(*args)
-    return out.to(q.dtype)
+    return out
