@@ -8,8 +8,7 @@ import torch
 
 from tandem.core.modeling import attention, cpu_attention
 from tandem.core.modeling.attention import AttentionMetadata, SequenceSlice
-from tandem.core.modeling.pipeline import LocalPipeline
-from test_model_equivalence import MAX_NEW_TOKENS, PROMPTS, reference_generate
+from test_model_equivalence import MAX_NEW_TOKENS, two_stages_match_transformers
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -63,12 +62,6 @@ def test_split_model_through_the_kernel_matches_transformers(arch, checkpoint, r
 
     monkeypatch.setattr(cpu_attention, "decode_attention", counted)
     path = checkpoint(arch)
-    pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=96)
-    got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=(), keep_logits=True)
-    for prompt, ids, logits in zip(PROMPTS, got.output_ids, got.logits):
-        want_ids, want_logits = reference_generate(reference_model(path), prompt)
-        assert ids == want_ids, f"prompt of {len(prompt)} tokens diverged"
-        torch.testing.assert_close(logits, want_logits, atol=2e-4, rtol=1e-4)
+    two_stages_match_transformers(path, reference_model)
     layers = reference_model(path).config.num_hidden_layers
     assert len(calls) >= (MAX_NEW_TOKENS - 1) * layers  # every layer of every decode step
-    assert pipe.allocator.num_free == 96

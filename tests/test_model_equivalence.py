@@ -171,14 +171,19 @@ def test_decode_in_groups_of_similar_length_matches_transformers(arch, checkpoin
         return meta
 
     monkeypatch.setattr(attention.AttentionMetadata, "build", classmethod(build))
-    path = checkpoint(arch)
+    two_stages_match_transformers(checkpoint(arch), reference_model)
+    assert max(built) >= 2  # the decode steps did run in groups
+
+
+def two_stages_match_transformers(path, reference_model) -> None:
+    """PROMPTS through a 2-stage split: the tokens and logits equal transformers', and every
+    block goes back to the pool."""
     pipe = LocalPipeline(path, num_stages=2, block_size=4, num_blocks=96)
     got = pipe.generate(PROMPTS, MAX_NEW_TOKENS, stop_token_ids=(), keep_logits=True)
     for prompt, ids, logits in zip(PROMPTS, got.output_ids, got.logits):
         want_ids, want_logits = reference_generate(reference_model(path), prompt)
         assert ids == want_ids, f"prompt of {len(prompt)} tokens diverged"
         torch.testing.assert_close(logits, want_logits, atol=2e-4, rtol=1e-4)
-    assert max(built) >= 2  # the decode steps did run in groups
     assert pipe.allocator.num_free == 96
 
 
