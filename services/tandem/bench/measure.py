@@ -64,8 +64,7 @@ def default_num_blocks(model: str, device: str, dtype: str, block_size: int = 16
 
     config = ModelConfig.from_dir(model)
     itemsize = resolve_dtype(dtype, config, torch.device(device)).itemsize
-    block_bytes = config.num_hidden_layers * 2 * config.num_key_value_heads * block_size * config.head_dim * itemsize
-    return max(1, KV_CACHE_GIB * 2**30 // block_bytes)
+    return max(1, KV_CACHE_GIB * 2**30 // config.kv_block_bytes(block_size, itemsize))
 
 
 @contextmanager

@@ -198,7 +198,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
 def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServiceProbe) -> tuple[int, int]:
     """(bytes of one KV block over all layers, KV blocks the KV store can hold)."""
     itemsize = getattr(torch, probe.stages[0].dtype, torch.float32).itemsize
-    block_bytes = model.num_hidden_layers * 2 * config.block_size * model.num_key_value_heads * model.head_dim * itemsize
+    block_bytes = model.kv_block_bytes(config.block_size, itemsize)
     return block_bytes, probe.kv_store_capacity_bytes // block_bytes
 
 

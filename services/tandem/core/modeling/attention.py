@@ -4,13 +4,15 @@ A step is a list of sequences, each adding `num_new_tokens` after `num_computed_
 already cached. Tokens of all sequences are packed into one [T] axis for the linear layers.
 
 Decode steps (one new token per sequence) in float32 on CPU run cpu_attention's kernel, which
-reads each sequence's blocks where they lie. Elsewhere (GPUs, other dtypes) they gather each sequence's blocks per KV head, whole
-blocks at a time, into [kv_heads * B, context, head_dim] and run two batched matmuls with the
+reads each sequence's blocks where they lie. Elsewhere (GPUs, other dtypes) they gather each
+sequence's blocks per KV head, whole blocks at a time, into [kv_heads * B, context, head_dim] and run two batched matmuls with the
 query heads of a group side by side; the context is padded to whole blocks and the padding
 masked. On CPU, where every padded key costs a copy and a multiply, sequences of very different
 lengths run in groups of similar length (each padded to its own longest) when that saves more
-than the extra calls cost. Steps with longer queries gather their keys through each sequence's block table into
-a padded [B, max_context] view and run one masked scaled-dot-product call.
+than the extra calls cost. Steps with longer queries run each sequence apart on CPU (its own
+keys, SDPA's causal kernel for a fresh prompt); on GPUs they gather their keys through each
+sequence's block table into a padded [B, max_context] view and run one masked
+scaled-dot-product call.
 
 On CPU the gathered keys and values go into buffers each thread keeps and every layer and step
 reuses (`GatherBuffers`): a fresh tensor of megabytes per layer costs more in page faults and

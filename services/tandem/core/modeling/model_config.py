@@ -59,6 +59,10 @@ class ModelConfig:
     bos_token_id: int | None
     dtype: str
 
+    def kv_block_bytes(self, block_size: int, itemsize: int) -> int:
+        """Bytes of one KV block (keys and values of `block_size` tokens) over all the layers."""
+        return self.num_hidden_layers * 2 * block_size * self.num_key_value_heads * self.head_dim * itemsize
+
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> "ModelConfig":
         path = Path(model_dir) / "config.json"
