@@ -158,19 +158,19 @@ def test_decode_in_groups_of_similar_length_matches_transformers(arch, checkpoin
     """With groups free (no fixed cost), the prompts of 1 to 27 tokens decode in groups of
     similar length, each padded to its own longest; the tokens and logits still equal
     transformers', across Mistral's sliding window too."""
-    from tandem.core.modeling import attention
+    from tandem.core.modeling import attention, decode_gather
 
-    monkeypatch.setattr(attention, "GROUP_COST_BLOCKS", 0)
+    monkeypatch.setattr(decode_gather, "GROUP_COST_BLOCKS", 0)
     monkeypatch.setattr(attention, "CPU_KERNEL", False)  # groups belong to the portable gather path
     built = []
-    original = attention.AttentionMetadata.build.__func__
+    original = decode_gather.decode_groups
 
-    def build(cls, *args, **kwargs):
-        meta = original(cls, *args, **kwargs)
-        built.append(len(meta.groups))
-        return meta
+    def decode_groups(*args, **kwargs):
+        groups = original(*args, **kwargs)
+        built.append(len(groups))
+        return groups
 
-    monkeypatch.setattr(attention.AttentionMetadata, "build", classmethod(build))
+    monkeypatch.setattr(decode_gather, "decode_groups", decode_groups)
     two_stages_match_transformers(checkpoint(arch), reference_model)
     assert max(built) >= 2  # the decode steps did run in groups
 
@@ -188,7 +188,7 @@ def two_stages_match_transformers(path, reference_model) -> None:
 
 
 def test_decode_groups_balance_padding_against_their_fixed_cost():
-    from tandem.core.modeling.attention import decode_groups
+    from tandem.core.modeling.decode_gather import decode_groups
 
     blocks = [30, 1, 60, 1, 2, 31]
     assert decode_groups(blocks, overhead=0) == [[1, 3, 4], [0, 2, 5]]  # 1, 1, 2 | 30, 31, 60

@@ -104,7 +104,8 @@ def _up(args: argparse.Namespace) -> int:
                               stage_threads=args.stage_threads, stage_boundaries=args.stage_boundaries,
                               max_in_flight=args.max_in_flight, max_num_seqs=args.max_num_seqs,
                               gateway_port=None if args.no_gateway else args.gateway_port,
-                              tls=_tls_dir(args.tls_dir), max_queue=args.max_queue)
+                              tls=_tls_dir(args.tls_dir), max_queue=args.max_queue,
+                              stream_interval=args.stream_interval)
         print(f"tandem ready on {address}", flush=True)
         if launcher.gateway:
             print(f"tandem OpenAI-compatible API on http://{launcher.gateway}/v1", flush=True)

@@ -34,9 +34,11 @@ READY_PREFIX = "tandem-service-ready "
 GPU_STAGE_THREADS = 1
 
 
-def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--stage-boundaries, --stage-threads and the micro-batch shape, as `tandem up` and `tandem bench`
-    take them (see Launcher.up)."""
+def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, stream_interval: int = 1,
+                         stream_interval_why: str = "") -> None:
+    """--stage-boundaries, --stage-threads, the micro-batch shape and --stream-interval (default
+    `stream_interval`, `stream_interval_why` appended to its help), as `tandem up` and `tandem
+    bench` take them (see Launcher.up)."""
     def boundaries(text: str) -> tuple[int, ...] | str:
         try:
             return parse_boundaries(text)
@@ -53,6 +55,10 @@ def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="micro-batches in flight through the pipeline (default: 0, one per stage)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
+    parser.add_argument("--stream-interval", type=int, default=stream_interval,
+                        help="a Generate stream sends a request's first token at once, then its tokens in chunks of "
+                             f"this many (the coordinator's stream_interval; default: {stream_interval}"
+                             f"{stream_interval_why})")
 
 
 def die_with_parent() -> None:
@@ -128,7 +134,8 @@ class Launcher:
            preset: str = "full", stage_threads: int = 0, stage_boundaries: tuple[int, ...] | str = (),
            dtype: str = "auto", balance_at: tuple[int, int] | None = None, max_in_flight: int = 0,
            max_num_seqs: int = 64, gateway_port: int | None = None, tls: TlsConfig | None = None,
-           step_logs: bool = False, prefix_caching: bool = True, max_queue: int = 256) -> str:
+           step_logs: bool = False, prefix_caching: bool = True, max_queue: int = 256,
+           stream_interval: int = 1) -> str:
         """Start a whole deployment; `preset` names the techniques switched on (see tandem.presets),
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
@@ -138,9 +145,10 @@ class Launcher:
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
-        `max_num_seqs` shape the coordinator's micro-batches and `max_queue` bounds its waiting requests
-        (see CoordinatorConfig). With `gateway_port` (0: any free port) the OpenAI-compatible gateway
-        starts too, at `self.gateway`. With `tls` every
+        `max_num_seqs` shape the coordinator's micro-batches, `max_queue` bounds its waiting requests
+        and `stream_interval` is how many tokens its streams send a message (see CoordinatorConfig).
+        With `gateway_port` (0: any free port) the OpenAI-compatible gateway starts too, at
+        `self.gateway`. With `tls` every
         service speaks mutual TLS to the others and the public API serves TLS (see tandem.core.wire.tls).
         With `step_logs` every stage logs its steps to `self.step_logs[i]` (StageWorkerConfig.step_log);
         `prefix_caching` is the coordinator's enable_prefix_caching.
@@ -177,7 +185,7 @@ class Launcher:
         coordinator = CoordinatorConfig(model=model, stages=tuple(stages), samplers=samplers, kv_store=kv,
                                         host=host, port=port, num_blocks=num_blocks, block_size=block_size,
                                         max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, max_queue=max_queue,
-                                        tls=tls, enable_prefix_caching=prefix_caching,
+                                        tls=tls, enable_prefix_caching=prefix_caching, stream_interval=stream_interval,
                                         **techniques.coordinator_options())
         address = self.start("coordinator", "coordinator", coordinator, cpus=others)
         if gateway_port is not None:

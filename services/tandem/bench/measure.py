@@ -83,7 +83,8 @@ def deployment(args: argparse.Namespace, model: str, preset: str, label: str, wo
                                device=args.device, preset=preset, dtype=args.dtype,
                                balance_at=typical_decode_step(workload, args.stages, args.max_in_flight,
                                                               args.max_num_seqs),
-                               step_logs=bool(args.timeline), prefix_caching=args.prefix_caching)
+                               step_logs=bool(args.timeline), prefix_caching=args.prefix_caching,
+                               stream_interval=args.stream_interval)
         log(f"{label}: deployment ready on {endpoint} (logs in {launcher.log_dir})")
         yield endpoint, launcher
     finally:

@@ -75,6 +75,10 @@ class CoordinatorConfig:
     trace_every_n_steps: int = doc(
         "with tracing on: a request's prefill step has a span, and of its later steps every Nth (counting "
         "its steps from 0), so a long generation does not make thousands of spans; 1: every step", 16)
+    stream_interval: int = doc(
+        "a Generate stream sends a request's first token at once, then its tokens in chunks of this many "
+        "(fewer at the end), as vLLM's and SGLang's --stream-interval: each message costs the server core time, "
+        "and with many requests streaming token by token that time is taken from the stages", 1)
     max_workers: int = doc(
         "threads that tokenize prompts and serve Tokenize and Detokenize off the public API's event loop; "
         "calls, streams included, hold none (the API is served on asyncio)", 8)
@@ -105,7 +109,7 @@ class CoordinatorConfig:
             raise ConfigError("config field 'stages' must list at least one stage worker")
         discovery.check_config(self)
         for name in ("num_blocks", "block_size", "max_num_seqs", "max_num_batched_tokens", "max_queue", "trace_every_n_steps",
-                     "max_workers", *(f.name for f in dataclasses.fields(Limits))):
+                     "stream_interval", "max_workers", *(f.name for f in dataclasses.fields(Limits))):
             if getattr(self, name) < 1:
                 raise ConfigError(f"config field {name!r} must be >= 1")
         check_metrics_port(self.metrics_port)

@@ -39,6 +39,11 @@ class Outputs:
     def put(self, item: Token | End) -> None:
         self._items.append(item)
 
+    def has(self, num_tokens: int) -> bool:
+        """Whether at least `num_tokens` tokens, or the end, wait to be taken."""
+        items = self._items
+        return len(items) >= num_tokens or (bool(items) and isinstance(items[-1], End))
+
     def take(self) -> list[Token | End]:
         """Everything put since the last take, oldest first; [] when nothing was."""
         items = []

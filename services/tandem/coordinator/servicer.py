@@ -69,7 +69,9 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
             self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
             stats = self.metrics.start(req)  # from here on the request is the engine's
             while not text.is_finished:
-                chunk = text.take()  # what has accumulated goes out as one chunk
+                # The first token goes out at once; later ones in chunks of stream_interval.
+                held = text.output_ids and not req.outputs.has(self.config.stream_interval)
+                chunk = None if held else text.take()  # what has accumulated goes out as one chunk
                 if chunk is None:
                     await ready.wait()
                     ready.clear()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tandem.core.modeling import decode_gather
 from tandem.core.modeling.attention import AttentionMetadata
 from tandem.core.modeling.kv_cache import PagedKVCache
 from tandem.core.modeling.model import StageModel
@@ -71,7 +72,7 @@ class DecodeGraphs:
         """(padded batch, padded blocks) of a step, or None when it does not run from a graph."""
         if not meta.is_decode or meta.num_seqs > self.max_batch:
             return None
-        blocks = meta.key_bias.shape[1] // self.block_size
+        blocks = meta.max_blocks
         if blocks > self.max_blocks:
             return None
         batch = next(b for b in self.batch_sizes if b >= meta.num_seqs)
@@ -109,15 +110,15 @@ class DecodeGraphs:
         self.slots[num_real:batch].fill_(self.spare_block * self.block_size)
 
     def _fill(self, shape: tuple[int, int], x: torch.Tensor, meta: AttentionMetadata) -> None:
-        b, blocks = meta.num_seqs, meta.key_bias.shape[1] // self.block_size
+        b, blocks, key_bias = meta.num_seqs, meta.max_blocks, decode_gather.key_bias(meta)
         tables, bias = self._views(*shape)
         self.inputs[:b].copy_(x)  # padded rows keep earlier inputs: finite, and their outputs are dropped
         self.positions[:b].copy_(meta.positions)
         self.slots[:b].copy_(meta.slot_mapping)
         tables[:b, :blocks].copy_(meta.block_tables.view(b, blocks))
         tables[:b, blocks:].fill_(self.spare_block)
-        bias[:b, : meta.key_bias.shape[1]].copy_(meta.key_bias)
-        bias[:b, meta.key_bias.shape[1] :].fill_(float("-inf"))
+        bias[:b, : key_bias.shape[1]].copy_(key_bias)
+        bias[:b, key_bias.shape[1] :].fill_(float("-inf"))
         self._pad(shape, b)
 
     def _capture(self, shape: tuple[int, int]) -> _Graph:
