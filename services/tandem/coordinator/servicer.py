@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import sys
 import uuid
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from tandem.v1 import coordinator_pb2 as pb
 from tandem.v1 import coordinator_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "tandem.v1.Coordinator"
+GIL_SWITCH_INTERVAL_S = 0.0005  # see serve()
 
 
 class CoordinatorServicer(pb_grpc.CoordinatorServicer):
@@ -207,6 +209,11 @@ def _kv_figures(config: CoordinatorConfig, model: ModelConfig, probe: ServicePro
 def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncServer:
     """Wait for the stages, samplers and KV store, start the engine and the public server, and its
     metrics on config.metrics_port. Pass `metrics` to observe them (`metrics.port`)."""
+    # Every step crosses threads here (a sampler's results thread, the loop, gRPC's senders) and a
+    # thread woken holds no GIL until the running one gives it up: by default after 5 ms. On the
+    # engine run of docs/benchmarks.md a plan waited 1.5 ms on average between the loop and the
+    # thread that sends it, 0.6 ms at this interval.
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     tracing.configure(config.tracing_endpoint, "tandem-coordinator")
     model = ModelConfig.from_dir(config.model)
     tokenizer = Tokenizer.from_dir(config.model)
