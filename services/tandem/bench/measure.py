@@ -110,8 +110,10 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
     if target.kind == VLLM:
         from tandem.bench.peer import VllmServer
 
+        # vLLM's server streams in chunks of the same --stream-interval as Tandem's runs.
+        interval = ["--stream-interval", str(args.stream_interval)] if args.stream_interval > 1 else []
         with VllmServer(args.peer_python, model, pipeline_size(target.name), dtype, run_log_dir(args, label),
-                        args.vllm_args) as server:
+                        [*interval, *args.vllm_args]) as server:
             log(f"{label}: vLLM ready on {server.url} (log in {server.log_path})")
             watch = process_watch(args, label, server.pids())
             return measure_openai(server.url, workload.requests, workload.warmup, options, label, watch)

@@ -71,10 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weights and activations of every run, and of the peak matmul (default: auto, the "
                             "checkpoint's dtype on CUDA and float32 on CPU)")
-    # The vLLM runs are offline (LLM.generate) and stream nothing; Tandem's runs stream as a client
-    # asking for throughput would, in chunks rather than a message a token.
-    add_layout_arguments(where, stream_interval=16, stream_interval_why=", as a client asking for throughput would "
-                         "set it: the vLLM runs, offline, stream nothing")
+    add_layout_arguments(where, stream_interval_why="; the vLLM runs' servers get the same --stream-interval")
     where.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                        help="before each run, wait up to this long for the cores to be under 15%% busy, so that "
                             "what the run before left (a server stopping, memory being reclaimed) does not slow "
