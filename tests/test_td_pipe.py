@@ -4,19 +4,10 @@ from __future__ import annotations
 
 import random
 
+from tandem.coordinator.kv_projection import Projection, Running, admits, projected_peak
 from tandem.coordinator.output_lengths import BucketMeans
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence
-from tandem.coordinator.td_pipe import (
-    Phase,
-    Projection,
-    Running,
-    TemporalPhases,
-    admits,
-    micro_batch_sizes,
-    projected_peak,
-    saturating_tokens,
-    switch_to_prefill,
-)
+from tandem.coordinator.td_pipe import Phase, TemporalPhases, micro_batch_sizes, saturating_tokens, switch_to_prefill
 
 
 def test_projected_peak_by_hand():

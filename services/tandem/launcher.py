@@ -34,11 +34,9 @@ READY_PREFIX = "tandem-service-ready "
 GPU_STAGE_THREADS = 1
 
 
-def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup, stream_interval: int = 1,
-                         stream_interval_why: str = "") -> None:
-    """--stage-boundaries, --stage-threads, the micro-batch shape and --stream-interval (default
-    `stream_interval`, `stream_interval_why` appended to its help), as `tandem up` and `tandem
-    bench` take them (see Launcher.up)."""
+def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--stage-boundaries, --stage-threads, the micro-batch shape and --stream-interval, as `tandem
+    up` and `tandem bench` take them (see Launcher.up)."""
     def boundaries(text: str) -> tuple[int, ...] | str:
         try:
             return parse_boundaries(text)
@@ -55,10 +53,10 @@ def add_layout_arguments(parser: argparse.ArgumentParser | argparse._ArgumentGro
     parser.add_argument("--max-in-flight", type=int, default=0,
                         help="micro-batches in flight through the pipeline (default: 0, one per stage)")
     parser.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one micro-batch (default: 64)")
-    parser.add_argument("--stream-interval", type=int, default=stream_interval,
+    parser.add_argument("--stream-interval", type=int, default=1,
                         help="a Generate stream sends a request's first token at once, then its tokens in chunks of "
-                             f"this many (the coordinator's stream_interval; default: {stream_interval}"
-                             f"{stream_interval_why})")
+                             "this many (the coordinator's stream_interval; `tandem bench` gives the vLLM runs' "
+                             "servers the same; default: 1)")
 
 
 def die_with_parent() -> None:

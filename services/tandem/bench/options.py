@@ -71,7 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     where.add_argument("--dtype", choices=DTYPES, default="auto",
                        help="weights and activations of every run, and of the peak matmul (default: auto, the "
                             "checkpoint's dtype on CUDA and float32 on CPU)")
-    add_layout_arguments(where, stream_interval_why="; the vLLM runs' servers get the same --stream-interval")
+    add_layout_arguments(where)
     where.add_argument("--settle", type=float, default=30.0, metavar="SECONDS",
                        help="before each run, wait up to this long for the cores to be under 15%% busy, so that "
                             "what the run before left (a server stopping, memory being reclaimed) does not slow "

@@ -37,6 +37,7 @@ from collections.abc import Mapping
 
 from tandem.coordinator import preemption
 from tandem.coordinator.budget import num_decodes, prefill_chunk
+from tandem.coordinator.kv_projection import as_running, head_of_line
 from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
 from tandem.coordinator.steps import (
     Commit,
@@ -48,7 +49,7 @@ from tandem.coordinator.steps import (
     Step,
 )
 from tandem.coordinator.swap_space import SwapSpace
-from tandem.coordinator.td_pipe import TemporalPhases, as_running, head_of_line, waiting_prompt_lens
+from tandem.coordinator.td_pipe import TemporalPhases, waiting_prompt_lens
 from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]

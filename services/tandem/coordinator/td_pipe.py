@@ -3,9 +3,9 @@
 The whole pipeline runs either prefill micro-batches only or decode micro-batches only, and
 switches rarely. Three decisions drive it, each a function of numbers the scheduler holds:
 
-- `admits`: while requests wait, admit one more prefill if the KV blocks projected for the
-  coming steps (every running request growing by one token a step until its predicted output
-  length) stay under a share of the pool at every checkpoint ahead.
+- `admits` (coordinator/kv_projection.py): while requests wait, admit one more prefill if the KV
+  blocks projected for the coming steps (every running request growing by one token a step
+  until its predicted output length) stay under a share of the pool at every checkpoint ahead.
 - `micro_batch_sizes`: in decode, the ready sequences spread over the micro-batches in flight
   so that they stay equal (work stealing: each step is rebuilt from the ready pool). The
   scheduler takes this share step by step (budget.num_decodes: the first of these sizes).
@@ -26,79 +26,13 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from tandem.coordinator.kv_projection import MEMORY_SHARE, Projection, Running, as_running, head_of_line
 from tandem.coordinator.output_lengths import BucketMeans, OutputLengthPredictor
 from tandem.coordinator.steps import Sequence as Seq
 from tandem.coordinator.steps import Status
 from tandem.core.modeling.profile import BALANCE_CONTEXT, StageProfile, parse_profile
 
 log = logging.getLogger(__name__)
-
-# Steps ahead at which the KV peak is projected, as TD-Pipe's code does: 5, 8, then powers of two.
-CHECKPOINTS = (5, 8, *(1 << k for k in range(4, 13)))
-MEMORY_SHARE = 0.9  # admit while the projected peak stays under this share of the blocks
-
-
-@dataclass(frozen=True)
-class Running:
-    """A request holding KV: tokens it has now, and output tokens it is predicted still to make."""
-
-    num_tokens: int
-    predicted_remaining: int
-
-
-def projected_peak(running: Sequence[Running], block_size: int, checkpoints: Sequence[int] = CHECKPOINTS) -> int:
-    """Most KV blocks the requests will hold at once, now or at any checkpoint ahead: at +m steps
-    each request still generating (predicted remaining >= m) holds ceil((tokens + m) / block_size)."""
-    def blocks_at(m: int) -> int:
-        return sum(-(-(r.num_tokens + m) // block_size) for r in running if m == 0 or r.predicted_remaining >= m)
-
-    return max(blocks_at(m) for m in (0, *checkpoints))
-
-
-def admits(running: Sequence[Running], candidate: Running, num_blocks: int, block_size: int,
-           share: float = MEMORY_SHARE) -> bool:
-    """Whether one more prefill (`candidate`: its prompt and predicted output) keeps the projected
-    peak under `share` of `num_blocks` (the rule the scheduler applies through `Projection`)."""
-    return Projection(running, block_size, share * num_blocks).fits(candidate)
-
-
-class Projection:
-    """The KV blocks projected at now and each checkpoint for a set of running requests, kept up
-    to date as prompts are admitted one by one (what `projected_peak` computes from scratch)."""
-
-    def __init__(self, running: Iterable[Running], block_size: int, limit: float,
-                 checkpoints: Sequence[int] = CHECKPOINTS):
-        self.block_size, self.limit, self.steps = block_size, limit, (0, *checkpoints)
-        self.blocks = [0] * len(self.steps)
-        self.num_running = 0
-        for r in running:
-            self.add(r)
-
-    def _blocks(self, r: Running) -> list[int]:
-        return [-(-(r.num_tokens + m) // self.block_size) if m == 0 or r.predicted_remaining >= m else 0
-                for m in self.steps]
-
-    @property
-    def peak(self) -> int:
-        return max(self.blocks)
-
-    def fits(self, candidate: Running) -> bool:
-        """Whether the peak with `candidate` admitted stays under the limit."""
-        return max(b + c for b, c in zip(self.blocks, self._blocks(candidate))) < self.limit
-
-    def fits_or_alone(self, candidate: Running) -> bool:
-        """`fits`, or nothing runs: then any prompt may (the block pool alone decides), or one
-        longer than the projection allows would never run."""
-        return self.num_running == 0 or self.fits(candidate)
-
-    def add(self, r: Running) -> None:
-        self.blocks = [b + c for b, c in zip(self.blocks, self._blocks(r))]
-        self.num_running += 1
-
-
-def as_running(seq: Seq) -> Running:
-    """A sequence as the projection sees it: its tokens now, and the output still predicted."""
-    return Running(seq.num_tokens, max(0, seq.predicted_output_len - len(seq.output_ids)))
 
 
 def waiting_prompt_lens(seqs: Mapping[str, Seq], waiting: Iterable[str], most: int = 256) -> list[int]:
@@ -110,11 +44,6 @@ def waiting_prompt_lens(seqs: Mapping[str, Seq], waiting: Iterable[str], most: i
         if len(lens) >= most:
             break
     return lens
-
-
-def head_of_line(seqs: Mapping[str, Seq], waiting: Sequence[str]) -> Running | None:
-    """The first waiting prompt as the projection sees it; None when none waits."""
-    return as_running(seqs[waiting[0]]) if waiting else None
 
 
 def micro_batch_sizes(num_ready: int, num_in_flight: int) -> list[int]:

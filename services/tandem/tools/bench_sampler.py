@@ -1,4 +1,4 @@
-"""Benchmark: the straightforward sampler (`sampling.sample`) against `FastSampler`.
+"""Benchmark: the straightforward sampler (`reference.sample`) against `FastSampler`.
 
     PYTHONPATH=services python -m tandem.tools.bench_sampler [--threads 1 2] [--steps N] [--json PATH]
 

@@ -13,9 +13,10 @@ scaled-dot-product call.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -70,8 +71,6 @@ class AttentionMetadata:
     mask: torch.Tensor | None = None  # [B, 1, max_query, max_context] bool, True where a query may attend
     query_index: torch.Tensor | None = None  # [T] int64 row of each token in the padded [B * max_query] layout
     prefill: tuple[PrefillSequence, ...] = ()  # on CPU instead of the padded layout: each sequence apart
-    # What a path builds from the above on first use and every layer of the step reuses.
-    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def is_decode(self) -> bool:
@@ -82,6 +81,22 @@ class AttentionMetadata:
         """Blocks of each row of a decode step's block tables."""
         assert self.block_tables is not None
         return self.block_tables.numel() // self.num_seqs
+
+    # The gather path's inputs (decode_gather), built on first use and kept for every layer of the
+    # step: a step the CPU kernel serves never builds them.
+    @functools.cached_property
+    def gather_key_bias(self) -> torch.Tensor:
+        """A decode step's key bias: `key_bias` when given, else from the context lengths."""
+        if self.key_bias is not None:
+            return self.key_bias
+        assert self.context_lens is not None
+        return decode_gather.build_key_bias(self.context_lens, self.max_blocks * self.block_size, self.sliding_window)
+
+    @functools.cached_property
+    def gather_groups(self) -> tuple[DecodeGroup, ...]:
+        """A decode step's rows in groups of similar length: `groups` when given, else on CPU
+        those decode_gather finds; () when one group serves best."""
+        return self.groups or decode_gather.group_rows(self)
 
     @classmethod
     def build(
@@ -157,8 +172,8 @@ class AttentionMetadata:
                    last_token_indices=_to(torch.arange(len(seqs)), device), max_query_len=1, block_size=block_size,
                    num_seqs=len(seqs), block_tables=_to(torch.tensor(rows, dtype=torch.int64).flatten(), device),
                    context_lens=_to(lens, device), sliding_window=sliding_window)
-        if device.type != "cpu":  # CUDA graphs copy the key bias into their static buffers
-            decode_gather.key_bias(meta)  # kept in meta.derived
+        if device.type != "cpu":  # built now, while the inputs are prepared: CUDA graphs copy it
+            meta.gather_key_bias  # noqa: B018
         return meta
 
 

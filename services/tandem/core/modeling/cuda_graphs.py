@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.core.modeling import decode_gather
 from tandem.core.modeling.attention import AttentionMetadata
 from tandem.core.modeling.kv_cache import PagedKVCache
 from tandem.core.modeling.model import StageModel
@@ -110,7 +109,7 @@ class DecodeGraphs:
         self.slots[num_real:batch].fill_(self.spare_block * self.block_size)
 
     def _fill(self, shape: tuple[int, int], x: torch.Tensor, meta: AttentionMetadata) -> None:
-        b, blocks, key_bias = meta.num_seqs, meta.max_blocks, decode_gather.key_bias(meta)
+        b, blocks, key_bias = meta.num_seqs, meta.max_blocks, meta.gather_key_bias
         tables, bias = self._views(*shape)
         self.inputs[:b].copy_(x)  # padded rows keep earlier inputs: finite, and their outputs are dropped
         self.positions[:b].copy_(meta.positions)

@@ -9,9 +9,10 @@ a key bias (0 where a key may be attended, -inf elsewhere). On CPU, where every 
 a copy and a multiply, sequences of very different lengths run in groups of similar length
 (each padded to its own longest) when that saves more than the extra calls cost.
 
-The key bias and the groups are built on first use and kept with the step's metadata, so that a
-step the kernel serves never builds them; on GPUs the metadata carries its key bias from the
-start (CUDA graphs copy it into their static buffers).
+The key bias and the groups are built on first use and kept with the step's metadata
+(`AttentionMetadata.gather_key_bias`, `gather_groups`), so that a step the kernel serves never
+builds them; on GPUs the key bias is built with the step's inputs (CUDA graphs copy it into
+their static buffers).
 
 On CPU the gathered keys and values go into buffers each thread keeps and every layer and step
 reuses (`GatherBuffers`): a fresh tensor of megabytes per layer costs more in page faults and
@@ -83,45 +84,31 @@ def build_key_bias(context_lens: torch.Tensor, width: int, sliding_window: int |
     return torch.zeros(mask.shape, device=context_lens.device).masked_fill_(~mask, float("-inf"))
 
 
-def key_bias(meta: AttentionMetadata) -> torch.Tensor:
-    """The decode step's key bias [B, max_blocks * block_size], built once per step."""
-    if meta.key_bias is not None:
-        return meta.key_bias
-    built = meta.derived.get("key_bias")
-    if built is None:
-        assert meta.context_lens is not None
-        built = meta.derived["key_bias"] = build_key_bias(meta.context_lens, meta.max_blocks * meta.block_size,
-                                                          meta.sliding_window)
-    return built
+def group_rows(meta: AttentionMetadata) -> tuple[DecodeGroup, ...]:
+    """On CPU, a decode step's rows in groups of similar length; () when one group serves best."""
+    if meta.block_tables is None or meta.block_tables.device.type != "cpu" or meta.context_lens is None:
+        return ()
+    lens = meta.context_lens.tolist()
+    found = decode_groups([-(-n // meta.block_size) for n in lens])
+    if len(found) < 2:
+        return ()
+    tables, bias = meta.block_tables.view(meta.num_seqs, -1), meta.gather_key_bias
+    return tuple(_group(rows, lens, tables, bias, meta.block_size) for rows in found)
 
 
-def _groups(meta: AttentionMetadata) -> tuple[DecodeGroup, ...]:
-    """On CPU, the step's rows in groups of similar length; () when one group serves best."""
-    if meta.groups or meta.block_tables is None or meta.block_tables.device.type != "cpu" or meta.context_lens is None:
-        return meta.groups
-    if "groups" not in meta.derived:
-        lens = meta.context_lens.tolist()
-        found = decode_groups([-(-c // meta.block_size) for c in lens])
-        tables, bias = meta.block_tables.view(meta.num_seqs, -1), key_bias(meta)
-        meta.derived["groups"] = tuple(_group(g, tables, bias, meta.block_size) for g in found) if len(found) > 1 else ()
-    return meta.derived["groups"]
-
-
-def _group(rows: list[int], tables: torch.Tensor, bias: torch.Tensor, block_size: int) -> DecodeGroup:
+def _group(rows: list[int], lens: list[int], tables: torch.Tensor, bias: torch.Tensor, block_size: int) -> DecodeGroup:
     """The decode group of `rows`, cut from the whole step's tables and key bias [B, max_blocks *
     block_size] to its own longest context (the cut-off columns are padding for these rows)."""
     index = torch.tensor(rows)
-    rows_bias = bias[index]
-    real = torch.isfinite(rows_bias).any(0).nonzero()
-    blocks = -(-(int(real[-1]) + 1) // block_size)
-    return DecodeGroup(index, tables[index, :blocks].flatten(), rows_bias[:, :blocks * block_size].contiguous())
+    blocks = -(-max(lens[i] for i in rows) // block_size)
+    return DecodeGroup(index, tables[index, :blocks].flatten(), bias[index, :blocks * block_size].contiguous())
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, meta: AttentionMetadata,
                      scale: float) -> torch.Tensor:
     """q [B, heads, head_dim] over each sequence's whole blocks of keys, values [kv_heads, slots,
     head_dim] -> [B, heads, head_dim]."""
-    groups = _groups(meta)
+    groups = meta.gather_groups
     if groups:
         out = torch.empty_like(q)
         for g in groups:
@@ -129,7 +116,7 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, 
                                                meta.block_size, scale))
         return out
     assert meta.block_tables is not None
-    return _decode(q, keys, values, meta.block_tables, key_bias(meta), meta.block_size, scale)
+    return _decode(q, keys, values, meta.block_tables, meta.gather_key_bias, meta.block_size, scale)
 
 
 def _decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_tables: torch.Tensor,

@@ -98,7 +98,7 @@ class FastSampler:
 
     def sample(self, logits: torch.Tensor, states: Sequence[SequenceState], sample_indices: Sequence[int],
                *, checked: bool = False) -> list[Result]:
-        """Same contract and results as `sampling.sample`. `checked`: the caller already ran
+        """Same contract and results as `reference.sample`. `checked`: the caller already ran
         check_row on every row (the engine does, to skip bad rows), so it is not run twice."""
         if logits.dim() != 2 or logits.dtype != torch.float32:
             raise InvalidArgumentError(f"logits must be [rows, vocab] float32, got {list(logits.shape)} {logits.dtype}")
@@ -200,7 +200,7 @@ def _argmax_only(state: SequenceState) -> bool:
 
 
 def _logprobs(logprobs: torch.Tensor, token_id: int, num_top: int) -> common_pb2.SampleLogprobs:
-    """`sampling._logprobs` without its full sort: the num_top best via topk, ties at the
+    """`reference._logprobs` without its full sort: the num_top best via topk, ties at the
     boundary resolved to the lowest ids as the reference's stable sort resolves them."""
     result = common_pb2.SampleLogprobs(
         sampled=common_pb2.TokenLogprob(token_id=token_id, logprob=float(logprobs[token_id])))

@@ -1,5 +1,5 @@
 """The random rows of a FastSampler frame: the reference's top-k, top-p and min-p
-(`sampling.truncated_probs`) and its inverse-CDF draw, with the same results and no full sort.
+(`reference.truncated_probs`) and its inverse-CDF draw, with the same results and no full sort.
 
 * Top-p without a full sort. The kept set is a prefix of the probabilities sorted descending
   (ties: lower id first). A candidate set C, every token above a threshold tau, is gathered

@@ -1,5 +1,5 @@
 """FastSampler's penalties: each sequence's penalty state kept up to date one token at a time,
-and the reference's steps 1-4 (`sampling.penalized_logits`) applied to a whole frame at once.
+and the reference's steps 1-4 (`reference.penalized_logits`) applied to a whole frame at once.
 
 Each sequence keeps its seen ids and output counts incrementally (`PenaltyHistory`: one new
 token is a dict lookup and at most two array writes). `penalize` applies every row's bias,
@@ -72,7 +72,7 @@ class PenaltyHistory:
 
 
 def penalize(x: torch.Tensor, frame: list[SequenceState], histories: list[PenaltyHistory | None]) -> None:
-    """Steps 1-4 of `sampling.penalized_logits` on every row of x [n, vocab], in place.
+    """Steps 1-4 of `reference.penalized_logits` on every row of x [n, vocab], in place.
 
     Each step gathers the touched entries of all rows, applies the reference's float32
     formula to them and writes them back; steps run in the reference's order, and a step
