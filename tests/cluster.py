@@ -78,6 +78,7 @@ def start_cluster(
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=str(model), stage_index=index, num_stages=num_stages,
                                     next_stage=c.stages[0] if c.stages else "", kv_store=c.kv_store,
+                                    last_stage=c.stages[-1] if index == 0 and c.stages and techniques.decode_chaining else "",
                                     num_blocks=num_blocks, block_size=block_size, device=device, dtype="float32", tls=tls,
                                     samplers=tuple(c.samplers) if index == num_stages - 1 else (),
                                     **techniques.stage_options(is_last=index == num_stages - 1))

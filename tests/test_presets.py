@@ -33,8 +33,11 @@ def test_service_options_follow_the_switches():
     assert full.stage_options(is_last=False)["sample_on_stage"] is False
     assert baseline.stage_options(is_last=True)["sample_on_stage"] is True
     assert baseline.stage_options(is_last=False)["sample_on_stage"] is False
-    assert full.coordinator_options() == {"sample_plans": True, "temporal_phases": True, "greedy_on_stage": True}
-    assert baseline.coordinator_options() == {"sample_plans": False, "temporal_phases": False, "greedy_on_stage": False}
+    assert full.coordinator_options() == {"sample_plans": True, "temporal_phases": True, "greedy_on_stage": True,
+                                          "decode_chaining": True}
+    assert baseline.coordinator_options() == {"sample_plans": False, "temporal_phases": False, "greedy_on_stage": False,
+                                              "decode_chaining": False}
+    assert resolve("full-decode_chaining").coordinator_options()["decode_chaining"] is False
     # without CPU sampling the stage samples every row: there is no replica to place the others on
     assert resolve("baseline+greedy_on_stage").coordinator_options()["greedy_on_stage"] is False
     assert resolve("full-temporal_phases").coordinator_options()["temporal_phases"] is False

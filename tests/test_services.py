@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from itertools import islice
 
 import grpc
 import pytest
@@ -13,6 +14,7 @@ from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.client import errors as client_errors
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc, stage_worker_pb2, stage_worker_pb2_grpc, tensor_pb2
+from test_metrics import scrape
 
 PROMPTS = [[5, 7, 9, 11, 13, 200, 3], [100, 4, 40], list(range(20, 47)), [300, 17]]
 MAX_TOKENS = 10
@@ -92,8 +94,48 @@ def test_greedy_matches_transformers_under_concurrency(llama, reference_model, n
             assert list(r.token_ids) == reference(reference_model(llama), prompt)
             assert r.finish_reason == "length" and r.usage.completion_tokens == MAX_TOKENS
         assert_all_released(c)
+        # full chains decode steps once every request is in (decode_chaining); baseline never does
+        assert (chained_steps(c) > 0) == (preset == "full")
     finally:
         c.stop()
+
+
+def chained_steps(cluster) -> float:
+    return sum(v for (name, _), v in scrape(cluster.coordinator_metrics).items() if name.endswith("chained_steps_total"))
+
+
+def test_chained_steps_end_where_each_request_does(llama, reference_model, cluster2):
+    # Greedy requests decoding in chains: one ends on a stop token, one on its max_tokens, one is
+    # aborted mid-stream (its client goes away); each ends on exactly its token and frees everything.
+    want = [reference(reference_model(llama), p, max_tokens=30) for p in PROMPTS]
+    before = chained_steps(cluster2)
+    results: list = [None] * len(PROMPTS)
+
+    def one(i: int) -> None:
+        with TandemClient(cluster2.endpoint, timeout_s=120) as client:
+            if i == 0:
+                results[i] = client.generate(prompt_ids=PROMPTS[i], max_tokens=24, temperature=0.0,
+                                             stop_token_ids=[want[0][6]])
+            elif i == 1:
+                with client.generate_stream(prompt_ids=PROMPTS[i], max_tokens=24, temperature=0.0,
+                                            ignore_eos=True) as stream:
+                    results[i] = [t for chunk in islice(stream, 5) for t in chunk.token_ids]
+            else:
+                results[i] = client.generate(prompt_ids=PROMPTS[i], max_tokens=12 + 6 * i, temperature=0.0,
+                                             ignore_eos=True)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert chained_steps(cluster2) > before
+    first_stop = want[0].index(want[0][6])  # the stop token's first occurrence ends the request
+    assert list(results[0].token_ids) == want[0][: first_stop + 1] and results[0].finish_reason == "stop_token"
+    assert results[1] == want[1][: len(results[1])] and len(results[1]) >= 5
+    for i in (2, 3):
+        assert list(results[i].token_ids) == want[i][: 12 + 6 * i] and results[i].finish_reason == "length"
+    assert_all_released(cluster2)
 
 
 @pytest.mark.gpu

@@ -170,6 +170,7 @@ class Launcher:
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
                                     next_stage=stages[0] if stages else "", kv_store=kv,
+                                    last_stage=stages[-1] if index == 0 and stages and techniques.decode_chaining else "",
                                     num_blocks=num_blocks, block_size=block_size, num_threads=plan.stage_threads,
                                     cpus=format_cpu_list(plan.stages[index]), stage_boundaries=tuple(stage_boundaries),
                                     dtype=dtype, tls=tls, samplers=samplers if index == num_stages - 1 else (),

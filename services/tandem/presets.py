@@ -43,6 +43,11 @@ class Techniques:
     an argmax (greedy, no penalty, logit bias or logprobs) next to their logits, the placement
     APEX argues for: an argmax costs less than moving a row of logits to another process; the
     replicas take every other row (off: every row's logits go to a replica)."""
+    decode_chaining: bool
+    """While every running sequence decodes and nothing waits, a micro-batch's next step is planned
+    before its tokens exist, and stage 0 takes the tokens the last stage samples in-process straight
+    from it, so no step waits on a round trip through the coordinator (off: every step's plan
+    follows the commit of the step before it)."""
 
     def sampler_options(self) -> dict[str, Any]:
         """The SamplerConfig fields of a sampler replica."""
@@ -58,7 +63,7 @@ class Techniques:
     def coordinator_options(self) -> dict[str, Any]:
         """The CoordinatorConfig fields: samplers get row plans only with structured streams."""
         return {"sample_plans": self.cpu_sampling and self.structured_streams, "temporal_phases": self.temporal_phases,
-                "greedy_on_stage": self.cpu_sampling and self.greedy_on_stage}
+                "greedy_on_stage": self.cpu_sampling and self.greedy_on_stage, "decode_chaining": self.decode_chaining}
 
 
 SWITCHES = tuple(f.name for f in dataclasses.fields(Techniques))

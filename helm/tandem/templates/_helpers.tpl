@@ -78,7 +78,7 @@ StatefulSet DNS name per replica. */}}
 
 {{/* The technique switches, spelled as services/tandem/presets.py spells them (Techniques). */}}
 {{- define "tandem.switches" -}}
-cpu_sampling fast_sampler token_safe_prep structured_streams shared_memory_logits temporal_phases greedy_on_stage
+cpu_sampling fast_sampler token_safe_prep structured_streams shared_memory_logits temporal_phases greedy_on_stage decode_chaining
 {{- end }}
 
 {{/* The resolved switches as a JSON object: techniques.preset's value of each (full: on, baseline:
@@ -109,7 +109,7 @@ coordinator_options() give them (tests/test_helm.py compares every preset with p
 {{/* Samplers get row plans only with structured streams; the stage samples argmax rows only beside a pool. */}}
 {{- define "tandem.coordinatorOptions" -}}
 {{- $t := include "tandem.techniques" . | fromJson }}
-{{- toJson (dict "sample_plans" (and $t.cpu_sampling $t.structured_streams) "temporal_phases" $t.temporal_phases "greedy_on_stage" (and $t.cpu_sampling $t.greedy_on_stage)) }}
+{{- toJson (dict "sample_plans" (and $t.cpu_sampling $t.structured_streams) "temporal_phases" $t.temporal_phases "greedy_on_stage" (and $t.cpu_sampling $t.greedy_on_stage) "decode_chaining" $t.decode_chaining) }}
 {{- end }}
 
 {{/* "true" when the sampler pool is deployed (techniques.cpu_sampling), else "": without it the last

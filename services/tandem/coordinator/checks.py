@@ -8,6 +8,7 @@ GetStageInfo and refuses to start, naming each field that disagrees.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 from tandem.coordinator.config import CoordinatorConfig
@@ -16,6 +17,8 @@ from tandem.core.modeling.model_config import config_sha256
 from tandem.core.wire.tls import Credentials, open_channel
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
 
 
 def check_stages(config: CoordinatorConfig, timeout_s: float = 10.0,
@@ -62,3 +65,18 @@ def stage_mismatches(config: CoordinatorConfig, model_config_sha256: str,
                      f"the coordinator's sample_plans is {config.sample_plans} (the two must agree when the samplers "
                      "are apart from the stages)")
     return found
+
+
+def chain_sampler(config: CoordinatorConfig, infos: Sequence[pb.GetStageInfoResponse]) -> str:
+    """With decode_chaining: the sampler whose rows may chain (the last stage's own, when it hosts
+    one and stage 0 follows its tokens), else "" (no chaining, said in the log when asked for)."""
+    if not config.decode_chaining or not infos:
+        return ""
+    if not infos[-1].sample_on_stage:
+        log.warning("decode_chaining is off: the last stage at %s hosts no sampler", config.stages[-1])
+        return ""
+    if not infos[0].follows_tokens:
+        log.warning("decode_chaining is off: stage 0 at %s does not follow the last stage's tokens (its last_stage "
+                    "must name %s)", config.stages[0], config.stages[-1])
+        return ""
+    return config.stages[-1]

@@ -57,6 +57,11 @@ class CoordinatorConfig:
         "the last stage hosts a sampler too (its sample_on_stage) and samples the rows that need only an argmax "
         "(greedy, no penalty, logit bias or logprobs) next to their logits; the sampler replicas take the rest, "
         "and the stage takes every row while no replica is up", False)
+    decode_chaining: bool = doc(
+        "with greedy_on_stage: while every running sequence decodes and nothing waits, a micro-batch's next "
+        "step is sent before its tokens are sampled, and stage 0 takes them straight from the last stage "
+        "(which must host the sampler, and stage 0 follow it: its last_stage), so a step starts without a "
+        "round trip through the coordinator (coordinator/chaining.py)", False)
     stage_down_timeout_s: float = doc(
         "a stage whose plan stream broke (it died or restarted) may stay down this long; then every request "
         "fails with UNAVAILABLE and new ones are refused until it is back", 15.0)

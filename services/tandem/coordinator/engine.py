@@ -175,7 +175,7 @@ class Engine:
             request = self._requests[s.request_id]
             request.scheduled_time = request.scheduled_time or now
             if request.trace is not None and (span := request.trace.begin_step(
-                    step.step_id, len(s.input_ids), len(step.sequences))) is not None:
+                    step.step_id, len(s.input_ids) or 1, len(step.sequences))) is not None:
                 traced.append(span)
         traceparent = request_trace.step_traceparent(traced) if traced else ""
         if self.sample_plans:  # ahead of the stages' plans, so they are there before the logits
@@ -229,7 +229,7 @@ class Engine:
                             self._health.message() if self._health.expired(time.monotonic()) else "",
                             phase=s.phases.phase.value if s.phases is not None else "",
                             phase_switches=s.phases.switch_counts() if s.phases is not None else (0, 0),
-                            sampler_indices=self._samplers.indices_up())
+                            sampler_indices=self._samplers.indices_up(), num_chained_steps=s.num_chained_steps)
         self._gate.publish(snapshot, num_received)
 
     # --- events -------------------------------------------------------------------------

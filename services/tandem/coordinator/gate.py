@@ -33,6 +33,7 @@ class Snapshot:
     phase: str = ""  # with temporal phases: "prefill" or "decode"; empty: off
     phase_switches: tuple[int, int] = (0, 0)  # with temporal phases: switches to prefill, to decode
     sampler_indices: tuple[int, ...] = ()  # of each replica up, its index in the stages' sampler table
+    num_chained_steps: int = 0  # decode chaining: steps sent before the tokens they feed were sampled
 
 
 class Gate:

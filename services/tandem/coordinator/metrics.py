@@ -186,6 +186,9 @@ class StateCollector(Collector):
                 phase.add_metric([*values, name], float(s.phase == name))
             yield switches
             yield phase
+        if s.num_chained_steps:
+            yield family(CounterMetricFamily, "chained_steps", "Decode chaining: steps sent before the tokens they "
+                         "feed were sampled, which stage 0 took from the last stage.", s.num_chained_steps)
         yield family(GaugeMetricFamily, "sampler_pool_size",
                      "Sampler replicas up (taking sequences), the last stage's own included when it hosts one.",
                      len(s.samplers))

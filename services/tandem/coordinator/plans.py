@@ -44,6 +44,7 @@ def step_plan(step: Step, samplers: SamplerTable, traceparent: str = "") -> stag
         finished_request_ids=step.finished_request_ids,
         swap_out=[stage_pb.BlockTransfer(request_id=r, block_ids=b) for r, b in step.swap_out],
         swap_in=[stage_pb.BlockTransfer(request_id=r, block_ids=b) for r, b in step.swap_in],
+        input_step_id=step.input_step_id,
     )
     add = plan.sequences.add  # built in place: a message passed to the constructor is copied
     for s in step.sequences:

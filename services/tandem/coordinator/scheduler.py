@@ -7,7 +7,9 @@ lost rows, ended sequences and lost steps. The scheduler holds the one record of
 flight, so what it returns is all the loop needs to act on.
 
 Continuous batching over micro-batches: a sequence is in at most one in-flight step, and it
-joins a later step only after its token is committed (token safety). Each step spends a budget
+joins a later step only after its token is committed (token safety), but for decode chaining
+(`chain_sampler`, coordinator/chaining.py): a continuation takes a step's sequences again before
+their tokens are sampled, and the stages take those tokens from the last stage. Each step spends a budget
 of `max_num_batched_tokens` tokens: first its share of the ready decodes (all ready sequences
 spread over the micro-batches in flight), then the next chunks of partly prefilled prompts,
 swapped sequences coming back, and waiting prompts, while blocks and the budget allow. When
@@ -35,7 +37,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 
-from tandem.coordinator import preemption
+from tandem.coordinator import chaining, preemption
 from tandem.coordinator.budget import num_decodes, prefill_chunk
 from tandem.coordinator.kv_projection import as_running, head_of_line
 from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
@@ -49,7 +51,7 @@ from tandem.coordinator.steps import (
     Step,
 )
 from tandem.coordinator.swap_space import SwapSpace
-from tandem.coordinator.td_pipe import TemporalPhases, waiting_prompt_lens
+from tandem.coordinator.td_pipe import Phase, TemporalPhases, waiting_prompt_lens
 from tandem.core.block_pool import BlockPool
 
 __all__ = ["Commit", "InFlight", "Sampled", "ScheduledSequence", "Scheduler", "Sequence", "Status", "Step"]
@@ -67,6 +69,7 @@ class Scheduler:
         prefix_caching: bool = True,
         chunked_prefill: bool = True,
         phases: TemporalPhases | None = None,
+        chain_sampler: str = "",
     ):
         self.blocks = BlockPool(num_blocks, block_size, prefix_caching)
         self.swapped = SwapSpace(num_host_blocks)
@@ -74,10 +77,13 @@ class Scheduler:
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.max_in_flight, self.chunked_prefill = max_in_flight, chunked_prefill
         self.phases = phases
+        self.chain_sampler = chain_sampler  # decode chaining (coordinator/chaining.py) for rows it samples; "": off
+        self._chained: set[int] = set()  # continuations in flight whose step before is too
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
         self.in_flight: dict[int, InFlight] = {}
         self.num_preemptions = 0
+        self.num_chained_steps = 0
         self._finished_ids: list[str] = []
         self._next_step = 1
 
@@ -93,7 +99,8 @@ class Scheduler:
 
     @property
     def can_schedule(self) -> bool:
-        return len(self.in_flight) < self.max_in_flight
+        """A micro-batch slot is free (a continuation rides in its step's slot)."""
+        return len(self.in_flight) - len(self._chained) < self.max_in_flight
 
     def sampled_token(self, request_id: str) -> int | None:
         """The token sampled for `request_id` in its in-flight step and not yet committed."""
@@ -120,15 +127,18 @@ class Scheduler:
         self.waiting.append(seq.request_id)
 
     def schedule(self) -> Step | None:
-        """The next micro-batch, or None when nothing can run now."""
-        if not self.can_schedule:
-            return None
+        """The next micro-batch, or the continuation of one in flight (decode chaining), or None
+        when nothing can run now."""
+        step = self._schedule_new() if self.can_schedule else None
+        return step if step is not None or not self.chain_sampler else self._chain()
+
+    def _schedule_new(self) -> Step | None:
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
         decode, admit, projection = (True, True, None) if self.phases is None else self.phases.what_may_run(
             self.seqs, self.waiting, bool(self.in_flight))
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
-        num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values())
+        num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values() if r.step_id not in self._chained)
         for seq in ready[: num_decodes(len(ready), num_rows_in_flight, self.max_in_flight, self.max_num_seqs, budget)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
@@ -210,7 +220,10 @@ class Scheduler:
             if record is None or rid not in record.rows or record.rows[rid] is not None:
                 continue  # not in flight, or answered already: it commits with its step
             del record.rows[rid]
-            seq.step_id = 0
+            if (chained := self.in_flight.get(seq.chained_step_id)) is not None:
+                chained.drop(rid)  # its token will not come
+                commits += self._commit_if_complete(chained)
+            seq.step_id = seq.chained_step_id = 0
             if seq.num_tokens - seq.num_computed_tokens > 1:  # a prefill: it queues again, first
                 seq.status = Status.WAITING
                 self.waiting.appendleft(rid)
@@ -235,17 +248,19 @@ class Scheduler:
         self.blocks.free(seq.block_table)
         seq.block_table = []
         self._finished_ids.append(request_id)
-        record = self.in_flight.get(seq.step_id)
-        if record is None:
-            return []
-        record.drop(request_id)
-        return self._commit_if_complete(record)
+        commits: list[Commit] = []
+        for step_id in (seq.chained_step_id, seq.step_id):
+            if (record := self.in_flight.get(step_id)) is not None:
+                record.drop(request_id)
+                commits += self._commit_if_complete(record)
+        return commits
 
     def fail(self, step_id: int) -> list[str]:
         """A step was lost; its sequences are returned for the caller to finish."""
         record = self.in_flight.pop(step_id, None)
         if record is None:
             return []
+        self._chained.discard(step_id)
         for rid in record.request_ids:
             self.seqs[rid].step_id = 0
         return record.request_ids
@@ -256,10 +271,12 @@ class Scheduler:
         sampling the same rows again gives the same tokens). Returns the sequences that were
         swapped out, whose blocks the caller frees in the KV store."""
         self.in_flight.clear()
+        self._chained.clear()
         swapped = self.swapped.clear()
         for seq in self.seqs.values():
             self.blocks.free(seq.block_table)
             seq.block_table, seq.num_blocks_on_stages, seq.num_computed_tokens, seq.step_id = [], 0, 0, 0
+            seq.chained_step_id = 0
             seq.status = Status.WAITING
         self.blocks.forget_cached()
         self.waiting = deque(self.seqs)  # arrival order
@@ -271,6 +288,8 @@ class Scheduler:
         if not record.is_complete:
             return []
         del self.in_flight[record.step_id]
+        self._chained.discard(record.step_id)
+        self._chained.discard(record.continuation)  # an ordinary step in flight from now on
         for rid, num_computed in record.chunks.items():
             seq = self.seqs[rid]
             seq.status, seq.step_id = Status.PREFILLING, 0
@@ -278,11 +297,40 @@ class Scheduler:
         commits = []
         for rid, row in record.rows.items():
             seq = self.seqs[rid]
-            seq.status, seq.step_id = Status.READY, 0
+            if seq.chained_step_id:  # its next token is in flight already
+                seq.status, seq.step_id, seq.chained_step_id = Status.IN_FLIGHT, seq.chained_step_id, 0
+            else:
+                seq.status, seq.step_id = Status.READY, 0
             set_computed(self.blocks, seq, seq.num_tokens)
             seq.output_ids.append(row.token_id)
             commits.append((seq, row))
         return commits
+
+    def _chain(self) -> Step | None:
+        """The continuation of the oldest in-flight step that has none and may have one."""
+        decoding = self.phases is None or self.phases.phase == Phase.DECODE
+        if not chaining.may_chain(self.seqs.values(), self.num_waiting, decoding):
+            return None
+        for record in self.in_flight.values():
+            if record.continuation or record.step_id in self._chained:
+                continue
+            rows = chaining.continued_rows(record, self.seqs, self.chain_sampler, len(self.seqs) / self.max_in_flight)
+            if not rows:
+                continue
+            needed = [chaining.blocks_for_next(self.blocks, seq) for seq in rows]
+            if not self.blocks.can_allocate(sum(needed)):
+                return None
+            step = Step(self._next_step, [], self._finished_ids, [], [], input_step_id=record.step_id)
+            self._finished_ids, self._next_step = [], self._next_step + 1
+            for seq, n in zip(rows, needed):
+                seq.block_table.extend(self.blocks.allocate(n))
+                step.take_chained(seq)
+            self.in_flight[step.step_id] = InFlight.of(step)
+            record.continuation = step.step_id
+            self._chained.add(step.step_id)
+            self.num_chained_steps += 1
+            return step
+        return None
 
     def _grow(self, seq: Sequence, num_new: int, step: Step) -> bool:
         """Give `seq` blocks for `num_new` more tokens, preempting idle sequences if needed."""

@@ -31,6 +31,7 @@ class Sequence:
     num_blocks_on_stages: int = 0  # entries of block_table the stages hold; 0: none, the next step sends it whole
     status: Status = Status.WAITING
     step_id: int = 0  # the in-flight step it is in; 0: none
+    chained_step_id: int = 0  # the chained step after it, already sent (decode chaining); 0: none
     output_len_hint: int = 0  # the client's guess of its output length; 0: none
     predicted_output_len: int = 0  # temporal phases' prediction (set when added)
 
@@ -70,6 +71,7 @@ class Step:
     finished_request_ids: list[str]
     swap_out: list[tuple[str, list[int]]]
     swap_in: list[tuple[str, list[int]]]
+    input_step_id: int = 0  # decode chaining: every sequence's input is the token it samples at this step
 
     def take(self, seq: Sequence, num_new: int) -> None:
         """Put `seq`'s next `num_new` tokens in the step, which it is in flight in from now on;
@@ -89,6 +91,18 @@ class Step:
                 is_partial_prefill=end < seq.num_tokens,
             )
         )
+
+
+    def take_chained(self, seq: Sequence) -> None:
+        """Put in this chained step the token `seq`'s in-flight step samples: the stages get it
+        from the last stage, at position num_tokens; the blocks appended since go as ids."""
+        assert seq.num_blocks_on_stages, "a chained sequence is in flight: the stages hold its table"
+        seq.chained_step_id = self.step_id
+        held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
+        self.sequences.append(
+            ScheduledSequence(request_id=seq.request_id, num_computed_tokens=seq.num_tokens, input_ids=[],
+                              block_table=[], new_block_ids=seq.block_table[held:],
+                              sample_index=len(seq.output_ids) + 1, sampler=seq.sampler))
 
 
 class Sampled(NamedTuple):
@@ -112,6 +126,7 @@ class InFlight:
     num_answered: int = 0
     chunks: dict[str, int] = field(default_factory=dict)  # request id -> its computed tokens once the step is
     is_computed: bool = False  # the last stage ran the step: every stage holds its chunks' KV
+    continuation: int = 0  # the chained step sent after it for its sequences' next tokens; 0: none
 
     @classmethod
     def of(cls, step: Step) -> InFlight:
@@ -139,5 +154,5 @@ class InFlight:
 
     def drop(self, request_id: str) -> None:
         """A sequence of the step ended: the step no longer waits for it."""
-        if self.chunks.pop(request_id, None) is None and self.rows.pop(request_id) is not None:
+        if self.chunks.pop(request_id, None) is None and self.rows.pop(request_id, None) is not None:
             self.num_answered -= 1

@@ -85,10 +85,11 @@ class SamplerRunner:
         return num_frames
 
     def sample(self, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
-               logits: torch.Tensor, traceparent: str = "") -> None:
+               logits: torch.Tensor, traceparent: str = "") -> list[tuple[str, int]]:
         """Sample one frame's rows (logits [rows, vocab] float32) and publish the tokens to every
-        Results subscriber, in a span under the step's `traceparent` when the step is traced. The
-        Logits stream calls this; so does a last stage that samples in-process."""
+        Results subscriber, in a span under the step's `traceparent` when the step is traced; returns
+        the (request id, token) of each row sampled. The Logits stream calls this; so does a last
+        stage that samples in-process."""
         cpu = time.process_time_ns()
         with tracing.child_span("cpu_sampler", "sample", traceparent, {
                 "tandem.step_id": step_id, "tandem.num_rows": len(request_ids)}):
@@ -98,6 +99,7 @@ class SamplerRunner:
             self.sample_cpu_ns_total += time.process_time_ns() - cpu
         self._meters.sampled(result)
         self.subscribers.publish(_batch(step_id, result))
+        return [(row.request_id, row.token_id) for row in result.rows]
 
     def close(self) -> None:
         self.engine.close()

@@ -25,6 +25,9 @@ class StageWorkerConfig:
         "with stage_boundaries `auto`: a stage profile JSON file (python -m tandem.tools.profile_stage); "
         "every stage reads the same file and so computes the same split", "")
     next_stage: str = doc("host:port of the next stage; empty on the last stage", "")
+    last_stage: str = doc(
+        "stage 0 of a pipeline of more than one stage: host:port of the last stage, whose Tokens stream it "
+        "follows so that decode steps chain without the coordinator (its decode_chaining); empty: it does not", "")
     kv_store: str = doc("host:port of the KV store; empty when there is none", "")
     samplers: tuple[str, ...] = doc(
         "last stage: host:port of each CPU sampler replica it may send logits to (sampler_discovery: static), "
@@ -122,6 +125,8 @@ class StageWorkerConfig:
         if self.num_blocks < 1 or self.block_size < 1:
             raise ConfigError("config fields 'num_blocks' and 'block_size' must be >= 1")
         is_last = self.stage_index == self.num_stages - 1
+        if self.last_stage and (self.stage_index != 0 or is_last):
+            raise ConfigError("config field 'last_stage' may only be set on stage 0 of a pipeline of more than one stage")
         if self.sample_on_stage and not is_last:
             raise ConfigError("config field 'sample_on_stage' may only be set on the last stage")
         if is_last and (not self.sample_on_stage or self.has_sampler_replicas):

@@ -90,15 +90,22 @@ class StageExecutor:
         if not plan.sequences:
             raise InvalidArgumentError(f"step {plan.step_id}: plan has no sequences")
         vocab, max_len = self.model_config.vocab_size, self.model_config.max_position_embeddings
+        chained = plan.input_step_id != 0  # one token a sequence, sampled at step input_step_id
+        if chained and plan.input_step_id >= plan.step_id:
+            raise InvalidArgumentError(f"step {plan.step_id}: input_step_id {plan.input_step_id} is not an earlier step")
         slices = []
         for s, table in zip(plan.sequences, block_tables, strict=True):
-            if not s.input_ids:
+            if chained and (s.input_ids or s.is_partial_prefill):
+                raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has input tokens or a "
+                                           "prefill chunk in a chained step")
+            if not chained and not s.input_ids:
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has no input tokens")
             if self.layers.is_first and not all(0 <= t < vocab for t in s.input_ids):
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} has token ids outside [0, {vocab})")
-            if s.num_computed_tokens + len(s.input_ids) > max_len:
+            num_new = 1 if chained else len(s.input_ids)
+            if s.num_computed_tokens + num_new > max_len:
                 raise InvalidArgumentError(f"step {plan.step_id}: request {s.request_id!r} exceeds {max_len} positions")
-            slices.append(SequenceSlice(s.num_computed_tokens, len(s.input_ids), table))
+            slices.append(SequenceSlice(s.num_computed_tokens, num_new, table))
         return slices
 
     def swap_out(self, plan: pb.StepPlan, put: PutBlocks) -> None:
@@ -137,8 +144,9 @@ class StageExecutor:
                  buffers: dict[str, torch.Tensor]) -> StepInputs:
         meta = AttentionMetadata.build(slices, self.config.block_size, self.device, self.model_config.sliding_window)
         input_ids = hidden = None
-        if self.layers.is_first:
-            ids = torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64)
+        if self.layers.is_first:  # a chained step's tokens come later (fill_input_ids)
+            ids = (torch.zeros(len(plan.sequences), dtype=torch.int64) if plan.input_step_id else
+                   torch.tensor([t for s in plan.sequences for t in s.input_ids], dtype=torch.int64))
             input_ids = _slot_buffer(buffers, "input_ids", (ids.numel(),), torch.int64, self.device)
             input_ids.copy_(ids.pin_memory() if self._copy_stream else ids, non_blocking=True)
         elif self.device.type != "cpu":  # activations arrive in host memory: ready their device buffer
@@ -149,6 +157,14 @@ class StageExecutor:
             rows = [i for i, s in enumerate(plan.sequences) if not s.is_partial_prefill]
             logit_rows = torch.tensor(rows, dtype=torch.int64, device=self.device)
         return StepInputs(slices, meta, input_ids, samplers, hidden, logit_rows=logit_rows)
+
+    def fill_input_ids(self, inputs: StepInputs, token_ids: list[int]) -> None:
+        """Stage 0, a chained step: its tokens, one a sequence in plan order, which came after its
+        inputs were prepared."""
+        vocab = self.model_config.vocab_size
+        if not all(0 <= t < vocab for t in token_ids):
+            raise InvalidArgumentError(f"chained tokens outside [0, {vocab}): {token_ids}")
+        inputs.input_ids.copy_(torch.tensor(token_ids, dtype=torch.int64))
 
     def run(self, plan: pb.StepPlan, inputs: StepInputs, hidden: torch.Tensor | None) -> StepOutput:
         """Compute one step. `hidden` is [T, hidden_size] from the previous stage (None on stage 0)."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import threading
+from collections.abc import Callable, Sequence
 
 import grpc
 import torch
@@ -14,7 +16,11 @@ from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.outputs import ActivationStream, LogitsStream, RingOptions, Traffic
 from tandem.v1 import cpu_sampler_pb2_grpc, kv_store_pb2, kv_store_pb2_grpc
+from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+FOLLOW_RETRY_S = 0.1  # between attempts to follow the last stage's Tokens stream
 
 
 class GrpcPeers:
@@ -28,6 +34,9 @@ class GrpcPeers:
         self._next: ActivationStream | None = None  # set by connect() on every stage but the last
         self._samplers: dict[str, LogitsStream] = {}
         self._vocab_size = 0  # set by connect()
+        self._closed = threading.Event()
+        self._tokens_call: grpc.Future | None = None
+        self.follows_tokens = threading.Event()  # set while stage 0 follows the last stage's Tokens stream
 
     def connect(self, executor: StageExecutor) -> None:
         c = self.config
@@ -36,6 +45,28 @@ class GrpcPeers:
             stub = pb_grpc.StageWorkerStub(self._channel(c.next_stage))
             layout = codec.layout(executor.dtype, [executor.model_config.hidden_size])
             self._next = ActivationStream(stub, f"activations->{c.next_stage}", layout, c.structured_streams)
+
+    def follow_tokens(self, on_tokens: Callable[[int, Sequence[str], Sequence[int]], None]) -> None:
+        """Stage 0: follow the last stage's Tokens stream in a thread of its own, subscribing again
+        whenever it breaks; `on_tokens(step_id, request_ids, token_ids)` gets each step's."""
+        stub = pb_grpc.StageWorkerStub(self._channel(self.config.last_stage))
+
+        def follow() -> None:
+            while not self._closed.is_set():
+                try:
+                    self._tokens_call = stub.Tokens(pb.TokensRequest())
+                    for message in self._tokens_call:
+                        if message.step_id == 0:  # the subscription holds from here on
+                            self.follows_tokens.set()
+                        else:
+                            on_tokens(message.step_id, message.request_ids, message.token_ids)
+                except grpc.RpcError as e:
+                    if not self._closed.is_set() and self.follows_tokens.is_set():
+                        log.warning("the last stage's Tokens stream broke: %s %s", e.code().name, e.details())
+                self.follows_tokens.clear()
+                self._closed.wait(FOLLOW_RETRY_S)
+
+        threading.Thread(target=follow, name=f"tokens<-{self.config.last_stage}", daemon=True).start()
 
     def send_hidden(self, step_id: int, hidden: torch.Tensor) -> None:
         assert self._next is not None, "only the last stage has no next stage, and it sends logits"
@@ -75,6 +106,9 @@ class GrpcPeers:
         return {stream.name: stream.traffic for stream in self._streams()}
 
     def close(self) -> None:
+        self._closed.set()
+        if self._tokens_call is not None:
+            self._tokens_call.cancel()
         for stream in self._streams():
             stream.close()
         for channel in self._channels:

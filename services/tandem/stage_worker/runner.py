@@ -35,19 +35,26 @@ from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.stage_worker.meters import StageMeters
 from tandem.stage_worker.outputs import Traffic
 from tandem.stage_worker.samplers import SamplerDirectory
+from tandem.stage_worker.tokens import TokenBook, TokenFeed
 from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) -> None:
-# sample the rows here
-Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str], None]
+# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) ->
+# (request id, token) of each row it sampled, in row order: sample the rows here
+Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str], Sequence[tuple[str, int]]]
+# How long stage 0 waits at start-up for the last stage's Tokens stream before it serves without
+# decode chaining (it goes on trying; GetStageInfo's follows_tokens tells the coordinator).
+FOLLOW_WAIT_S = 30.0
+# How long a chained step waits for the tokens it names before stage 0 refuses it.
+TOKENS_WAIT_S = 30.0
 
 
 class StagePeers(Protocol):
     """Where a stage's outputs go and its swapped blocks live."""
 
     has_kv_store: bool
+    follows_tokens: threading.Event  # stage 0: set while it follows the last stage's Tokens stream
 
     def connect(self, executor: StageExecutor) -> None:
         """Open the outgoing streams, once the stage is loaded (their layouts need its shapes)."""
@@ -60,6 +67,10 @@ class StagePeers(Protocol):
         """Queue logits rows [rows, vocab] float32 for the sampler at `address`."""
 
     def put_blocks(self, request_id: str, blocks: torch.Tensor) -> None: ...
+
+    def follow_tokens(self, on_tokens: Callable[[int, Sequence[str], Sequence[int]], None]) -> None:
+        """Stage 0: follow the last stage's Tokens stream (StageWorkerConfig.last_stage), setting
+        `follows_tokens` while it holds; each step's tokens go to `on_tokens`."""
 
     def get_blocks(self, request_id: str) -> torch.Tensor: ...
 
@@ -85,6 +96,8 @@ class StageRunner:
         self._inputs: InputPreparer | None = None  # set by load()
         self._done: queue.Queue[pb.StepDone] = queue.Queue()
         self._activations: dict[int, Arrived] = {}
+        self.token_feed = TokenFeed()  # the last stage's Tokens stream
+        self._tokens = TokenBook()  # stage 0: the last stage's tokens by step, under _arrived
         self._arrived = threading.Condition()
         self._stopping = False
         # Each coordinator plan stream is an epoch; a newer one supersedes the plans of older ones
@@ -114,6 +127,11 @@ class StageRunner:
             if c.profile_file:
                 Path(c.profile_file).write_text(self.profile_json)
         self.peers.connect(executor)
+        if c.last_stage:
+            self.peers.follow_tokens(self.arrive_tokens)
+            if not self.peers.follows_tokens.wait(FOLLOW_WAIT_S):
+                log.warning("stage 0 does not follow the last stage's Tokens stream yet (%s): no decode chaining "
+                            "until it does", c.last_stage)
         self.executor = executor
         self._inputs = InputPreparer(lambda plan, slot: executor.prepare(plan, slot.buffers),
                                      overlap=c.overlap_input_prep)
@@ -156,6 +174,20 @@ class StageRunner:
             self._activations[step_id] = hidden
             self._arrived.notify_all()
 
+    def arrive_tokens(self, step_id: int, request_ids: Sequence[str], token_ids: Sequence[int]) -> None:
+        with self._arrived:
+            self._tokens.put(step_id, request_ids, token_ids)
+            self._arrived.notify_all()
+
+    @property
+    def follows_tokens(self) -> bool:
+        """Whether plans may chain decode steps on this stage 0: it follows the last stage's
+        tokens, or is the last stage itself."""
+        c = self.config
+        if c.stage_index != 0:
+            return False
+        return c.num_stages == 1 or (bool(c.last_stage) and self.peers.follows_tokens.is_set())
+
     @property
     def is_stopping(self) -> bool:
         return self._stopping
@@ -182,6 +214,8 @@ class StageRunner:
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
                 done.error, done.error_code = str(e) or type(e).__name__, frames.error_code(e)
+                if self.config.stage_index == self.config.num_stages - 1 and plan.sequences:
+                    self._publish_tokens(plan.step_id, [])  # a step chained on this one need not wait
             finally:
                 self._inputs.release(prepared)  # its outputs are sent: the slot may be reused
             end = time.perf_counter_ns()
@@ -199,7 +233,7 @@ class StageRunner:
         """One line of the step log: when the step computed (after its activations came), its rows
         and the prompt tokens among them."""
         prefill = sum(len(s.input_ids) for s in plan.sequences if len(s.input_ids) > 1)
-        decode = sum(1 for s in plan.sequences if len(s.input_ids) == 1)
+        decode = sum(1 for s in plan.sequences if len(s.input_ids) == 1 or plan.input_step_id)
         self._step_log.write(json.dumps({"step": plan.step_id, "start_ns": start_ns, "end_ns": end_ns,
                                          "prefill_tokens": prefill, "decode_rows": decode}) + "\n")
 
@@ -223,6 +257,8 @@ class StageRunner:
             return
         t1 = time.perf_counter_ns()
         hidden = None if ex.layers.is_first else self._wait_activations(plan.step_id, prepared.inputs.num_tokens, epoch)
+        if plan.input_step_id and ex.layers.is_first:
+            ex.fill_input_ids(prepared.inputs, self._wait_tokens(plan, epoch))
         t2, cpu = time.perf_counter_ns(), time.process_time_ns()
         out = ex.run(plan, prepared.inputs, hidden)
         done.wait_ns, done.forward_ns = t2 - t1, time.perf_counter_ns() - t2
@@ -247,6 +283,29 @@ class StageRunner:
         except CodecError as e:
             raise InvalidArgumentError(f"step {step_id}: activations do not fit the plan: {e}") from None
 
+    def _wait_tokens(self, plan: pb.StepPlan, epoch: int) -> list[int]:
+        """Stage 0: each sequence's input token of a chained step, from the tokens of the step it names."""
+        step, deadline = plan.input_step_id, time.monotonic() + TOKENS_WAIT_S
+        with self._arrived:
+            while (tokens := self._tokens.get(step)) is None and not self._stopping:
+                if epoch != self._epoch:
+                    raise InvalidArgumentError(f"step {plan.step_id}: superseded by a newer plan stream")
+                if time.monotonic() > deadline:
+                    raise InvalidArgumentError(f"step {plan.step_id}: the tokens of step {step} did not come "
+                                               f"within {TOKENS_WAIT_S:.0f}s")
+                self._arrived.wait(timeout=0.5)
+        # A row without a token is a request that ended after this step was planned (its sampler
+        # released it, or could not sample it): it is computed on token 0 and its output dropped.
+        return [(tokens or {}).get(s.request_id, 0) for s in plan.sequences]
+
+    def _publish_tokens(self, step_id: int, sampled: Sequence[tuple[str, int]]) -> None:
+        """A step every row of which was sampled here: its tokens to stage 0 (decode chaining)."""
+        request_ids, token_ids = [rid for rid, _ in sampled], [t for _, t in sampled]
+        if self.config.stage_index == 0:  # a one-stage pipeline: stage 0 is here
+            self.arrive_tokens(step_id, request_ids, token_ids)
+        else:
+            self.token_feed.publish(step_id, request_ids, token_ids)
+
     def _send_logits(self, plan: pb.StepPlan, samplers: list[str], logits: torch.Tensor) -> None:
         """Each sampler its rows; `samplers` is the address of each row's, from the sampler table.
         `logits` has a row for each sequence but partial prefill chunks, which are not sampled."""
@@ -254,8 +313,10 @@ class StageRunner:
         if not sampled:
             return
         if self.sample is not None and self.samplers is None:  # every row sampled here, in series (baseline)
-            self.sample(plan.step_id, [plan.sequences[i].request_id for i in sampled],
-                        [plan.sequences[i].sample_index for i in sampled], logits, plan.traceparent)
+            tokens = self.sample(plan.step_id, [plan.sequences[i].request_id for i in sampled],
+                                 [plan.sequences[i].sample_index for i in sampled], logits, plan.traceparent)
+            if len(sampled) == len(plan.sequences):
+                self._publish_tokens(plan.step_id, tokens)
             return
         rows: dict[str, list[int]] = defaultdict(list)  # address -> its rows of `logits`
         for row, i in enumerate(sampled):
@@ -266,6 +327,8 @@ class StageRunner:
             rows_logits = logits if len(idx) == len(sampled) else logits[idx]
             request_ids, sample_indices = [s.request_id for s in seqs], [s.sample_index for s in seqs]
             if address == frames.HOSTED_SAMPLER and self.sample is not None:  # known only when hosted
-                self.sample(plan.step_id, request_ids, sample_indices, rows_logits, plan.traceparent)
+                tokens = self.sample(plan.step_id, request_ids, sample_indices, rows_logits, plan.traceparent)
+                if len(idx) == len(plan.sequences):  # every row sampled here: a step chaining may continue
+                    self._publish_tokens(plan.step_id, tokens)
             else:
                 self.peers.send_logits(address, plan.step_id, request_ids, sample_indices, rows_logits)

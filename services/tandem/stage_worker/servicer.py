@@ -66,6 +66,18 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
                 num_frames += 1
         return pb.ActivationsSummary(num_frames=num_frames)
 
+    def Tokens(self, request: pb.TokensRequest, context: grpc.ServicerContext) -> Iterator[pb.SampledTokens]:
+        r = self.runner
+        if r.config.stage_index != r.config.num_stages - 1:
+            raise InvalidArgumentError(f"stage {r.config.stage_index} is not the last stage: it samples no tokens")
+        follower = r.token_feed.subscribe()
+        try:
+            if not context.add_callback(follower.close):  # runs on cancel or server stop
+                return
+            yield from follower.messages()
+        finally:
+            r.token_feed.unsubscribe(follower)
+
     def GetStageInfo(self, request: pb.GetStageInfoRequest, context: grpc.ServicerContext) -> pb.GetStageInfoResponse:
         r, e, c = self.runner, self.runner.ready(), self.runner.config
         placement = current_placement()
@@ -79,6 +91,7 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
             num_threads=placement.num_threads, num_interop_threads=placement.num_interop_threads,
             cpus=placement.cpus, profile_json=r.profile_json, model_config_sha256=r.model_config_sha256,
             structured_streams=c.structured_streams, sample_on_stage=r.sample is not None,
+            follows_tokens=r.follows_tokens,
             **r.peers.traffic(),
         )
 

@@ -1,0 +1,142 @@
+"""Decode chaining in the coordinator's pure scheduler: a micro-batch's next decode step planned
+before its tokens exist (coordinator/chaining.py), and every way a chain ends."""
+
+from __future__ import annotations
+
+from tandem.coordinator import chaining
+from tandem.coordinator.scheduler import Sampled, ScheduledSequence, Scheduler, Sequence, Status, Step
+from tandem.coordinator.steps import InFlight
+
+HOSTED = "stage-last:1"
+
+
+def scheduler(**options) -> Scheduler:
+    args = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=2,
+                chain_sampler=HOSTED)
+    return Scheduler(**{**args, **options})
+
+
+def seq(rid: str, prompt_len: int = 3, sampler: str = HOSTED, max_tokens: int = 100) -> Sequence:
+    return Sequence(rid, list(range(1, prompt_len + 1)), max_tokens=max_tokens, sampler=sampler)
+
+
+def rows(**tokens: int) -> dict[str, Sampled]:
+    return {rid: Sampled(token) for rid, token in tokens.items()}
+
+
+def decoding(s: Scheduler, *micro_batches: list[str]) -> list:
+    """Prefill each micro-batch in a step of its own, commit them, and return the first decode steps."""
+    prefills = []
+    for ids in micro_batches:
+        for rid in ids:
+            s.add(seq(rid))
+        prefills.append(s.schedule())
+    for step in prefills:
+        s.update(step.step_id, rows(**{x.request_id: 10 for x in step.sequences}))
+    return [s.schedule() for _ in micro_batches]
+
+
+def test_a_decode_step_is_continued_before_its_tokens_exist():
+    s = scheduler()
+    a, b = decoding(s, ["a1", "a2"], ["b1", "b2"])
+    assert (a.input_step_id, b.input_step_id) == (0, 0)
+    a2, b2 = s.schedule(), s.schedule()
+    assert s.schedule() is None  # one continuation each: a micro-batch has at most two steps in flight
+    assert (a2.input_step_id, b2.input_step_id) == (a.step_id, b.step_id)
+    # one token a sequence, at the position after the one its step computes; its input comes from the stages
+    assert [(x.request_id, x.input_ids, x.num_computed_tokens, x.sample_index) for x in a2.sequences] == [
+        ("a1", [], 4, 2), ("a2", [], 4, 2)]
+    assert s.seqs["a1"].chained_step_id == a2.step_id
+    # a's tokens commit; its continuation becomes an ordinary step in flight, and is continued in turn
+    (first, _), _ = s.update(a.step_id, rows(a1=11, a2=12))
+    assert first.output_ids == [10, 11] and first.status == Status.IN_FLIGHT and first.step_id == a2.step_id
+    a3 = s.schedule()
+    assert a3.input_step_id == a2.step_id and [x.sample_index for x in a3.sequences] == [3, 3]
+    assert [x.num_computed_tokens for x in a3.sequences] == [5, 5]
+    assert [seq.output_ids for seq, _ in s.update(a2.step_id, rows(a1=13, a2=14))] == [[10, 11, 13], [10, 12, 14]]
+
+
+def test_a_continuation_gets_the_block_its_token_needs():
+    s = scheduler()
+    decoding(s, ["a"], ["b"])  # 3 prompt tokens + 1: a's first block (4 tokens) is full after this step
+    assert s.seqs["a"].block_table and len(s.seqs["a"].block_table) == 1
+    continuation = s.schedule()
+    assert [(x.request_id, len(x.new_block_ids)) for x in continuation.sequences] == [("a", 1)]
+    assert len(s.seqs["a"].block_table) == 2
+
+
+def test_no_chain_while_anything_else_wants_a_step():
+    s = scheduler()
+    decoding(s, ["a"], ["b"])
+    s.add(seq("late"))  # a prompt waits: the slots go to ordinary steps, which admit it
+    assert s.schedule() is None
+    other = scheduler(chain_sampler="")  # chaining off
+    decoding(other, ["a"], ["b"])
+    assert other.schedule() is None
+
+
+def test_rows_of_another_sampler_do_not_chain():
+    s = scheduler()
+    s.add(seq("a", sampler="replica:1"))
+    s.add(seq("b"))
+    s.update(s.schedule().step_id, rows(a=1, b=2))
+    a, b = s.schedule(), s.schedule()
+    assert [x.request_id for x in a.sequences] == ["a"]
+    continued = s.schedule()  # a's step holds a row the last stage does not sample: only b's continues
+    assert continued.input_step_id == b.step_id and s.schedule() is None
+
+
+def test_an_uneven_micro_batch_is_left_to_the_ordinary_steps():
+    seqs = {rid: seq(rid) for rid in ("a", "b", "c", "d", "e", "f")}
+    for x in seqs.values():
+        x.status = Status.IN_FLIGHT
+    step = Step(7, [], [], [], [])
+    for rid in ("a", "b", "c", "d", "e"):
+        step.sequences.append(ScheduledSequence(rid, 3, [9], [], [], 1, HOSTED))
+    record = InFlight.of(step)
+    assert chaining.continued_rows(record, seqs, HOSTED, share=3.0) is None  # 5 rows where 3 is the share
+    assert [x.request_id for x in chaining.continued_rows(record, seqs, HOSTED, share=5.5)] == ["a", "b", "c", "d", "e"]
+    assert chaining.continued_rows(record, seqs, "elsewhere", share=5.0) is None
+
+
+def test_a_sequence_at_its_last_token_is_left_out_and_one_that_ends_leaves_its_continuation():
+    s = scheduler()
+    s.add(seq("a", max_tokens=2))
+    for rid in ("b", "c", "d"):
+        s.add(seq(rid))
+    prefill = s.schedule()
+    s.update(prefill.step_id, rows(a=1, b=2, c=3, d=4))
+    first, _ = s.schedule(), s.schedule()
+    assert [x.request_id for x in first.sequences] == ["a", "b"]
+    continued = s.schedule()
+    assert [x.request_id for x in continued.sequences] == ["b"]  # a's step samples its last token
+    commits = s.update(first.step_id, rows(a=5, b=6))
+    assert [(seq.request_id, seq.status) for seq, _ in commits] == [("a", Status.READY), ("b", Status.IN_FLIGHT)]
+    s.finish("a")
+    assert s.finish("b") == []  # b ended (a stop token): its continuation has nothing left to wait for
+    assert continued.step_id not in s.in_flight
+
+
+def test_aborting_a_chained_sequence_frees_it_from_both_steps():
+    s = scheduler()
+    a, _ = decoding(s, ["a1", "a2"], ["b1", "b2"])
+    a2 = s.schedule()
+    free = s.blocks.num_free
+    assert s.finish("a1") == []
+    assert "a1" not in s.in_flight[a.step_id].rows and "a1" not in s.in_flight[a2.step_id].rows
+    assert s.blocks.num_free > free
+    commits = s.update(a.step_id, rows(a1=1, a2=2))  # a1's answer is ignored
+    assert [seq.request_id for seq, _ in commits] == ["a2"]
+    assert s.update(a2.step_id, rows(a1=3, a2=4))[0][0].output_ids == [10, 2, 4]
+
+
+def test_a_failed_step_and_a_lost_stage_end_the_chain():
+    s = scheduler()
+    a, _ = decoding(s, ["a1"], ["b1"])
+    a2, _ = s.schedule(), s.schedule()
+    assert s.fail(a.step_id) == ["a1"]
+    s.finish("a1")  # the engine ends the failed step's requests
+    assert a2.step_id not in s.in_flight  # nothing of its continuation is left to wait for
+    s.recompute_all()
+    assert not s.in_flight and all(x.chained_step_id == 0 and x.status == Status.WAITING for x in s.seqs.values())
+    assert s.can_schedule
