@@ -78,7 +78,6 @@ class Scheduler:
         self.max_in_flight, self.chunked_prefill = max_in_flight, chunked_prefill
         self.phases = phases
         self.chain_sampler = chain_sampler  # decode chaining (coordinator/chaining.py) for rows it samples; "": off
-        self._chained: set[int] = set()  # continuations in flight whose step before is too
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
         self.in_flight: dict[int, InFlight] = {}
@@ -100,7 +99,7 @@ class Scheduler:
     @property
     def can_schedule(self) -> bool:
         """A micro-batch slot is free (a continuation rides in its step's slot)."""
-        return len(self.in_flight) - len(self._chained) < self.max_in_flight
+        return sum(1 for r in self.in_flight.values() if not self._rides(r)) < self.max_in_flight
 
     def sampled_token(self, request_id: str) -> int | None:
         """The token sampled for `request_id` in its in-flight step and not yet committed."""
@@ -138,7 +137,7 @@ class Scheduler:
         decode, admit, projection = (True, True, None) if self.phases is None else self.phases.what_may_run(
             self.seqs, self.waiting, bool(self.in_flight))
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
-        num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values() if r.step_id not in self._chained)
+        num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values() if not self._rides(r))
         for seq in ready[: num_decodes(len(ready), num_rows_in_flight, self.max_in_flight, self.max_num_seqs, budget)]:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
@@ -260,7 +259,6 @@ class Scheduler:
         record = self.in_flight.pop(step_id, None)
         if record is None:
             return []
-        self._chained.discard(step_id)
         for rid in record.request_ids:
             self.seqs[rid].step_id = 0
         return record.request_ids
@@ -271,7 +269,6 @@ class Scheduler:
         sampling the same rows again gives the same tokens). Returns the sequences that were
         swapped out, whose blocks the caller frees in the KV store."""
         self.in_flight.clear()
-        self._chained.clear()
         swapped = self.swapped.clear()
         for seq in self.seqs.values():
             self.blocks.free(seq.block_table)
@@ -287,9 +284,7 @@ class Scheduler:
     def _commit_if_complete(self, record: InFlight) -> list[Commit]:
         if not record.is_complete:
             return []
-        del self.in_flight[record.step_id]
-        self._chained.discard(record.step_id)
-        self._chained.discard(record.continuation)  # an ordinary step in flight from now on
+        del self.in_flight[record.step_id]  # its continuation, if any, is an ordinary step in flight from now on
         for rid, num_computed in record.chunks.items():
             seq = self.seqs[rid]
             seq.status, seq.step_id = Status.PREFILLING, 0
@@ -312,7 +307,7 @@ class Scheduler:
         if not chaining.may_chain(self.seqs.values(), self.num_waiting, decoding):
             return None
         for record in self.in_flight.values():
-            if record.continuation or record.step_id in self._chained:
+            if record.continuation or self._rides(record):
                 continue
             rows = chaining.continued_rows(record, self.seqs, self.chain_sampler, len(self.seqs) / self.max_in_flight)
             if not rows:
@@ -327,10 +322,13 @@ class Scheduler:
                 step.take_chained(seq)
             self.in_flight[step.step_id] = InFlight.of(step)
             record.continuation = step.step_id
-            self._chained.add(step.step_id)
             self.num_chained_steps += 1
             return step
         return None
+
+    def _rides(self, record: InFlight) -> bool:
+        """A continuation whose step before is still in flight: it takes no micro-batch slot of its own."""
+        return record.input_step_id in self.in_flight
 
     def _grow(self, seq: Sequence, num_new: int, step: Step) -> bool:
         """Give `seq` blocks for `num_new` more tokens, preempting idle sequences if needed."""

@@ -127,6 +127,7 @@ class InFlight:
     chunks: dict[str, int] = field(default_factory=dict)  # request id -> its computed tokens once the step is
     is_computed: bool = False  # the last stage ran the step: every stage holds its chunks' KV
     continuation: int = 0  # the chained step sent after it for its sequences' next tokens; 0: none
+    input_step_id: int = 0  # a continuation: the step whose tokens it takes (Step.input_step_id)
 
     @classmethod
     def of(cls, step: Step) -> InFlight:
@@ -134,7 +135,7 @@ class InFlight:
         each partial prefill."""
         rows: dict[str, Sampled | None] = {s.request_id: None for s in step.sequences if not s.is_partial_prefill}
         chunks = {s.request_id: s.num_computed_tokens + len(s.input_ids) for s in step.sequences if s.is_partial_prefill}
-        return cls(step.step_id, time.monotonic(), rows, chunks=chunks)
+        return cls(step.step_id, time.monotonic(), rows, chunks=chunks, input_step_id=step.input_step_id)
 
     @property
     def is_complete(self) -> bool:

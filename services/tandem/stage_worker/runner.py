@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Protocol, TextIO, TypeVar
 
 import torch
 
@@ -39,6 +40,7 @@ from tandem.stage_worker.tokens import TokenBook, TokenFeed
 from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) ->
 # (request id, token) of each row it sampled, in row order: sample the rows here
@@ -268,14 +270,24 @@ class StageRunner:
         else:
             self._send_logits(plan, prepared.inputs.samplers, out.logits)
 
-    def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor | None:
-        """The step's activations, shaped by the plan when they came as raw bytes."""
+    def _await(self, step_id: int, epoch: int, take: Callable[[], T | None], what: str,
+               timeout_s: float = math.inf) -> T | None:
+        """What `take` finds once it arrives (activations or tokens, under _arrived), or None when
+        the stage stops; InvalidArgumentError when a newer plan stream supersedes the step or
+        `timeout_s` passes."""
+        deadline = time.monotonic() + timeout_s
         with self._arrived:
-            while step_id not in self._activations and not self._stopping:
+            while (found := take()) is None and not self._stopping:
                 if epoch != self._epoch:
                     raise InvalidArgumentError(f"step {step_id}: superseded by a newer plan stream")
+                if time.monotonic() > deadline:
+                    raise InvalidArgumentError(f"step {step_id}: {what} did not come within {timeout_s:.0f}s")
                 self._arrived.wait(timeout=0.5)
-            hidden = self._activations.pop(step_id, None)
+            return found
+
+    def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor | None:
+        """The step's activations, shaped by the plan when they came as raw bytes."""
+        hidden = self._await(step_id, epoch, lambda: self._activations.pop(step_id, None), "its activations")
         if hidden is None:
             return None
         try:
@@ -285,15 +297,9 @@ class StageRunner:
 
     def _wait_tokens(self, plan: pb.StepPlan, epoch: int) -> list[int]:
         """Stage 0: each sequence's input token of a chained step, from the tokens of the step it names."""
-        step, deadline = plan.input_step_id, time.monotonic() + TOKENS_WAIT_S
-        with self._arrived:
-            while (tokens := self._tokens.get(step)) is None and not self._stopping:
-                if epoch != self._epoch:
-                    raise InvalidArgumentError(f"step {plan.step_id}: superseded by a newer plan stream")
-                if time.monotonic() > deadline:
-                    raise InvalidArgumentError(f"step {plan.step_id}: the tokens of step {step} did not come "
-                                               f"within {TOKENS_WAIT_S:.0f}s")
-                self._arrived.wait(timeout=0.5)
+        step = plan.input_step_id
+        tokens = self._await(plan.step_id, epoch, lambda: self._tokens.get(step), f"the tokens of step {step}",
+                             TOKENS_WAIT_S)
         # A row without a token is a request that ended after this step was planned (its sampler
         # released it, or could not sample it): it is computed on token 0 and its output dropped.
         return [(tokens or {}).get(s.request_id, 0) for s in plan.sequences]
@@ -312,15 +318,12 @@ class StageRunner:
         sampled = [i for i, s in enumerate(plan.sequences) if not s.is_partial_prefill]
         if not sampled:
             return
-        if self.sample is not None and self.samplers is None:  # every row sampled here, in series (baseline)
-            tokens = self.sample(plan.step_id, [plan.sequences[i].request_id for i in sampled],
-                                 [plan.sequences[i].sample_index for i in sampled], logits, plan.traceparent)
-            if len(sampled) == len(plan.sequences):
-                self._publish_tokens(plan.step_id, tokens)
-            return
         rows: dict[str, list[int]] = defaultdict(list)  # address -> its rows of `logits`
-        for row, i in enumerate(sampled):
-            rows[samplers[i]].append(row)
+        if self.sample is not None and self.samplers is None:  # every row sampled here, in series (baseline)
+            rows[frames.HOSTED_SAMPLER] = list(range(len(sampled)))
+        else:
+            for row, i in enumerate(sampled):
+                rows[samplers[i]].append(row)
         hosted = rows.pop(frames.HOSTED_SAMPLER, None)  # sampled here, once the others' rows are on their way
         for address, idx in [*rows.items(), *([(frames.HOSTED_SAMPLER, hosted)] if hosted else [])]:
             seqs = [plan.sequences[sampled[row]] for row in idx]
