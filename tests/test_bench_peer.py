@@ -29,7 +29,7 @@ from tandem.bench.peer import (
     process_title,
     thread_binding,
 )
-from tandem.bench.report import format_comparison, format_run, run_figures
+from tandem.bench.report import format_comparison, format_run, request_figures, run_figures
 from tandem.bench.runner import SendOptions
 from tandem.bench.workload import Request
 from tandem.cli import build_parser, main
@@ -172,6 +172,11 @@ class FakeOpenAI(BaseHTTPRequestHandler):
                                                   "param": None, "code": 400}}))
             return
         n = body["max_tokens"]
+        if body["stream"] is False:
+            usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": n, "total_tokens": len(body["prompt"]) + n}
+            answer = {"choices": [{"index": 0, "text": "x" * n, "finish_reason": "length"}]}
+            self._send(200, json.dumps({**answer, **({"usage": usage} if body["prompt"][0] != 998 else {})}))
+            return
         events = [{"choices": [{"index": 0, "text": "x", "finish_reason": None}], "usage": None}
                   for _ in range((n + 1) // 2)]
         if body["prompt"][0] != 998:
@@ -221,6 +226,19 @@ def test_openai_client_reports_errors_and_missing_usage(fake_openai):
     assert base_url("http://h:1/v1/") == "http://h:1" and base_url("http://h:1") == "http://h:1"
     assert parse_event(b"data: [DONE]\n") is None and parse_event(": keep-alive") is None
     assert parse_event('data: {"a": 1}') == {"a": 1}
+
+
+def test_openai_client_without_streaming_counts_tokens_from_the_answer(fake_openai):
+    requests = [Request(i, (10 + i, 11), out) for i, out in enumerate([5, 3])] + [Request(2, (998, 1), 4)]
+    m = measure_openai(fake_openai, requests, [], SendOptions(stream=False))
+    assert [r.output_tokens for r in m.records[:2]] == [5, 3]
+    assert [r.error for r in m.records[:2]] == [None, None] and "no usage" in m.records[2].error
+    assert all(r.first_token_s is None for r in m.records)  # no token is seen before the answer
+    assert all(b["stream"] is False and "stream_options" not in b for b in FakeOpenAI.bodies)
+    figures = request_figures(m.records[0])
+    assert figures["ttft_s"] is None and figures["tpot_s"] is None
+    assert figures["e2e_s"] == pytest.approx(m.records[0].done_s - m.records[0].sent_s) and figures["e2e_s"] > 0
+    assert request_figures(m.records[2])["e2e_s"] is None  # a failed request has no latency
 
 
 def test_bench_measures_a_peer_endpoint_with_the_peak(fake_openai, tmp_path, monkeypatch, capsys):

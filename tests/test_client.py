@@ -148,6 +148,16 @@ def test_generate_returns_the_whole_result(fake) -> None:
     assert sent.sampling.temperature == 0.0 and sent.sampling.HasField("temperature")
     assert not sent.sampling.HasField("top_p") and sent.sampling.top_k == 5
     assert list(sent.sampling.stop) == ["\n"] and dict(sent.sampling.logit_bias) == {3: -100.0}
+    assert sent.HasField("stream") and not sent.stream  # the result alone: no message a token
+
+
+def test_generate_stream_asks_for_tokens_unless_told_not_to(fake) -> None:
+    servicer, endpoint = fake
+    with TandemClient(endpoint, timeout_s=WAIT_S) as client:
+        list(client.generate_stream(prompt_ids=[1], max_tokens=1))
+        list(client.generate_stream(prompt_ids=[1], max_tokens=1, stream=False))
+        client.generate(prompt_ids=[1], max_tokens=1, stream=True)
+    assert [(r.HasField("stream"), r.stream) for r in servicer.requests] == [(False, False), (True, False), (True, True)]
 
 
 def test_generate_stream_yields_chunks_then_the_result(fake) -> None:
@@ -328,6 +338,7 @@ def test_async_client(fake) -> None:
         async with AsyncTandemClient(endpoint, timeout_s=WAIT_S, api_key="k") as client:
             result = await client.generate(prompt_ids=[5], max_tokens=2)
             assert result.token_ids == [6, 7] and result.finish_reason == "length"
+            assert servicer.requests[-1].HasField("stream") and not servicer.requests[-1].stream
 
             stream = client.generate_stream("ab", max_tokens=3)
             chunks = [chunk async for chunk in stream]

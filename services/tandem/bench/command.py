@@ -119,7 +119,8 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
     machine = machine_info() | ({"vllm": peer_version} if peer_version else {})
     w = workload.description
     log(f"workload: {w['num_requests']} requests, {w['prompt_tokens']} prompt and {w['output_tokens']} output "
-         f"tokens, {w['num_warmup']} warm-up; {machine['num_cores']} cores")
+         f"tokens, {w['num_warmup']} warm-up{'' if args.stream else ', each asking for its result alone (--no-stream)'}; "
+         f"{machine['num_cores']} cores")
     peak = peak_flops(dtype, args.device, machine)
 
     repeats: dict[str, list[dict]] = {t.name: [] for t in targets}

@@ -106,7 +106,7 @@ def measure(target: Target, args: argparse.Namespace, model: str | None, workloa
     from tandem.bench.openai_api import measure_openai
     from tandem.bench.runner import SendOptions, measure_endpoint
 
-    options = SendOptions(sampling, args.seed, args.max_concurrency, args.timeout)
+    options = SendOptions(sampling, args.seed, args.max_concurrency, args.timeout, args.stream)
     if target.kind == VLLM:
         from tandem.bench.peer import VllmServer
 

@@ -5,7 +5,8 @@ Each request is one completion: the workload's token ids as the prompt (`prompt:
 SGLang's extensions that keep a request from stopping early; a server that knows neither may stop
 at an end-of-sequence token, which shows as fewer output tokens), the bench's sampling parameters
 under the same names, the same per-request seed as Tandem's requests, and `stream: true` with
-`stream_options: {"include_usage": true}` so that the stream ends with the token counts.
+`stream_options: {"include_usage": true}` so that the stream ends with the token counts (with
+`SendOptions.stream` off, `stream: false`: one JSON answer, whose usage gives the counts).
 
 The first chunk with a choice marks the first token. Output tokens are the usage chunk's
 `completion_tokens`, never counted from text (a chunk's text may hold several tokens or none); a
@@ -33,10 +34,11 @@ def base_url(url: str) -> str:
 
 
 def completion_body(request: Request, options: SendOptions, model: str) -> dict:
-    """The JSON body of `request` as a streamed /v1/completions call."""
+    """The JSON body of `request` as a /v1/completions call, streamed unless options.stream is off."""
+    stream = {"stream": True, "stream_options": {"include_usage": True}} if options.stream else {"stream": False}
     return {"model": model, "prompt": list(request.prompt_ids), "max_tokens": request.output_len,
             "min_tokens": request.output_len, "ignore_eos": True, "seed": options.seed + max(request.index, 0),
-            **options.sampling, "stream": True, "stream_options": {"include_usage": True}}
+            **options.sampling, **stream}
 
 
 def parse_event(line: bytes | str) -> dict | None:
@@ -107,20 +109,24 @@ async def _send_one(session, url: str, model: str, options: SendOptions, request
             if response.status != 200:
                 record.error = error_message(response.status, await response.text())
                 return
-            async for line in response.content:
-                event = parse_event(line)
-                if event is None:
-                    continue
-                if "error" in event:
-                    record.error = error_message(response.status, json.dumps(event))
-                    return
-                if event.get("choices") and record.first_token_s is None:
-                    record.first_token_s = time.perf_counter() - start
-                usage = event.get("usage") or usage
+            if not options.stream:
+                usage = json.loads(await response.text()).get("usage")
+            else:
+                async for line in response.content:
+                    event = parse_event(line)
+                    if event is None:
+                        continue
+                    if "error" in event:
+                        record.error = error_message(response.status, json.dumps(event))
+                        return
+                    if event.get("choices") and record.first_token_s is None:
+                        record.first_token_s = time.perf_counter() - start
+                    usage = event.get("usage") or usage
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as e:
         record.error = f"{type(e).__name__}: {e}"
         return
     if usage is None:
-        record.error = "the stream carried no usage (the server ignored stream_options.include_usage)"
+        record.error = ("the stream carried no usage (the server ignored stream_options.include_usage)"
+                        if options.stream else "the answer carried no usage")
         return
     record.output_tokens = int(usage.get("completion_tokens", 0))

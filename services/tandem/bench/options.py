@@ -121,6 +121,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     load.add_argument("--max-concurrency", type=_positive(int),
                       help="most requests in flight (default: no limit; a coordinator refuses requests "
                            "beyond its queue, 256 waiting by default)")
+    load.add_argument("--no-stream", dest="stream", action="store_false",
+                      help="each request asks for its result alone instead of its tokens as they come (Generate's "
+                           "stream: false, and /v1/completions' for the vLLM and --peer-endpoint runs): offline "
+                           "use, where no client reads a token early; time to first token and per output token "
+                           "are then not measured")
     load.add_argument("--warmup", type=int, default=2, help="unmeasured warm-up requests per run (default: 2)")
     load.add_argument("--timeout", type=_positive(float), help="seconds a request may take (default: no limit)")
 

@@ -20,12 +20,12 @@ RATIO_KEYS = ("output_tokens_per_s", "total_tokens_per_s", "ttft_p50_s", "ttft_p
 
 def request_figures(r: RequestRecord) -> dict:
     """One request's latencies (seconds; None where they do not apply)."""
-    ok = r.error is None and r.first_token_s is not None
+    ok = r.error is None and r.first_token_s is not None  # without streaming no first token is seen
     return {
         "index": r.index, "prompt_len": r.prompt_len, "output_len": r.output_len, "output_tokens": r.output_tokens,
         "ttft_s": r.first_token_s - r.sent_s if ok else None,
         "tpot_s": stats.time_per_output_token(r.first_token_s, r.done_s, r.output_tokens) if ok else None,
-        "e2e_s": r.done_s - r.sent_s if ok else None,
+        "e2e_s": r.done_s - r.sent_s if r.error is None and r.done_s is not None else None,
         "error": r.error,
     }
 

@@ -4,9 +4,10 @@
 them to a Tandem deployment (tandem.bench.openai_api to an OpenAI-compatible server).
 
 Requests go out at their arrival times (all at once for an offline run), at most
-`max_concurrency` at a time; each one is streamed so that the first token's arrival is seen.
-Time to first token counts from the moment a request is sent, so waiting for a
-`max_concurrency` slot is not part of it (as in vLLM's serving benchmark).
+`max_concurrency` at a time; each one is streamed so that the first token's arrival is seen
+(unless `SendOptions.stream` is off: each request then asks for its result alone, and only its
+end-to-end latency is measured). Time to first token counts from the moment a request is sent, so
+waiting for a `max_concurrency` slot is not part of it (as in vLLM's serving benchmark).
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ class SendOptions:
     seed: int = 0
     max_concurrency: int | None = None
     timeout_s: float | None = None
+    stream: bool = True  # off: each request asks for its result alone (no first-token time)
 
 
 # Sends one request and fills in its record: first_token_s and output_tokens (or error); times are
@@ -139,6 +141,16 @@ async def run_requests(requests: Sequence[Request], options: SendOptions, send_o
 async def _send_one(client, options: SendOptions, request: Request, record: RequestRecord, start: float) -> None:
     from tandem.client import ClientError
 
+    if not options.stream:
+        try:
+            result = await client.generate(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
+                                           ignore_eos=True, seed=options.seed + max(request.index, 0),
+                                           **options.sampling)
+        except ClientError as e:
+            record.error = str(e)
+            return
+        record.output_tokens = len(result.token_ids)
+        return
     stream = client.generate_stream(prompt_ids=list(request.prompt_ids), max_tokens=request.output_len,
                                     ignore_eos=True, seed=options.seed + max(request.index, 0), **options.sampling)
     try:

@@ -55,6 +55,7 @@ class GenerateOptions(TypedDict, total=False):
     logit_bias: Mapping[int, float] | None
     add_special_tokens: bool | None  # when tokenizing a text prompt; server default true
     output_len_hint: int | None  # expected output tokens, for the server's temporal scheduling
+    stream: bool | None  # tokens as they come (generate_stream's default), or the result alone (generate's)
     request_id: str | None  # unique among live requests; None lets the server choose
     timeout_s: float | None  # deadline of the whole call; None takes the client's
     traceparent: str | None  # W3C trace context, sent as gRPC metadata: the request's trace continues it
@@ -122,6 +123,8 @@ def build_generate_request(
         request.add_special_tokens = bool(options["add_special_tokens"])
     if options.get("output_len_hint") is not None:
         request.output_len_hint = options["output_len_hint"]
+    if options.get("stream") is not None:
+        request.stream = bool(options["stream"])
     return request
 
 

@@ -145,11 +145,13 @@ class AsyncTandemClient:
 
         Options are those of `GenerateOptions`, as for `TandemClient.generate`.
         """
+        options.setdefault("stream", False)
         async with self.generate_stream(prompt, **options) as stream:
             return await stream.wait()
 
     def generate_stream(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> AsyncGenerateStream:
-        """Start generating, as `generate` does; `async for` over the stream for chunks."""
+        """Start generating, as `generate` does; `async for` over the stream for chunks (none with
+        `stream=False`: the stream then ends with the result alone)."""
         request = build_generate_request(prompt, options)
         call = self._stub.Generate(
             request, timeout=self._timeout(options.get("timeout_s")),

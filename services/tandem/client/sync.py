@@ -139,13 +139,16 @@ class TandemClient:
         Options are those of `GenerateOptions`: vLLM's sampling parameters (max_tokens,
         temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
         frequency_penalty, seed, stop, stop_token_ids, ignore_eos, min_tokens, logprobs,
-        logit_bias), plus add_special_tokens, output_len_hint, request_id and timeout_s.
+        logit_bias), plus add_special_tokens, output_len_hint, request_id and timeout_s. The server
+        sends the result alone, not each token as it comes (`stream=True` asks for those too).
         """
+        options.setdefault("stream", False)
         with self.generate_stream(prompt, **options) as stream:
             return stream.wait()
 
     def generate_stream(self, prompt: str | None = None, **options: Unpack[GenerateOptions]) -> GenerateStream:
-        """Start generating, as `generate` does; iterate the stream for chunks as they come."""
+        """Start generating, as `generate` does; iterate the stream for chunks as they come (none with
+        `stream=False`: the stream then ends with the result alone)."""
         request = build_generate_request(prompt, options)
         call = self._stub.Generate(
             request, timeout=self._timeout(options.get("timeout_s")),

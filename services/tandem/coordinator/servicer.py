@@ -67,6 +67,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
         req.trace = request_trace.start(req.request_id, len(req.prompt_ids), context.invocation_metadata() or (),
                                         self.config.trace_every_n_steps)
         ready, stats, error = self.wakeups.watch(req), None, None
+        streaming = request.stream if request.HasField("stream") else True
         try:
             self.engine.submit(req)  # AlreadyExistsError for a live id: nothing of the other is touched
             stats = self.metrics.start(req)  # from here on the request is the engine's
@@ -81,7 +82,7 @@ class CoordinatorServicer(pb_grpc.CoordinatorServicer):
                 stats.tokens(len(chunk.token_ids))
                 if text.finish_reason == common_pb2.FINISH_REASON_STOP_SEQUENCE and chunk.end is None:
                     self.engine.abort(req.request_id, common_pb2.FINISH_REASON_STOP_SEQUENCE)
-                if chunk.token_ids:
+                if chunk.token_ids and streaming:  # without streaming the completion carries them all
                     yield self._chunk(req, text, chunk)
                 if chunk.end is not None and chunk.end.error is not None:
                     raise chunk.end.error

@@ -167,7 +167,7 @@ class Gateway:
             for prompt, options in job.calls():
                 text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
                 streams.append(self.client.generate_stream(text, prompt_ids=ids, timeout_s=timeout_s,
-                                                           traceparent=traceparent, **options))
+                                                           traceparent=traceparent, stream=job.stream, **options))
         except (TypeError, ValueError) as e:  # a value the request message cannot hold, such as a huge token id
             for stream in streams:
                 stream.close()
