@@ -3,15 +3,22 @@ context; a stage rebuilds every whole block table from them; and it refuses what
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+
 import pytest
 import torch
 
 from tandem.coordinator import plans
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence
 from tandem.core.errors import InvalidArgumentError
+from tandem.core.wire.frames import HOSTED_SAMPLER
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
+from tandem.stage_worker.runner import StageRunner
 from tandem.stage_worker.tables import PlanTables
+from tandem.v1 import common_pb2
 from tandem.v1 import stage_worker_pb2 as pb
 
 
@@ -159,3 +166,56 @@ def test_a_stage_stream_opened_again_begins_with_the_sampler_table():
     assert (table.step_id, list(table.sampler_addresses), not table.sequences) == (0, ["s0:1", "s1:1"], True)
     assert plan.step_id == 3
     port.channel.close()
+
+
+class HiddenPeers:
+    """A stage 0's peers that keep the steps whose activations it sent."""
+
+    has_kv_store = False
+
+    def __init__(self) -> None:
+        self.follows_tokens = threading.Event()
+        self.sent: queue.Queue[int] = queue.Queue()
+
+    def connect(self, executor) -> None:
+        pass
+
+    def send_hidden(self, step_id: int, hidden: torch.Tensor) -> None:
+        self.sent.put(step_id)
+
+    def hops(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("stage_index", [0, 1])
+def test_only_the_last_stage_answers_every_step(checkpoint, stage_index):
+    """A stage before the last answers the plan stream only for the steps it failed."""
+    model = str(checkpoint("llama"))
+    config = StageWorkerConfig(model=model, stage_index=stage_index, num_stages=2, next_stage="127.0.0.1:1",
+                               num_blocks=8, block_size=4, profile_at_startup=False, sample_on_stage=stage_index == 1)
+    runner = StageRunner(config, HiddenPeers(), sample=lambda step_id, rids, indices, logits, tp: [(r, 1) for r in rids])
+    runner.load()
+    hidden = torch.zeros(4, runner.ready().model_config.hidden_size)
+    try:
+        done, epoch = runner.open_steps()
+        good = pb.StepPlan(step_id=1, sampler_addresses=[HOSTED_SAMPLER], sequences=[
+            pb.SequencePlan(request_id="a", input_ids=[5, 6, 7, 8], block_table=[3])])
+        bad = pb.StepPlan(step_id=2, sequences=[pb.SequencePlan(request_id="x", input_ids=[5], num_computed_tokens=3,
+                                                                new_block_ids=[1])])
+        for plan in (good, bad):
+            if stage_index == 1:
+                runner.arrive(plan.step_id, hidden if plan is good else hidden[:1])
+            runner.submit(plan, epoch)
+        answers = [done.get(timeout=60) for _ in range(2 if stage_index == 1 else 1)]
+        if stage_index == 0:
+            assert runner.peers.sent.get(timeout=60) == 1  # step 1 went through: its activations were sent
+            time.sleep(0.2)
+            assert done.empty()
+    finally:
+        runner.close()
+    assert [a.step_id for a in answers] == ([1, 2] if stage_index == 1 else [2])
+    assert "appends" in answers[-1].error and answers[-1].error_code == common_pb2.ERROR_CODE_INVALID_ARGUMENT
+    assert stage_index == 0 or (answers[0].error == "" and answers[0].forward_ns > 0)

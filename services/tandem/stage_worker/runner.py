@@ -97,6 +97,9 @@ class StageRunner:
         self.executor: StageExecutor | None = None  # set by load()
         self._inputs: InputPreparer | None = None  # set by load()
         self._done: queue.Queue[pb.StepDone] = queue.Queue()
+        # A stage before the last answers only the steps it failed: the last stage's answer, which
+        # can only come after theirs, tells the coordinator the step went through them all.
+        self._answers_every_step = config.stage_index == config.num_stages - 1
         self._activations: dict[int, Arrived] = {}
         self.token_feed = TokenFeed()  # the last stage's Tokens stream
         self._tokens = TokenBook()  # stage 0: the last stage's tokens by step, under _arrived
@@ -229,7 +232,8 @@ class StageRunner:
             self._meters.executed(busy_ns, idle_ns, done.forward_ns)
             if self._step_log is not None and plan.sequences:
                 self._log_step(plan, start_wall + done.wait_ns, start_wall + end - start)
-            self._done.put(done)
+            if done.error or self._answers_every_step:
+                self._done.put(done)
 
     def _log_step(self, plan: pb.StepPlan, start_ns: int, end_ns: int) -> None:
         """One line of the step log: when the step computed (after its activations came), its rows
