@@ -1,12 +1,16 @@
 """Decode chaining on the stages (stage_worker/tokens.py): the last stage's Tokens feed and
-stage 0's book of the tokens it got."""
+stage 0's book of the tokens it got, and what a step waits for (stage_worker/arrivals.py)."""
 
 from __future__ import annotations
 
 import threading
 from itertools import islice
 
+import pytest
+
+from tandem.core.errors import InvalidArgumentError
 from tandem.stage_worker import tokens
+from tandem.stage_worker.arrivals import Arrivals, StageStopped
 from tandem.stage_worker.tokens import TokenBook, TokenFeed
 
 
@@ -71,3 +75,22 @@ def test_the_book_keeps_the_recent_steps_by_request():
     for step in range(2, tokens.BOOK_STEPS + 3):
         book.put(step, ["a"], [step])
     assert book.get(1) is None and book.get(tokens.BOOK_STEPS + 2) == {"a": tokens.BOOK_STEPS + 2}
+
+
+def test_a_waiting_step_gets_what_comes_or_gives_up_for_a_newer_stream_or_the_clock():
+    arrivals = Arrivals()
+    epoch = arrivals.new_epoch()
+    threading.Timer(0.05, lambda: arrivals.put_tokens(7, ["a", "b"], [11, 12])).start()
+    assert arrivals.tokens(8, 7, epoch, timeout_s=10) == {"a": 11, "b": 12}
+    arrivals.put_activations(9, "hidden")  # type: ignore[arg-type]  # any frame: it is handed out as it came
+    assert arrivals.activations(9, epoch) == "hidden"
+    threading.Timer(0.05, arrivals.new_epoch).start()  # a newer plan stream supersedes the waiting step
+    with pytest.raises(InvalidArgumentError, match="step 10: superseded"):
+        arrivals.activations(10, epoch)
+    with pytest.raises(InvalidArgumentError, match="the tokens of step 3 did not come within 0s"):
+        arrivals.tokens(11, 3, arrivals.epoch, timeout_s=0.01)
+    arrivals.put_activations(12, "late")  # type: ignore[arg-type]
+    arrivals.drop_activations(12)  # its step was superseded: nothing is kept for it
+    threading.Timer(0.05, arrivals.stop).start()
+    with pytest.raises(StageStopped):  # the step is neither computed nor answered
+        arrivals.activations(12, arrivals.epoch)

@@ -1,7 +1,7 @@
 """One stage at work, gRPC-free: plans in, activations in, activations or logits out.
 
 A `StageRunner` loads the stage, prepares each plan's inputs (stage_worker.inputs), waits for
-the step's activations, runs the executor and hands the outputs to its `StagePeers` (the next
+the step's activations or chained tokens (stage_worker.arrivals), runs the executor and hands the outputs to its `StagePeers` (the next
 stage, the samplers, the KV store; stage_worker.peers reaches them over gRPC). A last stage
 given a `sample` function samples in-process instead of sending logits (the baseline preset;
 tandem.compose wires it).
@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import queue
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TextIO, TypeVar
+from typing import Protocol, TextIO
 
 import torch
 
@@ -30,17 +29,17 @@ from tandem.core.modeling.profile import BALANCE_CONTEXT, BALANCE_TOKENS, StageP
 from tandem.core.modeling.profiler import measure_profile
 from tandem.core.wire import frames
 from tandem.core.wire.frames import Arrived
+from tandem.stage_worker.arrivals import Arrivals, StageStopped
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.stage_worker.meters import StageMeters
 from tandem.stage_worker.outputs import Traffic
 from tandem.stage_worker.samplers import SamplerDirectory
-from tandem.stage_worker.tokens import TokenBook, TokenFeed
+from tandem.stage_worker.tokens import TokenFeed
 from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) ->
 # (request id, token) of each row it sampled, in row order: sample the rows here
@@ -100,14 +99,9 @@ class StageRunner:
         # A stage before the last answers only the steps it failed: the last stage's answer, which
         # can only come after theirs, tells the coordinator the step went through them all.
         self._answers_every_step = config.stage_index == config.num_stages - 1
-        self._activations: dict[int, Arrived] = {}
         self.token_feed = TokenFeed()  # the last stage's Tokens stream
-        self._tokens = TokenBook()  # stage 0: the last stage's tokens by step, under _arrived
-        self._arrived = threading.Condition()
+        self._arrivals = Arrivals()  # what steps wait for, and the plan streams' epochs
         self._stopping = False
-        # Each coordinator plan stream is an epoch; a newer one supersedes the plans of older ones
-        # not yet run (the coordinator reset its streams after a stage failed and replans).
-        self._epoch = 0
         self._plan_epochs: dict[int, int] = {}  # id(plan) -> the epoch it came in, until it runs
         self.ready_ns = 0
         self._step_log: TextIO | None = None  # config.step_log, opened by load()
@@ -164,25 +158,18 @@ class StageRunner:
         """A fresh queue of finished steps for a new coordinator stream, and the stream's epoch:
         the newest stream wins, and plans of older ones not yet run are dropped."""
         self.ready()
-        with self._arrived:
-            self._epoch += 1
-            self._done = queue.Queue()
-            self._arrived.notify_all()  # a step waiting for activations of an older stream gives up
-            return self._done, self._epoch
+        self._done = queue.Queue()
+        return self._done, self._arrivals.new_epoch()
 
     def submit(self, plan: pb.StepPlan, epoch: int) -> None:
         self._plan_epochs[id(plan)] = epoch
         self._inputs.submit(plan)
 
     def arrive(self, step_id: int, hidden: Arrived) -> None:
-        with self._arrived:
-            self._activations[step_id] = hidden
-            self._arrived.notify_all()
+        self._arrivals.put_activations(step_id, hidden)
 
     def arrive_tokens(self, step_id: int, request_ids: Sequence[str], token_ids: Sequence[int]) -> None:
-        with self._arrived:
-            self._tokens.put(step_id, request_ids, token_ids)
-            self._arrived.notify_all()
+        self._arrivals.put_tokens(step_id, request_ids, token_ids)
 
     @property
     def follows_tokens(self) -> bool:
@@ -199,6 +186,7 @@ class StageRunner:
 
     def close(self) -> None:
         self._stopping = True
+        self._arrivals.stop()
         if self._inputs is not None:
             self._inputs.close()
         self.peers.close()
@@ -215,6 +203,8 @@ class StageRunner:
                         "tandem.stage_index": self.config.stage_index, "tandem.step_id": plan.step_id,
                         "tandem.num_sequences": len(plan.sequences)}):
                     self._execute(prepared, done)
+            except StageStopped:  # neither computed nor answered: the coordinator sees the streams end
+                return
             except Exception as e:  # noqa: BLE001 - reported to the coordinator on the step
                 if not isinstance(e, InvalidArgumentError):
                     log.exception("step %d failed", plan.step_id)
@@ -245,10 +235,9 @@ class StageRunner:
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
-        epoch = self._plan_epochs.pop(id(plan), self._epoch)
-        if epoch != self._epoch:  # neither computed nor its blocks moved: the coordinator replans
-            with self._arrived:
-                self._activations.pop(plan.step_id, None)
+        epoch = self._plan_epochs.pop(id(plan), self._arrivals.epoch)
+        if epoch != self._arrivals.epoch:  # neither computed nor its blocks moved: the coordinator replans
+            self._arrivals.drop_activations(plan.step_id)
             raise InvalidArgumentError(f"step {plan.step_id}: superseded by a newer plan stream")
         t0 = time.perf_counter_ns()
         if plan.swap_out or plan.swap_in:
@@ -274,26 +263,9 @@ class StageRunner:
         else:
             self._send_logits(plan, prepared.inputs.samplers, out.logits)
 
-    def _await(self, step_id: int, epoch: int, take: Callable[[], T | None], what: str,
-               timeout_s: float = math.inf) -> T | None:
-        """What `take` finds once it arrives (activations or tokens, under _arrived), or None when
-        the stage stops; InvalidArgumentError when a newer plan stream supersedes the step or
-        `timeout_s` passes."""
-        deadline = time.monotonic() + timeout_s
-        with self._arrived:
-            while (found := take()) is None and not self._stopping:
-                if epoch != self._epoch:
-                    raise InvalidArgumentError(f"step {step_id}: superseded by a newer plan stream")
-                if time.monotonic() > deadline:
-                    raise InvalidArgumentError(f"step {step_id}: {what} did not come within {timeout_s:.0f}s")
-                self._arrived.wait(timeout=0.5)
-            return found
-
-    def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor | None:
+    def _wait_activations(self, step_id: int, num_tokens: int, epoch: int) -> torch.Tensor:
         """The step's activations, shaped by the plan when they came as raw bytes."""
-        hidden = self._await(step_id, epoch, lambda: self._activations.pop(step_id, None), "its activations")
-        if hidden is None:
-            return None
+        hidden = self._arrivals.activations(step_id, epoch)
         try:
             return frames.shape_activations(hidden, num_tokens)
         except CodecError as e:
@@ -301,12 +273,10 @@ class StageRunner:
 
     def _wait_tokens(self, plan: pb.StepPlan, epoch: int) -> list[int]:
         """Stage 0: each sequence's input token of a chained step, from the tokens of the step it names."""
-        step = plan.input_step_id
-        tokens = self._await(plan.step_id, epoch, lambda: self._tokens.get(step), f"the tokens of step {step}",
-                             TOKENS_WAIT_S)
+        tokens = self._arrivals.tokens(plan.step_id, plan.input_step_id, epoch, TOKENS_WAIT_S)
         # A row without a token is a request that ended after this step was planned (its sampler
         # released it, or could not sample it): it is computed on token 0 and its output dropped.
-        return [(tokens or {}).get(s.request_id, 0) for s in plan.sequences]
+        return [tokens.get(s.request_id, 0) for s in plan.sequences]
 
     def _publish_tokens(self, step_id: int, sampled: Sequence[tuple[str, int]]) -> None:
         """A step every row of which was sampled here: its tokens to stage 0 (decode chaining)."""
