@@ -91,6 +91,8 @@ def test_a_waiting_step_gets_what_comes_or_gives_up_for_a_newer_stream_or_the_cl
         arrivals.tokens(11, 3, arrivals.epoch, timeout_s=0.01)
     arrivals.put_activations(12, "late")  # type: ignore[arg-type]
     arrivals.drop_activations(12)  # its step was superseded: nothing is kept for it
+    arrivals.put_activations(13, "x")  # type: ignore[arg-type]
+    assert arrivals.take_all_activations() == {13: "x"} and arrivals.take_all_activations() == {}
     threading.Timer(0.05, arrivals.stop).start()
     with pytest.raises(StageStopped):  # the step is neither computed nor answered
         arrivals.activations(12, arrivals.epoch)

@@ -56,6 +56,12 @@ class Arrivals:
         with self._cond:
             self._activations.pop(step_id, None)
 
+    def take_all_activations(self) -> dict[int, Arrived]:
+        """Every step's activations that came and were not taken, taken now."""
+        with self._cond:
+            taken, self._activations = self._activations, {}
+            return taken
+
     def put_tokens(self, step_id: int, request_ids: Sequence[str], token_ids: Sequence[int]) -> None:
         with self._cond:
             self._tokens.put(step_id, request_ids, token_ids)

@@ -109,13 +109,13 @@ def check_activation_frame(frame: stage_worker_pb2.ActivationFrame) -> None:
             servicer.Activations(iter(frames), None)
         except InvalidArgumentError:
             pass
-        stored, rows = dict(runner._activations), len(frame.data) // (hidden_size * itemsize)
-        runner._activations.clear()
+        arrivals = runner._arrivals
+        stored, rows = arrivals.take_all_activations(), len(frame.data) // (hidden_size * itemsize)
         for step_id, hidden in stored.items():
             for num_tokens in (rows, rows + 1):
-                runner._activations[step_id] = hidden
+                arrivals.put_activations(step_id, hidden)
                 try:
-                    runner._wait_activations(step_id, num_tokens, runner._epoch)
+                    runner._wait_activations(step_id, num_tokens, arrivals.epoch)
                 except InvalidArgumentError:
                     pass
 
