@@ -26,18 +26,12 @@ import torch
 
 from tandem.core.wire import codec, frames
 from tandem.core.wire.shm_ring import RingWriter
-from tandem.core.wire.streams import StreamSender
+from tandem.core.wire.streams import HANDOFF_WAIT_S, StreamSender
 from tandem.v1 import cpu_sampler_pb2, cpu_sampler_pb2_grpc
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
-# How long a stage's executor waits for its activations frame to be taken by the stream's thread.
-# Without the wait, the executor goes straight on to the next step and the stream's thread, on the
-# same core, gets it only when the scheduler preempts the executor: measured 3-5 ms later on this
-# project's 2-core machine, all of it on the pipeline's critical path. A frame the stream cannot
-# take that soon (the next stage is slow or gone) is sent when it can.
-HANDOFF_WAIT_S = 0.01
 
 
 @dataclass

@@ -15,13 +15,11 @@ import threading
 from collections import deque
 from collections.abc import Iterator, Sequence
 
+from tandem.core.wire.streams import HANDOFF_WAIT_S
 from tandem.v1 import stage_worker_pb2 as pb
 
 MAX_QUEUED = 1024  # steps a follower may fall behind before it is dropped (it subscribes again)
 REPLAY_STEPS = 64  # recent steps a new follower gets first
-# How long the last stage waits for the stream's thread to take a step's tokens (see
-# stage_worker.outputs.HANDOFF_WAIT_S: the same hand-over, on stage 0's critical path).
-HANDOFF_WAIT_S = 0.01
 BOOK_STEPS = 256  # steps of tokens stage 0 keeps; a chained step names one of the last few
 
 
