@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from tandem.core.errors import InvalidArgumentError
 from tandem.core.modeling import cpu_attention, decode_gather
 from tandem.core.modeling.decode_gather import DecodeGroup, gather
+from tandem.core.modeling.rope import apply_rotary
 
 # Decode attention on CPU reads the cache in place (cpu_attention) unless TANDEM_CPU_ATTENTION is
 # "gather", which keeps the portable gather-and-matmul path (for comparison and as a fallback).
@@ -201,6 +202,31 @@ def _to(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def attend(
+    qkv: torch.Tensor,  # [T, (heads + 2 * kv_heads) * head_dim] the fused q/k/v projection
+    cos_sin: tuple[torch.Tensor, torch.Tensor],  # [T, 1, head_dim] each
+    keys: torch.Tensor,  # [kv_heads, slots, head_dim] one layer's cache
+    values: torch.Tensor,
+    meta: AttentionMetadata,
+    num_heads: int,
+    scale: float,
+) -> torch.Tensor:
+    """One layer's attention from its q/k/v projection: rotary embedding on q and k, the step's
+    keys and values into the cache, attention over each sequence's context -> [T, heads * head_dim].
+    A float32 decode step on CPU does all of it in cpu_attention's one pass."""
+    kv_heads, _, head_dim = keys.shape
+    t = qkv.shape[0]
+    if meta.is_decode and meta.context_lens is not None and CPU_KERNEL and cpu_attention.supports(qkv, keys):
+        assert meta.block_tables is not None
+        return cpu_attention.decode_step(qkv, *cos_sin, keys, values, meta.slot_mapping,
+                                         meta.block_tables.view(meta.num_seqs, -1), meta.context_lens,
+                                         meta.block_size, num_heads, scale, meta.sliding_window)
+    qk = apply_rotary(qkv[:, : (num_heads + kv_heads) * head_dim].view(t, num_heads + kv_heads, head_dim), *cos_sin)
+    v = qkv[:, (num_heads + kv_heads) * head_dim :].view(t, kv_heads, head_dim)
+    write_kv(keys, values, qk[:, num_heads:], v, meta)
+    return paged_attention(qk[:, :num_heads], keys, values, meta, scale).reshape(t, num_heads * head_dim)
 
 
 def write_kv(keys: torch.Tensor, values: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

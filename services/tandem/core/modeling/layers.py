@@ -13,10 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tandem.core.modeling.attention import AttentionMetadata, paged_attention, write_kv
+from tandem.core.modeling.attention import AttentionMetadata, attend
 from tandem.core.modeling.linear import PackedLinear
 from tandem.core.modeling.model_config import ModelConfig
-from tandem.core.modeling.rope import apply_rotary
 
 
 class RMSNorm(nn.Module):
@@ -50,16 +49,8 @@ class Attention(nn.Module):
         kv: tuple[torch.Tensor, torch.Tensor],  # this layer's (keys, values) [slots, kv_heads, head_dim]
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        t, heads, kv_heads = x.shape[0], self.num_heads, self.num_kv_heads
         qkv = self.qkv_proj(x)  # [T, (heads + 2 * kv_heads) * head_dim]
-        qk = apply_rotary(qkv[:, : (heads + kv_heads) * self.head_dim].view(t, heads + kv_heads, self.head_dim),
-                          *cos_sin)
-        q, k = qk[:, :heads], qk[:, heads:]
-        v = qkv[:, (heads + kv_heads) * self.head_dim :].view(t, kv_heads, self.head_dim)
-        keys, values = kv
-        write_kv(keys, values, k, v, meta)
-        out = paged_attention(q, keys, values, meta, self.scale)  # [T, heads, head_dim]
-        return self.o_proj(out.reshape(t, heads * self.head_dim))
+        return self.o_proj(attend(qkv, cos_sin, *kv, meta, self.num_heads, self.scale))
 
     def pack(self) -> None:
         self.qkv_proj = PackedLinear([self.q_proj, self.k_proj, self.v_proj])
