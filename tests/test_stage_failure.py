@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 
@@ -107,3 +108,35 @@ def test_a_stage_that_stays_down_fails_every_request_in_bounded_time(llama, reco
                 client.generate(prompt_ids=[1, 2, 3], max_tokens=2)  # refused while the stage is gone
     finally:
         c.stop()
+
+
+def test_a_plan_stream_cut_off_ends_quietly(checkpoint, monkeypatch):
+    """The coordinator's Steps stream cancelled while the stage waits for its next plan (the
+    coordinator restarted, or replaced the stream), and then the stage stopped with a stream open:
+    the stage's plan reader ends without an unhandled exception either way, and after the
+    cancellation the next stream is served."""
+    from tandem.stage_worker import servicer as stage_worker
+    from tandem.stage_worker.config import StageWorkerConfig
+    from tandem.v1 import stage_worker_pb2 as pb
+    from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
+
+    raised: list = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    config = StageWorkerConfig(model=str(checkpoint("llama")), stage_index=1, num_stages=2, samplers=("127.0.0.1:1",),
+                               num_blocks=8, block_size=4, profile_at_startup=False)
+    server = stage_worker.serve(config)
+    never = threading.Event()
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            stub = pb_grpc.StageWorkerStub(channel)
+            first = stub.Steps(itertools.chain([pb.StepPlan(step_id=1)], iter(never.wait, True)), timeout=60)
+            assert next(first).step_id == 1  # a step with no sequences, answered: the reader now waits
+            first.cancel()
+            second = stub.Steps(itertools.chain([pb.StepPlan(step_id=2)], iter(never.wait, True)), timeout=60)
+            assert next(second).step_id == 2
+            server.stop(0)  # stopped with the second stream open
+            time.sleep(0.5)  # the readers' waits end with the cancellation and the stop
+        assert [str(args.exc_value) or type(args.exc_value).__name__ for args in raised] == []
+    finally:
+        never.set()
+        server.stop(0)

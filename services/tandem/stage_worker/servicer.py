@@ -42,6 +42,8 @@ class StageWorkerServicer(pb_grpc.StageWorkerServicer):
                     self.runner.submit(plan, epoch)
             except InvalidArgumentError:
                 pass  # a message that does not parse: the call ends with INVALID_ARGUMENT (core.interceptors)
+            except grpc.RpcError:
+                pass  # the coordinator's stream broke or was cancelled: it opens a new one when it can
             finally:
                 ended.set()  # the coordinator closed this stream (it opened a newer one, or left)
 
