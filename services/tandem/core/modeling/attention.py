@@ -284,9 +284,6 @@ def decode_attention(
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence over its whole blocks -> [B, heads, head_dim]."""
-    if meta.context_lens is not None and CPU_KERNEL and cpu_attention.supports(q, keys):
-        assert meta.block_tables is not None
-        return cpu_attention.decode_attention(q, keys, values, meta.block_tables.view(meta.num_seqs, -1),
-                                              meta.context_lens, meta.block_size, scale, meta.sliding_window)
+    """One query token per sequence over its whole blocks -> [B, heads, head_dim] (float32 decode
+    steps on CPU take cpu_attention's one pass instead, through `attend`)."""
     return decode_gather.decode_attention(q, keys, values, meta, scale)

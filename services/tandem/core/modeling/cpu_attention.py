@@ -1,6 +1,6 @@
 """Decode attention on CPU that reads the paged KV cache where it lies.
 
-The portable path (attention._decode) gathers every sequence's blocks into a padded copy and
+The portable path (decode_gather) gathers every sequence's blocks into a padded copy and
 runs two batched matmuls whose inner dimension is the group of query heads sharing a KV head
 (four for the models here): a copy of the whole context per layer and a matmul shape the BLAS
 libraries handle poorly. This kernel, compiled by numba, walks each sequence's block table
@@ -13,13 +13,14 @@ through the gather path, and at context 100 in 38 against 39 to 41. At 32 sequen
 one layer reads 17 MB of cache, and the kernel runs near the memory bandwidth one core gets here
 (about 8 GB/s).
 
-A decode step runs `decode_step`: the same kernel, after it rotates each row's q and k heads
-and writes its new key and value into the cache, all from the fused q/k/v projection, where the
-portable path spends five tensor operations a layer (the rotary embedding's slices, negation,
-concatenation, products and sum, and two index copies). The keys written are the same bits: the
-rotation is compiled without fastmath, so it rounds as those operations do. Mid model, 32
-sequences, all 8 layers, one thread, alternating in one process (medians of 5): 25.7 -> 24.7 ms a
-step at context 100, 39.1 -> 37.1 ms at context 500; two threads at context 100, 19.0 -> 18.4 ms.
+Each job starts where the layer's fused q/k/v projection ends (`decode_step`): it rotates the
+row's q and k heads and writes the new key and value into the cache before it attends, where
+the portable path spends five tensor operations a layer (the rotary embedding's slices,
+negation, concatenation, products and sum, and two index copies). The keys written are the same
+bits: the rotation is compiled without fastmath, so it rounds as those operations do. Against
+the kernel that began after them (mid model, 32 sequences, all 8 layers, one thread, alternating
+in one process, medians of 5): 25.7 -> 24.7 ms a step at context 100, 39.1 -> 37.1 ms at context
+500; two threads at context 100, 19.0 -> 18.4 ms.
 
 float32 only; other dtypes and GPUs take the portable path. (A bfloat16 variant that widened
 each block to float32 through a block-loading function passed in as an argument ran, but numba
@@ -100,19 +101,6 @@ def _attend(qs, keys, values, tables, lens, b, kh, window, out):  # pragma: no c
     out[:] = acc_out
 
 
-def _kernel(q, keys, values, tables, lens, window, scale, out):  # pragma: no cover - compiled by numba
-    """q [B, H, D]; keys, values [KVH, blocks, BS, D]; tables [B, max_blocks]; lens [B] context
-    lengths; window: attend to the last `window` keys only (0: all) -> out [B, H, D]."""
-    num_seqs, num_heads, head_dim = q.shape
-    kv_heads = keys.shape[0]
-    group = num_heads // kv_heads
-    for job in numba.prange(num_seqs * kv_heads):
-        b = job // kv_heads
-        kh = job - b * kv_heads
-        qs = q[b, kh * group:(kh + 1) * group] * scale  # [group, D]
-        _attend(qs, keys, values, tables, lens, b, kh, window, out[b, kh * group:(kh + 1) * group])
-
-
 def _step_kernel(qkv, cos, sin, keys, values, slots, tables, lens, window, scale, out):  # pragma: no cover
     """A whole decode step's attention from the fused projection: qkv [B, (H + 2 KVH) * D] rows of
     q, k, v heads; cos, sin [B, D]; slots [B] each new key's cache slot. Rotates q and k, writes
@@ -149,10 +137,8 @@ _block_scores = _compile(_block_scores)
 _block_values = _compile(_block_values)
 _rope_into = _compile(_rope_into, fastmath=False)
 _attend = _compile(_attend)
-_serial = _compile(_kernel)
-_parallel = _compile(_kernel, parallel=True)
-_step_serial = _compile(_step_kernel)
-_step_parallel = _compile(_step_kernel, parallel=True)
+_serial = _compile(_step_kernel)
+_parallel = _compile(_step_kernel, parallel=True)
 _pool_lock = threading.Lock()
 _MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # the size of numba's pool
 
@@ -160,27 +146,6 @@ _MAX_THREADS = numba.config.NUMBA_NUM_THREADS  # type: ignore[attr-defined]  # t
 def supports(q: torch.Tensor, keys: torch.Tensor) -> bool:
     """Whether the kernel serves this step: float32 tensors in host memory."""
     return q.device.type == "cpu" and keys.dtype == torch.float32 and q.dtype == torch.float32
-
-
-def decode_attention(
-    q: torch.Tensor,  # [B, heads, head_dim]
-    keys: torch.Tensor,  # [kv_heads, slots, head_dim], one layer's cache, the new keys written
-    values: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, max_blocks] int64
-    context_lens: torch.Tensor,  # [B] int64
-    block_size: int,
-    scale: float,
-    sliding_window: int | None = None,
-) -> torch.Tensor:
-    """One query token per sequence over its context, read in place -> [B, heads, head_dim]."""
-    kv_heads, _, head_dim = keys.shape
-    q = q.contiguous()
-    out = torch.empty_like(q)
-    _run(_serial, _parallel, q.shape[0] * kv_heads, (
-        q.numpy(), keys.view(kv_heads, -1, block_size, head_dim).numpy(),
-        values.view(kv_heads, -1, block_size, head_dim).numpy(), block_tables.numpy(), context_lens.numpy(),
-        sliding_window or 0, np.float32(scale), out.numpy()))
-    return out
 
 
 def decode_step(
@@ -200,11 +165,11 @@ def decode_step(
     """A whole decode step's attention in one pass from the fused q/k/v projection: q and k
     rotated, the new keys and values written to the cache, attention read in place ->
     [B, heads * head_dim]. The same keys, values and output as apply_rotary, write_kv and
-    `decode_attention` in turn, without their five tensor operations a layer."""
+    attention.paged_attention in turn (the portable path), without their tensor operations."""
     kv_heads, _, head_dim = keys.shape
     num_seqs = qkv.shape[0]
     out = qkv.new_empty(num_seqs, num_heads, head_dim)
-    _run(_step_serial, _step_parallel, num_seqs * kv_heads, (
+    _run(num_seqs * kv_heads, (
         qkv.contiguous().numpy(), cos.reshape(num_seqs, head_dim).numpy(), sin.reshape(num_seqs, head_dim).numpy(),
         keys.view(kv_heads, -1, block_size, head_dim).numpy(), values.view(kv_heads, -1, block_size, head_dim).numpy(),
         slot_mapping.numpy(), block_tables.numpy(), context_lens.numpy(), sliding_window or 0, np.float32(scale),
@@ -212,12 +177,12 @@ def decode_step(
     return out.view(num_seqs, num_heads * head_dim)
 
 
-def _run(serial, parallel, num_jobs: int, args: tuple) -> None:
+def _run(num_jobs: int, args: tuple) -> None:
     """With one torch thread the kernel runs in the calling thread; with more, on numba's pool."""
     threads = torch.get_num_threads()
     if threads <= 1 or num_jobs < 2:
-        serial(*args)
+        _serial(*args)
     else:
         with _pool_lock:  # one parallel region at a time: stages sharing a process take turns
             numba.set_num_threads(min(threads, _MAX_THREADS))
-            parallel(*args)
+            _parallel(*args)
