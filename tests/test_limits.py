@@ -154,7 +154,7 @@ def test_a_full_queue_refuses_with_resource_exhausted_and_admits_again_once_requ
         driver.start()
         try:
             assert [len(stream.wait().token_ids) for stream in held] == [4, 4]
-            assert len(client.generate(prompt_ids=[5, 6, 7], max_tokens=4).token_ids) == 4  # admitted again
+            assert len(client.generate(prompt_ids=[5, 6, 7], max_tokens=4, ignore_eos=True).token_ids) == 4  # admitted again
         finally:
             stop.set()
             driver.join(10)

@@ -301,7 +301,7 @@ def test_bad_requests_are_refused_and_serving_goes_on(cluster2, kwargs, match):
     with TandemClient(cluster2.endpoint, timeout_s=30) as client:
         with pytest.raises(client_errors.InvalidArgumentError, match=match):
             client.generate(**kwargs)
-        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
+        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 def test_any_int64_seed_is_served_and_reproducible(cluster2):
@@ -335,7 +335,7 @@ def test_malformed_tensors_on_internal_streams(cluster2):
             stub.Logits(iter([frame]), timeout=10)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "complex64" in e.value.details()
     with TandemClient(cluster2.endpoint, timeout_s=30) as client:
-        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
+        assert len(client.generate(prompt_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
 
 
 def test_text_in_text_out(cluster2):

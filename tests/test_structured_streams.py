@@ -317,6 +317,6 @@ def test_raw_activations_are_checked_against_the_stream_layout(llama):
                     stub.Activations(iter(frames), timeout=TIMEOUT_S)
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and phrase in e.value.details()
         with TandemClient(c.endpoint, timeout_s=60) as client:  # still serving
-            assert len(client.generate(prompt_ids=[5, 6], max_tokens=3).token_ids) == 3
+            assert len(client.generate(prompt_ids=[5, 6], max_tokens=3, ignore_eos=True).token_ids) == 3
     finally:
         c.stop()
