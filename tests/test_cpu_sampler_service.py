@@ -288,3 +288,21 @@ def test_results_stream_ends_when_the_server_stops():
         with pytest.raises(grpc.RpcError):
             next(results)
     wait_for_no_subscribers(runner)
+
+
+def test_a_hosting_stage_gets_the_tokens_before_the_results_subscribers():
+    """`sample(..., first=...)`, as a last stage that samples in-process calls it: `first` gets the
+    tokens (for stage 0, the pipeline's critical path) while no Results subscriber has the batch
+    yet; the subscribers get it right after, with the same tokens."""
+    runner = SamplerRunner(SamplerConfig(vocab_size=VOCAB))
+    runner.add([pb.SamplerSequence(request_id=r, params=common_pb2.SamplingParams(temperature=0.0))
+                for r in ("a", "b")])
+    subscriber = runner.subscribers.subscribe()
+    seen: list = []
+    logits = torch.zeros(2, VOCAB)
+    logits[0, 7], logits[1, 9] = 1.0, 1.0
+    returned = runner.sample(4, ["a", "b"], [0, 0], logits,
+                             first=lambda tokens: seen.append((tokens, subscriber.queue.qsize())))
+    assert seen == [([("a", 7), ("b", 9)], 0)]  # before any subscriber had the batch
+    batch = subscriber.queue.get_nowait()
+    assert batch.step_id == 4 and [(t.request_id, t.token_id) for t in batch.tokens] == returned == seen[0][0]

@@ -196,7 +196,7 @@ def test_only_the_last_stage_answers_every_step(checkpoint, stage_index):
     model = str(checkpoint("llama"))
     config = StageWorkerConfig(model=model, stage_index=stage_index, num_stages=2, next_stage="127.0.0.1:1",
                                num_blocks=8, block_size=4, profile_at_startup=False, sample_on_stage=stage_index == 1)
-    runner = StageRunner(config, HiddenPeers(), sample=lambda step_id, rids, indices, logits, tp: [(r, 1) for r in rids])
+    runner = StageRunner(config, HiddenPeers(), sample=lambda step_id, rids, indices, logits, tp, first: [(r, 1) for r in rids])
     runner.load()
     hidden = torch.zeros(4, runner.ready().model_config.hidden_size)
     try:

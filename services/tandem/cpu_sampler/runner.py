@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -85,11 +85,13 @@ class SamplerRunner:
         return num_frames
 
     def sample(self, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
-               logits: torch.Tensor, traceparent: str = "") -> list[tuple[str, int]]:
+               logits: torch.Tensor, traceparent: str = "",
+               first: Callable[[list[tuple[str, int]]], None] | None = None) -> list[tuple[str, int]]:
         """Sample one frame's rows (logits [rows, vocab] float32) and publish the tokens to every
         Results subscriber, in a span under the step's `traceparent` when the step is traced; returns
         the (request id, token) of each row sampled. The Logits stream calls this; so does a last
-        stage that samples in-process."""
+        stage that samples in-process, passing `first`, which gets those tokens before the
+        subscribers do (stage 0 waits for them; the coordinator can wait a little)."""
         cpu = time.process_time_ns()
         with tracing.child_span("cpu_sampler", "sample", traceparent, {
                 "tandem.step_id": step_id, "tandem.num_rows": len(request_ids)}):
@@ -98,8 +100,11 @@ class SamplerRunner:
             self.sample_ns_total += result.sample_ns
             self.sample_cpu_ns_total += time.process_time_ns() - cpu
         self._meters.sampled(result)
+        tokens = [(row.request_id, row.token_id) for row in result.rows]
+        if first is not None:
+            first(tokens)
         self.subscribers.publish(_batch(step_id, result))
-        return [(row.request_id, row.token_id) for row in result.rows]
+        return tokens
 
     def close(self) -> None:
         self.engine.close()

@@ -9,6 +9,7 @@ tandem.compose wires it).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -41,9 +42,11 @@ from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent) ->
+# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent,
+# a function to give the tokens to before they are published to the coordinator, or None) ->
 # (request id, token) of each row it sampled, in row order: sample the rows here
-Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str], Sequence[tuple[str, int]]]
+Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str,
+                   Callable[[list[tuple[str, int]]], None] | None], Sequence[tuple[str, int]]]
 # How long stage 0 waits at start-up for the last stage's Tokens stream before it serves without
 # decode chaining (it goes on trying; GetStageInfo's follows_tokens tells the coordinator).
 FOLLOW_WAIT_S = 30.0
@@ -304,8 +307,10 @@ class StageRunner:
             rows_logits = logits if len(idx) == len(sampled) else logits[idx]
             request_ids, sample_indices = [s.request_id for s in seqs], [s.sample_index for s in seqs]
             if address == frames.HOSTED_SAMPLER and self.sample is not None:  # known only when hosted
-                tokens = self.sample(plan.step_id, request_ids, sample_indices, rows_logits, plan.traceparent)
-                if len(idx) == len(plan.sequences):  # every row sampled here: a step chaining may continue
-                    self._publish_tokens(plan.step_id, tokens)
+                # Every row sampled here: a step chaining on this one may continue, so its tokens go
+                # to stage 0 first, the critical path, and to the coordinator after.
+                chains = len(idx) == len(plan.sequences)
+                self.sample(plan.step_id, request_ids, sample_indices, rows_logits, plan.traceparent,
+                            functools.partial(self._publish_tokens, plan.step_id) if chains else None)
             else:
                 self.peers.send_logits(address, plan.step_id, request_ids, sample_indices, rows_logits)
