@@ -13,6 +13,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from cluster import start_cluster
 from tandem.client import TandemClient
 from tandem.client import errors as client_errors
+from tandem.stage_worker import servicer as stage_worker
+from tandem.stage_worker.config import StageWorkerConfig
+from tandem.v1 import stage_worker_pb2 as pb
+from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
 from test_services import assert_all_released
 
 PROMPTS = [[5 + i, 7, 9 + 2 * i, 11, 13, 200 - i, 3] for i in range(8)]
@@ -115,11 +119,6 @@ def test_a_plan_stream_cut_off_ends_quietly(checkpoint, monkeypatch):
     coordinator restarted, or replaced the stream), and then the stage stopped with a stream open:
     the stage's plan reader ends without an unhandled exception either way, and after the
     cancellation the next stream is served."""
-    from tandem.stage_worker import servicer as stage_worker
-    from tandem.stage_worker.config import StageWorkerConfig
-    from tandem.v1 import stage_worker_pb2 as pb
-    from tandem.v1 import stage_worker_pb2_grpc as pb_grpc
-
     raised: list = []
     monkeypatch.setattr(threading, "excepthook", raised.append)
     config = StageWorkerConfig(model=str(checkpoint("llama")), stage_index=1, num_stages=2, samplers=("127.0.0.1:1",),

@@ -24,7 +24,7 @@ FOLLOW_RETRY_S = 0.1  # between attempts to follow the last stage's Tokens strea
 
 
 class GrpcPeers:
-    """The StagePeers of stage_worker.runner over gRPC; a sampler's stream opens on its first logits."""
+    """The StagePeers (stage_worker.ports) over gRPC; a sampler's stream opens on its first logits."""
 
     def __init__(self, config: StageWorkerConfig, credentials: Credentials | None = None):
         self.config, self._credentials = config, credentials

@@ -1,10 +1,10 @@
 """One stage at work, gRPC-free: plans in, activations in, activations or logits out.
 
 A `StageRunner` loads the stage, prepares each plan's inputs (stage_worker.inputs), waits for
-the step's activations or chained tokens (stage_worker.arrivals), runs the executor and hands the outputs to its `StagePeers` (the next
-stage, the samplers, the KV store; stage_worker.peers reaches them over gRPC). A last stage
-given a `sample` function samples in-process instead of sending logits (the baseline preset;
-tandem.compose wires it).
+the step's activations or chained tokens (stage_worker.arrivals), runs the executor and hands
+the outputs to its `StagePeers` (the next stage, the samplers, the KV store; stage_worker.peers
+reaches them over gRPC). A last stage given a `sample` function samples in-process instead of
+sending logits (the baseline preset; tandem.compose wires it).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import TextIO
 
 import torch
 
@@ -35,56 +35,18 @@ from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.executor import StageExecutor
 from tandem.stage_worker.inputs import InputPreparer, Prepared
 from tandem.stage_worker.meters import StageMeters
-from tandem.stage_worker.outputs import Traffic
+from tandem.stage_worker.ports import Sample, StagePeers
 from tandem.stage_worker.samplers import SamplerDirectory
 from tandem.stage_worker.tokens import TokenFeed
 from tandem.v1 import stage_worker_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# (step_id, request_ids, sample_indices, logits [rows, vocab] float32, the step's traceparent,
-# a function to give the tokens to before they are published to the coordinator, or None) ->
-# (request id, token) of each row it sampled, in row order: sample the rows here
-Sample = Callable[[int, Sequence[str], Sequence[int], torch.Tensor, str,
-                   Callable[[list[tuple[str, int]]], None] | None], Sequence[tuple[str, int]]]
 # How long stage 0 waits at start-up for the last stage's Tokens stream before it serves without
 # decode chaining (it goes on trying; GetStageInfo's follows_tokens tells the coordinator).
 FOLLOW_WAIT_S = 30.0
 # How long a chained step waits for the tokens it names before stage 0 refuses it.
 TOKENS_WAIT_S = 30.0
-
-
-class StagePeers(Protocol):
-    """Where a stage's outputs go and its swapped blocks live."""
-
-    has_kv_store: bool
-    follows_tokens: threading.Event  # stage 0: set while it follows the last stage's Tokens stream
-
-    def connect(self, executor: StageExecutor) -> None:
-        """Open the outgoing streams, once the stage is loaded (their layouts need its shapes)."""
-
-    def send_hidden(self, step_id: int, hidden: torch.Tensor) -> None:
-        """Queue a step's activations [tokens, hidden] for the next stage."""
-
-    def send_logits(self, address: str, step_id: int, request_ids: Sequence[str], sample_indices: Sequence[int],
-                    logits: torch.Tensor) -> None:
-        """Queue logits rows [rows, vocab] float32 for the sampler at `address`."""
-
-    def put_blocks(self, request_id: str, blocks: torch.Tensor) -> None: ...
-
-    def follow_tokens(self, on_tokens: Callable[[int, Sequence[str], Sequence[int]], None]) -> None:
-        """Stage 0: follow the last stage's Tokens stream (StageWorkerConfig.last_stage), setting
-        `follows_tokens` while it holds; each step's tokens go to `on_tokens`."""
-
-    def get_blocks(self, request_id: str) -> torch.Tensor: ...
-
-    def traffic(self) -> dict[str, int]:
-        """Frames and bytes sent so far: GetStageInfoResponse's *_out_total fields."""
-
-    def hops(self) -> dict[str, Traffic]:
-        """What each outgoing stream sent so far, by the stream's name ("activations->host:port")."""
-
-    def close(self) -> None: ...
 
 
 class StageRunner:

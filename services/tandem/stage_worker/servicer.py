@@ -18,7 +18,8 @@ from tandem.core.wire.server import Server
 from tandem.core.wire.tls import Credentials
 from tandem.stage_worker.config import StageWorkerConfig
 from tandem.stage_worker.peers import GrpcPeers
-from tandem.stage_worker.runner import Sample, StageRunner
+from tandem.stage_worker.ports import Sample
+from tandem.stage_worker.runner import StageRunner
 from tandem.stage_worker.samplers import open_directory
 from tandem.v1 import stage_worker_pb2 as pb
 from tandem.v1 import stage_worker_pb2_grpc as pb_grpc

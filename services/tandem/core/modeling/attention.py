@@ -245,8 +245,8 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Causal attention of the new tokens over their sequences' cached context -> [T, heads, head_dim]."""
-    if meta.is_decode:
-        return decode_attention(q, keys, values, meta, scale)
+    if meta.is_decode:  # (a float32 decode step on CPU takes cpu_attention's one pass instead, in `attend`)
+        return decode_gather.decode_attention(q, keys, values, meta, scale)
     if meta.prefill:
         return _prefill_apart(q, keys, values, meta.prefill, scale)
     num_tokens, num_heads, head_dim = q.shape
@@ -276,14 +276,3 @@ def _prefill_apart(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         out[rows] = attended[0].transpose(0, 1)
     return out
 
-
-def decode_attention(
-    q: torch.Tensor,  # [B, heads, head_dim], one new token per sequence
-    keys: torch.Tensor,  # [kv_heads, slots, head_dim]
-    values: torch.Tensor,
-    meta: AttentionMetadata,
-    scale: float,
-) -> torch.Tensor:
-    """One query token per sequence over its whole blocks -> [B, heads, head_dim] (float32 decode
-    steps on CPU take cpu_attention's one pass instead, through `attend`)."""
-    return decode_gather.decode_attention(q, keys, values, meta, scale)

@@ -9,7 +9,7 @@ class PagedKVCache:
     """Key and value blocks for a stage's layers: [layers, 2, kv_heads, blocks * block_size, head_dim].
 
     Head-major, so that gathering a step's blocks for one KV head yields [sequences, context,
-    head_dim] already laid out for a batched matmul (see attention.decode_attention). Blocks
+    head_dim] already laid out for a batched matmul (see decode_gather.decode_attention). Blocks
     leave and enter the stage (swap to the KV store) as [n, layers, 2, block_size, kv_heads,
     head_dim] whatever this layout is: `read_blocks` and `write_blocks` convert.
     """
