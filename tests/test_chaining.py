@@ -97,6 +97,18 @@ def test_an_uneven_micro_batch_is_left_to_the_ordinary_steps():
     assert chaining.continued_rows(record, seqs, HOSTED, share=3.0) is None  # 5 rows where 3 is the share
     assert [x.request_id for x in chaining.continued_rows(record, seqs, HOSTED, share=5.5)] == ["a", "b", "c", "d", "e"]
     assert chaining.continued_rows(record, seqs, "elsewhere", share=5.0) is None
+    record.rows.update({f"x{i}": None for i in range(31)})  # 36 rows: 4 over a share of 32 is too many, 1 is not
+    seqs.update({f"x{i}": seq(f"x{i}") for i in range(31)})
+    assert chaining.continued_rows(record, seqs, HOSTED, share=32.0) is None
+    assert len(chaining.continued_rows(record, seqs, HOSTED, share=35.0)) == 36
+    assert chaining.continued_rows(record, seqs, HOSTED, share=37.5) is None
+    # a large micro-batch may be 3% off its share: 8 rows of 256
+    big = Step(8, [], [], [], [])
+    for i in range(264):
+        seqs[f"y{i}"] = seq(f"y{i}")
+        big.sequences.append(ScheduledSequence(f"y{i}", 3, [9], [], [], 1, HOSTED))
+    assert len(chaining.continued_rows(InFlight.of(big), seqs, HOSTED, share=256.0)) == 264
+    assert chaining.continued_rows(InFlight.of(big), seqs, HOSTED, share=255.0) is None
 
 
 def test_a_sequence_at_its_last_token_is_left_out_and_one_that_ends_leaves_its_continuation():
@@ -140,3 +152,26 @@ def test_a_failed_step_and_a_lost_stage_end_the_chain():
     s.recompute_all()
     assert not s.in_flight and all(x.chained_step_id == 0 and x.status == Status.WAITING for x in s.seqs.values())
     assert s.can_schedule
+
+
+def test_micro_batches_of_prefills_arriving_apart_are_evened_before_they_chain():
+    """Prompts admitted in groups of 28 and 36 (as a burst reaches the coordinator) prefill in two
+    micro-batches; decoding must not chain them as they are (every cycle would then wait for the
+    36-row one), but even them out to 32 and 32 first, then chain."""
+    s = scheduler(num_blocks=512, max_num_seqs=64, max_num_batched_tokens=256)
+    in_flight = []
+    for group, size in (("a", 28), ("b", 36)):
+        for i in range(size):
+            s.add(seq(f"{group}{i}"))
+        in_flight.append(s.schedule())
+    assert [len(x.sequences) for x in in_flight] == [28, 36]
+    sizes = []
+    for _ in range(12):  # the oldest step's tokens come back, then every step that can go out goes out
+        done = in_flight.pop(0)
+        s.update(done.step_id, rows(**{x.request_id: 7 for x in done.sequences}))
+        while (step := s.schedule()) is not None:
+            in_flight.append(step)
+            sizes.append((len(step.sequences), bool(step.input_step_id)))
+    assert sizes[-6:] == [(32, True)] * 6, sizes
+    assert all(n in (28, 32, 36) or not chained for n, chained in sizes)
+    assert not any(chained for n, chained in sizes if n != 32)

@@ -33,10 +33,11 @@ def may_chain(seqs: Iterable[Sequence], num_waiting: int, is_decoding: bool) -> 
 def continued_rows(record: InFlight, seqs: Mapping[str, Sequence], sampler: str, share: float) -> list[Sequence] | None:
     """The sequences of in-flight step `record` that a continuation takes, or None when the step
     cannot be continued: a prefill chunk in it, a row another sampler than `sampler` (the one the
-    last stage hosts) samples, or more or fewer rows than about its `share` of the running
-    sequences (a chain keeps its micro-batch as it is, so an uneven one is left to the ordinary
-    steps, which even them out). A sequence whose step samples its last allowed token is left out."""
-    if record.chunks or not record.rows or abs(len(record.rows) - share) > max(1.0, share / 8):
+    last stage hosts) samples, or more or fewer rows than its `share` of the running sequences,
+    give or take one row or 3% (a chain keeps its micro-batch as it is, so an uneven one is left
+    to the ordinary steps, which even them out). A sequence whose step samples its last allowed
+    token is left out."""
+    if record.chunks or not record.rows or abs(len(record.rows) - share) > max(1.0, share / 32):
         return None
     rows = [seqs[rid] for rid in record.rows]
     if any(seq.sampler != sampler for seq in rows):
