@@ -120,3 +120,19 @@ def test_older_config_keys_are_read(model_dir):
 def test_metadata_rejects_short_block_table():
     with pytest.raises(InvalidArgumentError, match="holds 8 tokens, needs 9"):
         AttentionMetadata.build([SequenceSlice(5, 4, [0, 1])], block_size=4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_projection_equals_its_linears_on_any_cpu(dtype):
+    """q, k and v stacked into one projection give what the three give; bfloat16 takes oneDNN only
+    where this CPU converts it natively (on an AVX2-only CPU oneDNN refuses it at load)."""
+    from tandem.core.modeling.linear import PackedLinear
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(64, n, bias=n == 16, dtype=dtype) for n in (64, 16, 16)]
+    packed = PackedLinear(linears)
+    x = torch.randn(5, 64, dtype=dtype)
+    with torch.inference_mode():
+        for got, linear in zip(packed.split(packed(x)), linears):
+            torch.testing.assert_close(got, linear(x), rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+    assert packed.is_onednn == (dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported())

@@ -3,7 +3,7 @@
 On CPU, torch's `F.linear` in float32 goes to MKL, which on the AMD cores this project runs on
 takes a slower path than oneDNN's AVX-512 kernels (timed alone at one thread, 32 rows: 57-70
 against 90-97 GFLOP/s on the projections of a 512-wide Llama, 29 against 70 on its 32,000-row LM
-head). So on CPU the
+head; on an AVX2-only EPYC, 56-59 against 60-66 and 30 against 49). So on CPU the
 weight is reordered once into oneDNN's blocked layout and every call goes to oneDNN. On other
 devices the weight is used as it is.
 
@@ -24,8 +24,13 @@ _ROWS_HINT = 32
 
 
 def _onednn_linear_available(weight: torch.Tensor) -> bool:
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """oneDNN takes float32 on any x86 CPU, bfloat16 only where the CPU converts it natively
+    (AVX-512 BW/VL/DQ or AVX-NE-CONVERT); elsewhere bfloat16 goes to torch's own kernel."""
+    if not (weight.device.type == "cpu" and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    return weight.dtype == torch.float32 or (weight.dtype == torch.bfloat16
+                                             and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class PackedLinear(nn.Module):
