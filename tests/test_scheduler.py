@@ -3,7 +3,7 @@ prefix caching, and how a step's token budget is spent (decodes first, prefills 
 
 from __future__ import annotations
 
-from tandem.coordinator.budget import MIN_PREFILL_STEP_TOKENS, num_decodes, prefill_chunk, prefill_step_budget
+from tandem.coordinator.budget import num_decodes, prefill_chunk
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
 
 
@@ -211,30 +211,6 @@ def test_decodes_take_their_share_of_the_micro_batches_within_rows_and_budget():
     assert num_decodes(1, 8, max_in_flight=3, max_num_seqs=8, budget=64) == 1  # never more than are ready
     assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=8, budget=64) == 8
     assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=64, budget=5) == 5
-
-
-def test_a_step_of_prefills_alone_takes_its_part_of_the_prompt_tokens_waiting():
-    assert prefill_step_budget(2048, num_pending=2048, max_in_flight=2) == 512
-    assert prefill_step_budget(2048, num_pending=2049, max_in_flight=2) == 513
-    assert prefill_step_budget(2048, num_pending=30_000, max_in_flight=2) == 2048  # never above the budget
-    assert prefill_step_budget(2048, num_pending=100, max_in_flight=2) == MIN_PREFILL_STEP_TOKENS
-    assert prefill_step_budget(64, num_pending=100, max_in_flight=2) == 64
-
-
-def test_a_burst_of_prompts_flows_through_the_pipeline_in_several_micro_batches():
-    """64 prompts of 32 tokens at once, 2 micro-batches in flight: steps of a quarter of the prompt
-    tokens waiting, not one of all 64 prompts that the second stage could start only once the
-    first had computed it all; once decodes run beside them, prefills get the whole budget."""
-    s = scheduler(num_blocks=1024, max_num_seqs=64, max_num_batched_tokens=2048, max_in_flight=2,
-                  prefix_caching=False)  # the prompts are the same tokens
-    for i in range(64):
-        s.add(seq(f"r{i}", prompt_len=32))
-    first, second = s.schedule(), s.schedule()
-    assert [sum(len(x.input_ids) for x in step.sequences) for step in (first, second)] == [512, 384]
-    assert s.schedule() is None  # both micro-batches are in flight
-    s.update(first.step_id, rows(**{x.request_id: 7 for x in first.sequences}))
-    third = s.schedule()  # its share of the 28 prompted sequences' decodes, then every prompt still waiting
-    assert len(third.sequences) == 14 + 36 and sum(len(x.input_ids) for x in third.sequences) == 14 + 36 * 32
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_and_only_its_last_chunk_is_sampled():

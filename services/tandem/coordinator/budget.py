@@ -19,16 +19,3 @@ def prefill_chunk(num_remaining: int, budget: int, chunked: bool, step_is_empty:
     if chunked:
         return min(num_remaining, budget)
     return num_remaining if num_remaining <= budget or step_is_empty else 0
-
-
-# A step of prefills alone is never cut below this many tokens: every step reads all of a stage's
-# weights once, which at a few hundred tokens is a small part of its time and at a few dozen most of it.
-MIN_PREFILL_STEP_TOKENS = 256
-
-
-def prefill_step_budget(budget: int, num_pending: int, max_in_flight: int) -> int:
-    """Tokens a step of prefills alone may take when `num_pending` prompt tokens wait: about a
-    (2 x max_in_flight)-th of them, so that a burst of prompts flows through the pipeline in
-    several micro-batches and the last stage's share of the last one, the time stage 0 waits
-    before the first decode, is short; not below MIN_PREFILL_STEP_TOKENS nor above `budget`."""
-    return min(budget, max(MIN_PREFILL_STEP_TOKENS, -(-num_pending // (2 * max_in_flight))))

@@ -38,7 +38,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from tandem.coordinator import chaining, preemption
-from tandem.coordinator.budget import num_decodes, prefill_chunk, prefill_step_budget
+from tandem.coordinator.budget import num_decodes, prefill_chunk
 from tandem.coordinator.kv_projection import as_running, head_of_line
 from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
 from tandem.coordinator.steps import (
@@ -142,8 +142,6 @@ class Scheduler:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
                 step.take(seq, 1)
-        if not step.sequences and admit:  # prefills alone: a burst of prompts is spread over micro-batches
-            budget = prefill_step_budget(budget, self._num_prefill_tokens_pending(), self.max_in_flight)
         for seq in [s for s in self.seqs.values() if s.status == Status.PREFILLING and s.sampler and admit]:
             num_new = prefill_chunk(seq.num_tokens - seq.num_computed_tokens, budget, self.chunked_prefill,
                                     not step.sequences)
@@ -327,11 +325,6 @@ class Scheduler:
             self.num_chained_steps += 1
             return step
         return None
-
-    def _num_prefill_tokens_pending(self) -> int:
-        """Prompt tokens not yet computed of the sequences part-way through their prefill and waiting."""
-        ids = [*(s.request_id for s in self.seqs.values() if s.status == Status.PREFILLING), *self.waiting]
-        return sum(self.seqs[rid].num_tokens - self.seqs[rid].num_computed_tokens for rid in ids)
 
     def _rides(self, record: InFlight) -> bool:
         """A continuation whose step before is still in flight: it takes no micro-batch slot of its own."""
