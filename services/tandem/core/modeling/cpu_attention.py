@@ -37,6 +37,48 @@ import threading
 import numba
 import numpy as np
 import torch
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+# Blocks of keys (or values) asked of memory ahead of the one being read. A sequence's blocks lie
+# anywhere in the pool, so the hardware prefetcher, which follows a stream within a page, starts
+# cold at each 4 KB block; asking for the next blocks while one is read measured 12-28% faster
+# a job on a cache of 48 sequences of 300 to 1,000 tokens (one block ahead or four: about the same).
+PREFETCH_BLOCKS = 2
+_FLOATS_PER_LINE = 16  # of a 64-byte cache line
+
+
+@intrinsic
+def _prefetch(typingctx, array, index):  # pragma: no cover - compiled by numba
+    """Ask the caches for the line holding element `index` of a C-contiguous array's data (a
+    hint: it never faults, and changes nothing the kernel computes)."""
+    if not isinstance(array, types.Array) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        data = context.make_array(signature.args[0])(context, builder, args[0]).data
+        item = context.get_abi_sizeof(context.get_data_type(signature.args[0].dtype))
+        offset = builder.mul(context.cast(builder, args[1], signature.args[1], types.intp),
+                             context.get_constant(types.intp, item))
+        address = builder.gep(builder.bitcast(data, ir.IntType(8).as_pointer()), [offset])
+        i32 = ir.IntType(32)
+        hint = ir.FunctionType(ir.VoidType(), [ir.IntType(8).as_pointer(), i32, i32, i32])
+        # read (0), keep in every level (3), data (1)
+        builder.call(cgutils.get_or_insert_function(builder.module, hint, "llvm.prefetch.p0i8"),
+                     [address, i32(0), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return types.void(array, index), codegen
+
+
+def _prefetch_block(cache, kh, block):  # pragma: no cover - compiled by numba
+    """Every line of KV head kh's block `block` of a cache [KVH, blocks, BS, D], asked ahead."""
+    num_blocks, block_size, head_dim = cache.shape[1], cache.shape[2], cache.shape[3]
+    base = (kh * num_blocks + block) * block_size * head_dim
+    for offset in range(0, block_size * head_dim, _FLOATS_PER_LINE):
+        _prefetch(cache, base + offset)
 
 
 def _block_scores(block, qs, scores, column):  # pragma: no cover - compiled by numba
@@ -77,8 +119,14 @@ def _attend(qs, keys, values, tables, lens, b, kh, window, out):  # pragma: no c
     first, last = start // block_size, (n + block_size - 1) // block_size
     width = (last - first) * block_size
     scores = np.empty((group, width), dtype=np.float32)
+    for j in range(first, min(last, first + PREFETCH_BLOCKS)):
+        _prefetch_block(keys, kh, tables[b, j])
     for j in range(first, last):
+        if j + PREFETCH_BLOCKS < last:
+            _prefetch_block(keys, kh, tables[b, j + PREFETCH_BLOCKS])
         _block_scores(keys[kh, tables[b, j]], qs, scores, (j - first) * block_size)
+    for j in range(first, min(last, first + PREFETCH_BLOCKS)):  # the values' first blocks, asked now
+        _prefetch_block(values, kh, tables[b, j])
     lo, hi = start - first * block_size, n - first * block_size  # the real keys among the columns
     for g in range(group):
         top = scores[g, lo]
@@ -97,6 +145,8 @@ def _attend(qs, keys, values, tables, lens, b, kh, window, out):  # pragma: no c
             scores[g, t] = scores[g, t] * inv if lo <= t < hi else np.float32(0.0)
     acc_out = np.zeros((group, head_dim), dtype=np.float32)
     for j in range(first, last):
+        if j + PREFETCH_BLOCKS < last:
+            _prefetch_block(values, kh, tables[b, j + PREFETCH_BLOCKS])
         _block_values(values[kh, tables[b, j]], scores, (j - first) * block_size, acc_out)
     out[:] = acc_out
 
@@ -133,6 +183,7 @@ def _compile(function, parallel: bool = False, fastmath: bool = True):
         return numba.njit(function, **options)  # type: ignore[call-overload]
 
 
+_prefetch_block = _compile(_prefetch_block)
 _block_scores = _compile(_block_scores)
 _block_values = _compile(_block_values)
 _rope_into = _compile(_rope_into, fastmath=False)
