@@ -6,30 +6,13 @@ in, commits them and returns what was committed. `retry()`, `finish()` and `fail
 lost rows, ended sequences and lost steps. The scheduler holds the one record of the steps in
 flight, so what it returns is all the loop needs to act on.
 
-Continuous batching over micro-batches: a sequence is in at most one in-flight step, and it
-joins a later step only after its token is committed (token safety), but for decode chaining
-(`chain_sampler`, coordinator/chaining.py): a continuation takes a step's sequences again before
-their tokens are sampled, and the stages take those tokens from the last stage. Each step spends a budget
-of `max_num_batched_tokens` tokens: first its share of the ready decodes (all ready sequences
-spread over the micro-batches in flight), then the next chunks of partly prefilled prompts,
-swapped sequences coming back, and waiting prompts, while blocks and the budget allow. When
-blocks run out, the most recently arrived idle sequence is preempted: swapped to the KV store
-when it has room, else its blocks are freed and it is recomputed later (preemption.py).
-
-Chunked prefill (on by default, as in vLLM): a prefill takes what the budget leaves, so a
-long prompt runs over several steps, each beside other sequences' decodes. A chunk that stops
-short of the sequence's last token samples nothing: its step's record waits only for the last
-stage to have computed it (`computed`), and the sequence then waits (PREFILLING) for its next
-chunk. Without chunking a prefill runs whole, and one longer than the budget runs alone.
-
-With temporal phases (TD-Pipe; coordinator/td_pipe.py) the whole pipeline runs either
-prefill micro-batches or decode micro-batches, never both: the phase is decided at each
-`schedule()` (`TemporalPhases.what_may_run`), prompts are admitted only while the projected
-KV peak fits, and the switch back to prefill follows the stages' forward time.
-
-With prefix caching (core.block_pool), a prompt admitted starts from the longest run of
-its full blocks already cached, computing only the rest (at least its last token, whose logits
-it samples from); blocks are published once the step that computed them commits.
+A step spends a budget of `max_num_batched_tokens`: its share of the ready decodes, then the
+next chunks of partly prefilled prompts (chunked prefill, budget.py), swapped sequences coming
+back and waiting prompts (from their cached prefix, seq_blocks.py), while blocks allow; when they
+run out, an idle sequence is preempted (preemption.py). A sequence is in at most one step in
+flight (token safety) but for decode chaining (chaining.py). With temporal phases (td_pipe.py)
+the pipeline runs prefill or decode micro-batches, never both. docs/architecture.md, "The life
+of one request", step 4, tells the whole of it.
 """
 
 from __future__ import annotations
