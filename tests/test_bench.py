@@ -647,14 +647,17 @@ def test_the_timeline_keeps_the_window_and_tells_prefill_from_decode(tmp_path):
     ms = 1_000_000
     log = tmp_path / "steps-0.jsonl"
     steps = [(0, 5, 64, 0), (10, 30, 96, 0), (30, 50, 0, 8), (50, 70, 16, 4), (120, 130, 0, 8)]
-    log.write_text("".join(json.dumps({"step": i, "start_ns": a * ms, "end_ns": b * ms, "prefill_tokens": p,
-                                       "decode_rows": d}) + "\n" for i, (a, b, p, d) in enumerate(steps)))
+    cpu = [5, 20, 14, 16, 10]  # ms each step's thread ran: 10 of the 60 in the window went to others
+    log.write_text("".join(json.dumps({"step": i, "start_ns": a * ms, "end_ns": b * ms, "cpu_ns": c * ms,
+                                       "prefill_tokens": p, "decode_rows": d}) + "\n"
+                           for i, ((a, b, p, d), c) in enumerate(zip(steps, cpu))))
     t = read_timeline([log], (10 * ms, 110 * ms))  # the first and the last step fall outside
     (stage,) = t["stages"]
     assert [k for *_, k in stage["steps"]] == ["prefill", "decode", "mixed"]
     assert stage["steps"][0][:2] == [0.0, 0.02]
     assert abs(stage["busy"] - 0.6) < 1e-9 and abs(t["window_s"] - 0.1) < 1e-12
     assert stage["kinds"] == {"prefill": 1, "decode": 1, "mixed": 1}
+    assert abs(stage["preempted"] - 10 / 60) < 1e-9
     plot_timeline(t, tmp_path / "t.png", "a run")
     assert (tmp_path / "t.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -675,3 +678,4 @@ def test_stages_log_their_steps_for_the_timeline(checkpoint, tmp_path):
         steps = [json.loads(line) for line in path.read_text().splitlines()]
         assert [(s["prefill_tokens"], s["decode_rows"]) for s in steps] == [(4, 0), (0, 1), (0, 1), (0, 1)]
         assert all(s["start_ns"] <= s["end_ns"] for s in steps)
+        assert all(isinstance(s["cpu_ns"], int) and s["cpu_ns"] > 0 for s in steps)  # its thread's CPU time

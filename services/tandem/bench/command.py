@@ -143,7 +143,8 @@ def run(args: argparse.Namespace, bundled_model: str) -> int:
             out = Path(args.timeline)
             out = out.with_name(f"{out.stem}-{target.name}{out.suffix or '.png'}")
             plot_timeline(m.timeline, out, f"{label}: {figures['output_tokens_per_s']:.0f} output tok/s")
-            figures["timeline"] = [{"busy": s["busy"], "steps": s["kinds"]} for s in m.timeline["stages"]]
+            figures["timeline"] = [{"busy": s["busy"], "steps": s["kinds"], "preempted": s["preempted"]}
+                                   for s in m.timeline["stages"]]
             log(f"timeline written to {out}")
         print(report.format_run(figures, args.repeats), flush=True)
         print()
