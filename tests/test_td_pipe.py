@@ -182,3 +182,33 @@ def test_a_prompt_part_way_through_its_chunks_keeps_the_prefill_phase():
     assert [len(x.input_ids) for x in third.sequences] == [2]  # the last chunk, which samples
     answer(s, third)
     assert kinds(s.schedule()) == {"decode"} and phases.phase is Phase.DECODE
+
+
+def test_a_prompt_fits_only_if_its_blocks_are_free_now():
+    # Block size 4, limit 100 (far off): B's 10 tokens take 3 blocks now, of 5 free.
+    projection = Projection([Running(16, 4)], 4, 100.0, free_blocks=5)
+    assert projection.fits(Running(10, 1))
+    projection.add(Running(10, 1))  # 2 free blocks left
+    assert not projection.fits(Running(10, 1)) and projection.fits(Running(8, 1))
+    assert projection.num_running == 2 and projection.free_blocks == 2
+
+
+def test_with_a_kv_store_admission_fills_the_free_blocks_and_turns_to_decode():
+    # The test above with 20 blocks admitted four prompts (projected peak 4 blocks each, under
+    # 0.9 * 20). With room for 100 blocks in the KV store the projection's limit is 0.9 * 120 and
+    # the free blocks decide: each 6-token prompt takes 2 blocks now.
+    phases = TemporalPhases(20, 4, num_stages=2, forward_s=linear, saturating_tokens=1024,
+                            predictor=BucketMeans(prior=10), num_host_blocks=100)
+    s = Scheduler(num_blocks=20, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=3,
+                  num_host_blocks=100, phases=phases)
+    for i in range(12):
+        s.add(prompt(f"p{i}", hint=10))
+    first = s.schedule()  # eight prompts, a step's most rows: 16 of the 20 blocks
+    assert [x.request_id for x in first.sequences] == [f"p{i}" for i in range(8)]
+    second = s.schedule()  # the last 4 blocks
+    assert [x.request_id for x in second.sequences] == ["p8", "p9"]
+    # p10 fits the projection but not the free blocks: the phase turns to decode rather than wait
+    # in prefill for blocks that only decoding (a request's end, or a swap-out) can free.
+    assert s.schedule() is None and phases.phase is Phase.DECODE
+    answer(s, first)
+    assert kinds(s.schedule()) == {"decode"}

@@ -46,12 +46,16 @@ class Projection:
     to date as prompts are admitted one by one (what `projected_peak` computes from scratch)."""
 
     def __init__(self, running: Iterable[Running], block_size: int, limit: float,
-                 checkpoints: Sequence[int] = CHECKPOINTS):
+                 checkpoints: Sequence[int] = CHECKPOINTS, free_blocks: int | None = None):
+        """`free_blocks`, when given: the blocks an allocation can take now; a prompt then fits
+        only if its blocks are among them as well (each admitted one takes its share)."""
         self.block_size, self.limit, self.steps = block_size, limit, (0, *checkpoints)
         self.blocks = [0] * len(self.steps)
         self.num_running = 0
+        self.free_blocks: int | None = None
         for r in running:
             self.add(r)
+        self.free_blocks = free_blocks
 
     def _blocks(self, r: Running) -> list[int]:
         return [-(-(r.num_tokens + m) // self.block_size) if m == 0 or r.predicted_remaining >= m else 0
@@ -62,8 +66,12 @@ class Projection:
         return max(self.blocks)
 
     def fits(self, candidate: Running) -> bool:
-        """Whether the peak with `candidate` admitted stays under the limit."""
-        return max(b + c for b, c in zip(self.blocks, self._blocks(candidate))) < self.limit
+        """Whether the peak with `candidate` admitted stays under the limit (and its blocks now
+        are free, where the free blocks are known)."""
+        needed = self._blocks(candidate)
+        if self.free_blocks is not None and needed[0] > self.free_blocks:
+            return False
+        return max(b + c for b, c in zip(self.blocks, needed)) < self.limit
 
     def fits_or_alone(self, candidate: Running) -> bool:
         """`fits`, or nothing runs: then any prompt may (the block pool alone decides), or one
@@ -71,8 +79,11 @@ class Projection:
         return self.num_running == 0 or self.fits(candidate)
 
     def add(self, r: Running) -> None:
-        self.blocks = [b + c for b, c in zip(self.blocks, self._blocks(r))]
+        added = self._blocks(r)
+        self.blocks = [b + c for b, c in zip(self.blocks, added)]
         self.num_running += 1
+        if self.free_blocks is not None:
+            self.free_blocks -= added[0]
 
 
 def as_running(seq: Seq) -> Running:

@@ -118,7 +118,7 @@ class Scheduler:
         step = Step(self._next_step, [], [], [], [])
         budget = self.max_num_batched_tokens
         decode, admit, projection = (True, True, None) if self.phases is None else self.phases.what_may_run(
-            self.seqs, self.waiting, bool(self.in_flight))
+            self.seqs, self.waiting, bool(self.in_flight), self.blocks.num_free)
         ready = [s for s in self.seqs.values() if s.status == Status.READY and s.sampler] if decode else []
         num_rows_in_flight = sum(len(r.rows) for r in self.in_flight.values() if not self._rides(r))
         for seq in ready[: num_decodes(len(ready), num_rows_in_flight, self.max_in_flight, self.max_num_seqs, budget)]:

@@ -237,7 +237,7 @@ def serve(config: CoordinatorConfig, metrics: Metrics | None = None) -> AsyncSer
                           config.max_in_flight or len(config.stages), num_host_blocks,
                           prefix_caching=config.enable_prefix_caching, chunked_prefill=config.enable_chunked_prefill,
                           phases=td_pipe.for_stages(config.num_blocks, config.block_size, config.max_num_batched_tokens,
-                                                    stage_infos) if config.temporal_phases else None,
+                                                    stage_infos, num_host_blocks) if config.temporal_phases else None,
                           chain_sampler=checks.chain_sampler(config, stage_infos))
     last = len(config.stages) - 1
     engine = Engine(scheduler, [ports.GrpcStage(i, a, inbox.put, credentials=credentials, is_last=i == last)

@@ -133,8 +133,10 @@ class TemporalPhases:
 
     def __init__(self, num_blocks: int, block_size: int, num_stages: int,
                  forward_s: Callable[[int], float] | None = None, saturating_tokens: int = 256,
-                 predictor: OutputLengthPredictor | None = None, share: float = MEMORY_SHARE):
+                 predictor: OutputLengthPredictor | None = None, share: float = MEMORY_SHARE,
+                 num_host_blocks: int = 0):
         self.num_blocks, self.block_size, self.num_stages = num_blocks, block_size, num_stages
+        self.num_host_blocks = num_host_blocks
         self.forward_s = forward_s or linear_forward_s()
         self.saturating_tokens = saturating_tokens
         self.predictor: OutputLengthPredictor = predictor or BucketMeans()
@@ -153,17 +155,24 @@ class TemporalPhases:
     def observe(self, prompt_len: int, output_len: int) -> None:
         self.predictor.observe(prompt_len, output_len)
 
-    def projection(self, running: Iterable[Running]) -> Projection:
-        return Projection(running, self.block_size, self.share * self.num_blocks)
+    def projection(self, running: Iterable[Running], free_blocks: int | None = None) -> Projection:
+        """The projection admissions are checked against: its peak under `share` of the blocks,
+        the KV store's included (a sequence that outgrows the stages' blocks is swapped out and
+        back, PipeMax's offload, which costs far less than the recompute TD-Pipe's margin avoids
+        on a GPU), and each prompt's blocks among the `free_blocks` now."""
+        return Projection(running, self.block_size, self.share * (self.num_blocks + self.num_host_blocks),
+                          free_blocks=free_blocks)
 
-    def what_may_run(self, seqs: Mapping[str, Seq], waiting: Sequence[str], any_in_flight: bool
-                     ) -> tuple[bool, bool, Projection | None]:
+    def what_may_run(self, seqs: Mapping[str, Seq], waiting: Sequence[str], any_in_flight: bool,
+                     free_blocks: int | None = None) -> tuple[bool, bool, Projection | None]:
         """Whether the scheduler's next micro-batch over `seqs` may take decodes, and prompts
-        (`waiting` in line), and the projection its admissions are checked against (or None)."""
+        (`waiting` in line), and the projection its admissions are checked against (or None);
+        `free_blocks`: the blocks an allocation can take now."""
         statuses = {s.status for s in seqs.values()}
         if self.phase is Phase.DECODE and not waiting and Status.PREFILLING not in statuses:
             return True, False, None  # steady decode, no prompt to weigh: no projection to build
-        projection = self.projection(as_running(s) for s in seqs.values() if s.status is not Status.WAITING)
+        projection = self.projection((as_running(s) for s in seqs.values() if s.status is not Status.WAITING),
+                                     free_blocks)
         phase = self.begin_step(projection, head_of_line(seqs, waiting), len(waiting),
                                 prefilling=Status.PREFILLING in statuses,
                                 can_decode=bool(statuses & {Status.READY, Status.SWAPPED}) or any_in_flight)
@@ -211,16 +220,18 @@ class TemporalPhases:
 
 
 def for_stages(num_blocks: int, block_size: int, max_num_batched_tokens: int,
-               stage_infos: Sequence[Any]) -> TemporalPhases:
+               stage_infos: Sequence[Any], num_host_blocks: int = 0) -> TemporalPhases:
     """Temporal phases for a pipeline whose stages answered GetStageInfo with `stage_infos`: their
-    start-up profiles give T(n) when every stage measured one, else `linear_forward_s`'s shape."""
+    start-up profiles give T(n) when every stage measured one, else `linear_forward_s`'s shape;
+    `num_host_blocks`: the KV store's room, in blocks (0: none)."""
     forward_s = None
     if stage_infos and all(info.profile_json for info in stage_infos):
         forward_s = profiled_forward_s([(parse_profile(info.profile_json, f"stage {i}'s profile"),
                                          info.layer_end - info.layer_start) for i, info in enumerate(stage_infos)])
     forward_s = forward_s or linear_forward_s()
     return TemporalPhases(num_blocks, block_size, max(1, len(stage_infos)), forward_s,
-                          saturating_tokens=saturating_tokens(forward_s, max_num_batched_tokens))
+                          saturating_tokens=saturating_tokens(forward_s, max_num_batched_tokens),
+                          num_host_blocks=num_host_blocks)
 
 
 def saturating_tokens(forward_s: Callable[[int], float], most: int, share: float = 0.9) -> int:

@@ -94,8 +94,9 @@ class StageWorkerConfig:
         "by GetStageInfo", True)
     profile_file: str = doc("also write the start-up profile to this JSON file; empty: do not", "")
     step_log: str = doc(
-        "append one JSON line per step to this file (start and end on the host's monotonic clock, rows, "
-        "prefill tokens): the timeline `tandem bench --timeline` draws; empty: none", "")
+        "append one JSON line per step to this file (start and end on the host's monotonic clock, the "
+        "CPU time the step's thread got, rows, prefill tokens): the timeline `tandem bench --timeline` draws; "
+        "empty: none", "")
 
     @property
     def has_sampler_replicas(self) -> bool:
