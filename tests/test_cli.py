@@ -106,6 +106,11 @@ def test_up_gives_each_stage_its_cores_and_balances_the_layers(up):
     assert [tuple(i.cpus) for i in infos] == list(plan.stages)
     assert {i.num_threads for i in infos} == {plan.stage_threads} and {i.num_interop_threads for i in infos} == {1}
     assert all(json.loads(i.profile_json)["cpus"] == list(c) for i, c in zip(infos, plan.stages))
+    # The stages at the default priority; the others below it when they share the stages' cores.
+    nice = {(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[4].decode(), os.getpriority(os.PRIO_PROCESS, pid))
+            for pid in kids}
+    assert nice == {("stage_worker", 0), *((name, plan.others_nice) for name in
+                                           ("cpu_sampler", "kv_store", "coordinator", "gateway"))}, nice
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(60) == 0
     wait_gone(kids)

@@ -12,7 +12,7 @@ import pytest
 
 from processes import wait_gone
 from tandem.core.config import load_config
-from tandem.core.cpus import format_cpu_list, parse_cpu_list, place_process, plan_cores
+from tandem.core.cpus import SHARED_NICE, format_cpu_list, parse_cpu_list, place_process, plan_cores
 from tandem.core.errors import ConfigError
 from tandem.cpu_sampler.config import SamplerConfig
 from tandem.launcher import Launcher
@@ -48,12 +48,14 @@ def test_two_stages_on_two_cores_get_one_each_and_the_rest_floats():
     assert plan.stages == ((0,), (1,)) and plan.stage_threads == 1
     assert plan.others == (0, 1) and plan.others_float and not plan.warnings
     assert "stage 0 on 0, stage 1 on 1" in plan.describe()[0] and "no core left over" in plan.describe()[0]
+    assert plan.others_nice == SHARED_NICE > 0 and f"at nice {SHARED_NICE}" in plan.describe()[0]
 
 
 def test_cores_beyond_the_stages_go_to_the_samplers_coordinator_and_kv_store():
     plan = plan_cores(range(16), num_stages=2, num_samplers=2)
     assert plan.stages == (tuple(range(6)), tuple(range(6, 12))) and plan.stage_threads == 6
-    assert plan.others == (12, 13, 14, 15) and not plan.others_float
+    assert plan.others == (12, 13, 14, 15) and not plan.others_float and plan.others_nice == 0
+    assert "nice" not in plan.describe()[0]
     plan = plan_cores([4, 5, 6], num_stages=2, num_samplers=2)  # the cores this process was given
     assert plan.stages == ((4,), (5,)) and plan.others == (6,)
     assert plan_cores(range(8), 2, 0, stage_threads=2).stages == ((0, 1), (2, 3))

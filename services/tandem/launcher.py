@@ -91,13 +91,13 @@ class Launcher:
         self._say(("warning: " if warning else "") + line)
 
     def start(self, name: str, service: str, config: object, timeout_s: float = 300.0,
-              cpus: Sequence[int] = ()) -> str:
-        """Start `tandem serve SERVICE` with `config` (pinned to `cpus` when given); return its
-        address once it is ready."""
+              cpus: Sequence[int] = (), nice: int = 0) -> str:
+        """Start `tandem serve SERVICE` with `config` (pinned to `cpus` when given, at priority
+        `nice`); return its address once it is ready."""
         path = self.workdir / f"{name}.yaml"
         path.write_text(dump_config(config))
         cmd = [sys.executable, "-m", "tandem.cli", "serve", service, "--config", str(path)]
-        proc = self._spawn(name, cmd, cpus, stdout=subprocess.PIPE)
+        proc = self._spawn(name, cmd, cpus, stdout=subprocess.PIPE, nice=nice)
         address: list[str] = []
         reader = threading.Thread(target=self._read_ready, args=(proc, address), daemon=True)
         reader.start()
@@ -108,11 +108,13 @@ class Launcher:
             raise RuntimeError(f"{name} did not become ready; see {log}{_last_error(log)}")
         return address[0]
 
-    def _spawn(self, name: str, cmd: list[str], cpus: Sequence[int], stdout: Any) -> subprocess.Popen:
+    def _spawn(self, name: str, cmd: list[str], cpus: Sequence[int], stdout: Any, nice: int = 0) -> subprocess.Popen:
         def before_exec() -> None:  # in the child
             die_with_parent()
             if cpus:
                 os.sched_setaffinity(0, cpus)
+            if nice:
+                os.nice(nice)
 
         log = open(self.log_dir / f"{name}.log", "w")
         proc = subprocess.Popen(cmd, stdout=stdout, stderr=log, text=True, preexec_fn=before_exec,
@@ -138,8 +140,8 @@ class Launcher:
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
         Each stage gets cores of its own and as many torch threads (`stage_threads` each, 0: an
-        equal share, see plan_cores), or GPU_STAGE_THREADS on a GPU; the samplers, coordinator and KV store share the cores left
-        over, or all of them when none is. `stage_boundaries` is the first layer of stages 1..N-1,
+        equal share, see plan_cores), or GPU_STAGE_THREADS on a GPU; the samplers, coordinator, KV store and gateway share the
+        cores left over, or all of them at plan.others_nice (19) when none is. `stage_boundaries` is the first layer of stages 1..N-1,
         empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
@@ -155,17 +157,18 @@ class Launcher:
         techniques = resolve(preset)
         plan = plan_cores(usable_cpus(), num_stages, num_samplers if techniques.cpu_sampling else 0, stage_threads)
         if device != "cpu":
-            plan = dataclasses.replace(plan, stage_threads=GPU_STAGE_THREADS)
+            plan = dataclasses.replace(plan, stage_threads=GPU_STAGE_THREADS, others_nice=0)
         for i, line in enumerate(plan.describe()):
             self.say(line, warning=i > 0)
         others = () if plan.others_float else plan.others
         if isinstance(stage_boundaries, str):  # AUTO
             stage_boundaries = self.balance(model, num_stages, device, plan, dtype, balance_at)
-        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host, tls=tls), cpus=others) if kv_store else ""
+        nice = plan.others_nice
+        kv = self.start("kv-store", "kv_store", KvStoreConfig(host=host, tls=tls), cpus=others, nice=nice) if kv_store else ""
         samplers: tuple[str, ...] = ()
         if techniques.cpu_sampling:
             sampler = SamplerConfig(model=model, host=host, cpus=format_cpu_list(others), tls=tls, **techniques.sampler_options())
-            samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler) for i in range(num_samplers))
+            samplers = tuple(self.start(f"cpu-sampler-{i}", "cpu_sampler", sampler, nice=nice) for i in range(num_samplers))
         stages: list[str] = []
         for index in reversed(range(num_stages)):
             cfg = StageWorkerConfig(model=model, stage_index=index, num_stages=num_stages, host=host, device=device,
@@ -186,11 +189,11 @@ class Launcher:
                                         max_in_flight=max_in_flight, max_num_seqs=max_num_seqs, max_queue=max_queue,
                                         tls=tls, enable_prefix_caching=prefix_caching, stream_interval=stream_interval,
                                         **techniques.coordinator_options())
-        address = self.start("coordinator", "coordinator", coordinator, cpus=others)
+        address = self.start("coordinator", "coordinator", coordinator, cpus=others, nice=nice)
         if gateway_port is not None:
             gateway = GatewayConfig(host=host, port=gateway_port, coordinator=address, model=model,
                                     coordinator_tls_ca_file=tls.ca_file)
-            self.gateway = self.start("gateway", "gateway", gateway, cpus=others)
+            self.gateway = self.start("gateway", "gateway", gateway, cpus=others, nice=nice)
         return address
 
     def balance(self, model: str, num_stages: int, device: str, plan: CorePlan, dtype: str = "auto",

@@ -20,6 +20,10 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+# The priority (nice value) of the samplers, coordinator and KV store when no core is left over
+# for them and they run among the stages: a stage's step then keeps its core, and the others take
+# what the stages leave (each stage waits for the other part of every step). See CorePlan.
+SHARED_NICE = 19
 CGROUP_V2_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
 CGROUP_V1_QUOTA = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
 CGROUP_V1_PERIOD = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
@@ -202,6 +206,10 @@ class CorePlan:
     others: tuple[int, ...]  # cores of the samplers, coordinator and KV store
     others_float: bool  # no core was left over: the others run on every core, among the stages
     warnings: tuple[str, ...]  # where processes outnumber cores
+    # The others' nice value: SHARED_NICE when they float among CPU stages, else 0. On the engine
+    # run of docs/benchmarks.md the coordinator's slices otherwise took 12-16% of each stage's
+    # step time, about 8% at nice 19. GPU stages' threads launch and wait: it stays 0 there.
+    others_nice: int = 0
 
     def describe(self) -> list[str]:
         """What the plan is, a line each, warnings last."""
@@ -209,6 +217,8 @@ class CorePlan:
         others = f"share {format_cpu_list(self.others)}"
         if self.others_float:
             others += " with the stages (no core left over)"
+        if self.others_nice:
+            others += f", at nice {self.others_nice}"
         return [f"cores: {stages} ({_count(self.stage_threads, 'torch thread')} each); "
                 f"samplers, coordinator and KV store {others}", *self.warnings]
 
@@ -242,7 +252,7 @@ def plan_cores(available: Sequence[int], num_stages: int, num_samplers: int, sta
             "OpenMP threads that wait for a core slow down many times over")
     used = {c for s in stages for c in s}
     others = tuple(c for c in cores if c not in used)
-    return CorePlan(stages, stage_threads, others or cores, not others, tuple(warnings))
+    return CorePlan(stages, stage_threads, others or cores, not others, tuple(warnings), 0 if others else SHARED_NICE)
 
 
 def _count(n: int, noun: str) -> str:
