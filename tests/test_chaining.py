@@ -12,7 +12,7 @@ HOSTED = "stage-last:1"
 
 def scheduler(**options) -> Scheduler:
     args = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, max_in_flight=2,
-                chain_sampler=HOSTED)
+                chain_sampler=HOSTED, chain_steps=2)
     return Scheduler(**{**args, **options})
 
 
@@ -46,7 +46,7 @@ def test_a_decode_step_is_continued_before_its_tokens_exist():
     # one token a sequence, at the position after the one its step computes; its input comes from the stages
     assert [(x.request_id, x.input_ids, x.num_computed_tokens, x.sample_index) for x in a2.sequences] == [
         ("a1", [], 4, 2), ("a2", [], 4, 2)]
-    assert s.seqs["a1"].chained_step_id == a2.step_id
+    assert s.seqs["a1"].chained_step_ids == [a2.step_id]
     # a's tokens commit; its continuation becomes an ordinary step in flight, and is continued in turn
     (first, _), _ = s.update(a.step_id, rows(a1=11, a2=12))
     assert first.output_ids == [10, 11] and first.status == Status.IN_FLIGHT and first.step_id == a2.step_id
@@ -54,6 +54,45 @@ def test_a_decode_step_is_continued_before_its_tokens_exist():
     assert a3.input_step_id == a2.step_id and [x.sample_index for x in a3.sequences] == [3, 3]
     assert [x.num_computed_tokens for x in a3.sequences] == [5, 5]
     assert [seq.output_ids for seq, _ in s.update(a2.step_id, rows(a1=13, a2=14))] == [[10, 11, 13], [10, 12, 14]]
+
+
+def test_a_chain_of_three_steps_in_flight_by_default():
+    s = scheduler(chain_steps=chaining.STEPS_IN_FLIGHT, num_blocks=16, block_size=2)
+    assert chaining.STEPS_IN_FLIGHT == 3
+    a, b = decoding(s, ["a1", "a2"], ["b1", "b2"])  # 3 prompt tokens + 1 sampled: two blocks of 2 each
+    a2, b2, a3, b3 = s.schedule(), s.schedule(), s.schedule(), s.schedule()
+    assert s.schedule() is None  # three steps of each micro-batch in flight
+    assert [x.input_step_id for x in (a2, b2, a3, b3)] == [a.step_id, b.step_id, a2.step_id, b2.step_id]
+    # each continuation one position further on, with the block its position needs
+    assert [(x.num_computed_tokens, x.sample_index, len(x.new_block_ids)) for x in a2.sequences] == [(4, 2, 1)] * 2
+    assert [(x.num_computed_tokens, x.sample_index, len(x.new_block_ids)) for x in a3.sequences] == [(5, 3, 0)] * 2
+    assert s.seqs["a1"].chained_step_ids == [a2.step_id, a3.step_id] and len(s.seqs["a1"].block_table) == 3
+    assert s.can_schedule is False  # the continuations ride in their micro-batches' slots
+    # a commits: a2 becomes the first step in flight, and a3 may be continued in turn
+    (first, _), _ = s.update(a.step_id, rows(a1=11, a2=12))
+    assert first.step_id == a2.step_id and first.chained_step_ids == [a3.step_id]
+    a4 = s.schedule()
+    assert a4.input_step_id == a3.step_id and [x.sample_index for x in a4.sequences] == [4, 4]
+    # aborting a1 takes it out of every step it is in
+    s.finish("a1")
+    assert all("a1" not in s.in_flight[x.step_id].rows for x in (a2, a3, a4))
+    for step, token in ((a2, 13), (a3, 14), (a4, 15)):
+        s.update(step.step_id, rows(a1=0, a2=token))
+    assert s.seqs["a2"].output_ids == [10, 12, 13, 14, 15] and s.seqs["a2"].status == Status.READY
+
+
+def test_a_chain_leaves_out_a_sequence_its_steps_in_flight_take_to_its_last_token():
+    s = scheduler(chain_steps=3)
+    s.add(seq("a", max_tokens=3))
+    for rid in ("b", "c", "d"):
+        s.add(seq(rid))
+    prefill = s.schedule()
+    s.update(prefill.step_id, rows(a=1, b=2, c=3, d=4))  # a has 1 of its 3 tokens
+    first, _ = s.schedule(), s.schedule()
+    assert [x.request_id for x in first.sequences] == ["a", "b"]  # samples a's second token
+    continued, _ = s.schedule(), s.schedule()
+    assert [x.request_id for x in continued.sequences] == ["a", "b"]  # a's third and last
+    assert [x.request_id for x in s.schedule().sequences] == ["b"]  # nothing left of a to sample
 
 
 def test_a_continuation_gets_the_block_its_token_needs():
@@ -150,7 +189,7 @@ def test_a_failed_step_and_a_lost_stage_end_the_chain():
     s.finish("a1")  # the engine ends the failed step's requests
     assert a2.step_id not in s.in_flight  # nothing of its continuation is left to wait for
     s.recompute_all()
-    assert not s.in_flight and all(x.chained_step_id == 0 and x.status == Status.WAITING for x in s.seqs.values())
+    assert not s.in_flight and all(not x.chained_step_ids and x.status == Status.WAITING for x in s.seqs.values())
     assert s.can_schedule
 
 

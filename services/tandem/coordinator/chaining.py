@@ -5,9 +5,9 @@ only thing the next step needs from this one is the tokens it samples. When the 
 samples them itself (the argmax-only rows of greedy_on_stage), it sends them straight to stage 0
 (stage_worker.tokens), so the scheduler can send the next step's plan at once, naming this step
 as its input (StepPlan.input_step_id): stage 0 starts it as soon as the tokens exist, without a
-round trip through the coordinator. The chained step is a *continuation*; it becomes an ordinary
-in-flight step when the step before it commits, and may then be continued in turn, so a
-micro-batch has at most two steps in flight.
+round trip through the coordinator. The chained step is a *continuation*; it may be continued in
+turn, up to STEPS_IN_FLIGHT steps of one micro-batch in flight, and it becomes an ordinary
+in-flight step when the step before it commits.
 
 A chain runs only while nothing else wants a step and the micro-batches are about even: no prompt waits or is part-way through its
 prefill, nothing is swapped out, every sequence is in flight, and temporal phases (if on) are
@@ -23,6 +23,15 @@ from collections.abc import Iterable, Mapping
 
 from tandem.coordinator.steps import InFlight, Sequence, Status
 from tandem.core.block_pool import BlockPool
+
+# Steps of one micro-batch in flight at once: the step, its continuation and the continuation's.
+# With two, the coordinator must commit step n and send step n+2's plan while stage 0 computes one
+# step, on cores the stages keep busy: on the mid-model engine run (docs/benchmarks.md, stages of
+# 12-15 ms a step) stage 0 waited 5.3 ms a step on average for its next plan. A third step leaves
+# the coordinator a whole round of the pipeline (four alternating runs each: 1,562 against 1,674
+# output tok/s, medians, idle of the cores 9-12% against 7-10%), and costs a row computed for
+# nothing when a sequence ends on a stop token.
+STEPS_IN_FLIGHT = 3
 
 
 def may_chain(seqs: Iterable[Sequence], num_waiting: int, is_decoding: bool) -> bool:
@@ -42,9 +51,10 @@ def continued_rows(record: InFlight, seqs: Mapping[str, Sequence], sampler: str,
     rows = [seqs[rid] for rid in record.rows]
     if any(seq.sampler != sampler for seq in rows):
         return None
-    return [seq for seq in rows if len(seq.output_ids) + 2 <= seq.max_tokens]
+    return [seq for seq in rows if len(seq.output_ids) + len(seq.chained_step_ids) + 2 <= seq.max_tokens]
 
 
 def blocks_for_next(pool: BlockPool, seq: Sequence) -> int:
-    """Blocks `seq` must add to hold the token its in-flight step samples (position num_tokens)."""
-    return max(0, -(-(seq.num_tokens + 1) // pool.block_size) - len(seq.block_table))
+    """Blocks `seq` must add to hold the token its last step in flight samples (position num_tokens
+    plus the continuations it is in already)."""
+    return max(0, -(-(seq.num_tokens + len(seq.chained_step_ids) + 1) // pool.block_size) - len(seq.block_table))

@@ -10,7 +10,7 @@ A step spends a budget of `max_num_batched_tokens`: its share of the ready decod
 next chunks of partly prefilled prompts (chunked prefill, budget.py), swapped sequences coming
 back and waiting prompts (from their cached prefix, seq_blocks.py), while blocks allow; when they
 run out, an idle sequence is preempted (preemption.py). A sequence is in at most one step in
-flight (token safety) but for decode chaining (chaining.py). With temporal phases (td_pipe.py)
+flight (token safety) but for decode chaining (chaining.py), a few in a row. With temporal phases (td_pipe.py)
 the pipeline runs prefill or decode micro-batches, never both. docs/architecture.md, "The life
 of one request", step 4, tells the whole of it.
 """
@@ -53,6 +53,7 @@ class Scheduler:
         chunked_prefill: bool = True,
         phases: TemporalPhases | None = None,
         chain_sampler: str = "",
+        chain_steps: int = chaining.STEPS_IN_FLIGHT,
     ):
         self.blocks = BlockPool(num_blocks, block_size, prefix_caching)
         self.swapped = SwapSpace(num_host_blocks)
@@ -61,6 +62,7 @@ class Scheduler:
         self.max_in_flight, self.chunked_prefill = max_in_flight, chunked_prefill
         self.phases = phases
         self.chain_sampler = chain_sampler  # decode chaining (coordinator/chaining.py) for rows it samples; "": off
+        self.chain_steps = chain_steps  # most steps of one micro-batch in flight when chained
         self.seqs: dict[str, Sequence] = {}
         self.waiting: deque[str] = deque()
         self.in_flight: dict[int, InFlight] = {}
@@ -202,10 +204,11 @@ class Scheduler:
             if record is None or rid not in record.rows or record.rows[rid] is not None:
                 continue  # not in flight, or answered already: it commits with its step
             del record.rows[rid]
-            if (chained := self.in_flight.get(seq.chained_step_id)) is not None:
-                chained.drop(rid)  # its token will not come
-                commits += self._commit_if_complete(chained)
-            seq.step_id = seq.chained_step_id = 0
+            for chained_id in seq.chained_step_ids[::-1]:
+                if (chained := self.in_flight.get(chained_id)) is not None:
+                    chained.drop(rid)  # its token will not come
+                    commits += self._commit_if_complete(chained)
+            seq.step_id, seq.chained_step_ids = 0, []
             if seq.num_tokens - seq.num_computed_tokens > 1:  # a prefill: it queues again, first
                 seq.status = Status.WAITING
                 self.waiting.appendleft(rid)
@@ -231,7 +234,7 @@ class Scheduler:
         seq.block_table = []
         self._finished_ids.append(request_id)
         commits: list[Commit] = []
-        for step_id in (seq.chained_step_id, seq.step_id):
+        for step_id in (*seq.chained_step_ids[::-1], seq.step_id):
             if (record := self.in_flight.get(step_id)) is not None:
                 record.drop(request_id)
                 commits += self._commit_if_complete(record)
@@ -256,7 +259,7 @@ class Scheduler:
         for seq in self.seqs.values():
             self.blocks.free(seq.block_table)
             seq.block_table, seq.num_blocks_on_stages, seq.num_computed_tokens, seq.step_id = [], 0, 0, 0
-            seq.chained_step_id = 0
+            seq.chained_step_ids = []
             seq.status = Status.WAITING
         self.blocks.forget_cached()
         self.waiting = deque(self.seqs)  # arrival order
@@ -275,8 +278,8 @@ class Scheduler:
         commits = []
         for rid, row in record.rows.items():
             seq = self.seqs[rid]
-            if seq.chained_step_id:  # its next token is in flight already
-                seq.status, seq.step_id, seq.chained_step_id = Status.IN_FLIGHT, seq.chained_step_id, 0
+            if seq.chained_step_ids:  # its next token is in flight already
+                seq.status, seq.step_id = Status.IN_FLIGHT, seq.chained_step_ids.pop(0)
             else:
                 seq.status, seq.step_id = Status.READY, 0
             set_computed(self.blocks, seq, seq.num_tokens)
@@ -285,12 +288,13 @@ class Scheduler:
         return commits
 
     def _chain(self) -> Step | None:
-        """The continuation of the oldest in-flight step that has none and may have one."""
+        """The continuation of the oldest in-flight step that has none and may have one: its chain
+        of steps in flight is shorter than chain_steps."""
         decoding = self.phases is None or self.phases.phase == Phase.DECODE
         if not chaining.may_chain(self.seqs.values(), self.num_waiting, decoding):
             return None
         for record in self.in_flight.values():
-            if record.continuation or self._rides(record):
+            if record.continuation or self._steps_before(record) + 2 > self.chain_steps:
                 continue
             rows = chaining.continued_rows(record, self.seqs, self.chain_sampler, len(self.seqs) / self.max_in_flight)
             if not rows:
@@ -308,6 +312,13 @@ class Scheduler:
             self.num_chained_steps += 1
             return step
         return None
+
+    def _steps_before(self, record: InFlight) -> int:
+        """The steps of its chain in flight before `record`."""
+        n = 0
+        while (record := self.in_flight.get(record.input_step_id)) is not None:  # type: ignore[assignment]
+            n += 1
+        return n
 
     def _rides(self, record: InFlight) -> bool:
         """A continuation whose step before is still in flight: it takes no micro-batch slot of its own."""

@@ -30,8 +30,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     num_blocks_on_stages: int = 0  # entries of block_table the stages hold; 0: none, the next step sends it whole
     status: Status = Status.WAITING
-    step_id: int = 0  # the in-flight step it is in; 0: none
-    chained_step_id: int = 0  # the chained step after it, already sent (decode chaining); 0: none
+    step_id: int = 0  # the (first) in-flight step it is in; 0: none
+    chained_step_ids: list[int] = field(default_factory=list)  # the chained steps after it, in order (decode chaining)
     output_len_hint: int = 0  # the client's guess of its output length; 0: none
     predicted_output_len: int = 0  # temporal phases' prediction (set when added)
 
@@ -94,15 +94,16 @@ class Step:
 
 
     def take_chained(self, seq: Sequence) -> None:
-        """Put in this chained step the token `seq`'s in-flight step samples: the stages get it
-        from the last stage, at position num_tokens; the blocks appended since go as ids."""
+        """Put in this chained step the token `seq`'s last in-flight step samples: the stages get it
+        from the last stage, at the position after that step's; the blocks appended since go as ids."""
         assert seq.num_blocks_on_stages, "a chained sequence is in flight: the stages hold its table"
-        seq.chained_step_id = self.step_id
+        ahead = len(seq.chained_step_ids)  # its tokens in flight beyond its first step's
+        seq.chained_step_ids.append(self.step_id)
         held, seq.num_blocks_on_stages = seq.num_blocks_on_stages, len(seq.block_table)
         self.sequences.append(
-            ScheduledSequence(request_id=seq.request_id, num_computed_tokens=seq.num_tokens, input_ids=[],
+            ScheduledSequence(request_id=seq.request_id, num_computed_tokens=seq.num_tokens + ahead, input_ids=[],
                               block_table=[], new_block_ids=seq.block_table[held:],
-                              sample_index=len(seq.output_ids) + 1, sampler=seq.sampler))
+                              sample_index=len(seq.output_ids) + 1 + ahead, sampler=seq.sampler))
 
 
 class Sampled(NamedTuple):

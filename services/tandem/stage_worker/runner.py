@@ -186,18 +186,21 @@ class StageRunner:
             self.compute_ns_total += done.forward_ns
             self._meters.executed(busy_ns, idle_ns, done.forward_ns)
             if self._step_log is not None and plan.sequences:
-                self._log_step(plan, start_wall + done.wait_ns, start_wall + end - start, time.thread_time_ns() - start_cpu)
+                self._log_step(plan, start_wall, start_wall + done.wait_ns, start_wall + end - start,
+                               time.thread_time_ns() - start_cpu)
             if done.error or self._answers_every_step:
                 self._done.put(done)
 
-    def _log_step(self, plan: pb.StepPlan, start_ns: int, end_ns: int, cpu_ns: int) -> None:
-        """One line of the step log: when the step computed (after its activations came), the CPU
-        time its thread got meanwhile (less than end - start when other processes took the core),
-        its rows and the prompt tokens among them."""
+    def _log_step(self, plan: pb.StepPlan, ready_ns: int, start_ns: int, end_ns: int, cpu_ns: int) -> None:
+        """One line of the step log: when its inputs were ready (its plan came and was prepared),
+        when it computed (after its activations or chained tokens came), the CPU time its thread
+        got meanwhile (less than end - start when other processes took the core), its rows and
+        the prompt tokens among them."""
         prefill = sum(len(s.input_ids) for s in plan.sequences if len(s.input_ids) > 1)
         decode = sum(1 for s in plan.sequences if len(s.input_ids) == 1 or plan.input_step_id)
-        self._step_log.write(json.dumps({"step": plan.step_id, "start_ns": start_ns, "end_ns": end_ns, "cpu_ns": cpu_ns,
-                                         "prefill_tokens": prefill, "decode_rows": decode}) + "\n")
+        self._step_log.write(json.dumps({"step": plan.step_id, "ready_ns": ready_ns, "start_ns": start_ns,
+                                         "end_ns": end_ns, "cpu_ns": cpu_ns, "prefill_tokens": prefill,
+                                         "decode_rows": decode}) + "\n")
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
