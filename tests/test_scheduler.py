@@ -3,7 +3,7 @@ prefix caching, and how a step's token budget is spent (decodes first, prefills 
 
 from __future__ import annotations
 
-from tandem.coordinator.budget import num_decodes, prefill_chunk
+from tandem.coordinator.budget import MIN_FILL_STEP_TOKENS, fill_step_budget, num_decodes, prefill_chunk
 from tandem.coordinator.scheduler import Sampled, Scheduler, Sequence, Status
 
 
@@ -211,6 +211,23 @@ def test_decodes_take_their_share_of_the_micro_batches_within_rows_and_budget():
     assert num_decodes(1, 8, max_in_flight=3, max_num_seqs=8, budget=64) == 1  # never more than are ready
     assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=8, budget=64) == 8
     assert num_decodes(30, 0, max_in_flight=1, max_num_seqs=64, budget=5) == 5
+
+
+def test_a_burst_into_an_idle_pipeline_is_spread_over_micro_batches():
+    s = scheduler(num_blocks=1024, max_num_seqs=64, max_num_batched_tokens=4096, max_in_flight=2, prefix_caching=False)
+    for i in range(64):
+        s.add(seq(f"r{i}", prompt_len=32))
+    first, second = s.schedule(), s.schedule()
+    # a quarter of the prompt tokens waiting each (2,048, then 1,536), not all of them in one micro-batch
+    assert [sum(len(x.input_ids) for x in step.sequences) for step in (first, second)] == [512, 384]
+    prompt_tokens = [512, 384]
+    for done in (first, second):  # its prompts decode from now on
+        s.update(done.step_id, rows(**{x.request_id: 1 for x in done.sequences}))
+        step = s.schedule()
+        prompt_tokens.append(sum(len(x.input_ids) for x in step.sequences if len(x.input_ids) > 1))
+    # 36 prompts wait and 16 decode: a quarter again (288); then 27 wait and 28 decode: the whole budget
+    assert prompt_tokens == [512, 384, 288, 27 * 32]
+    assert fill_step_budget(4096, 100, 2) == MIN_FILL_STEP_TOKENS and fill_step_budget(200, 10_000, 2) == 200
 
 
 def test_a_long_prompt_is_prefilled_in_chunks_and_only_its_last_chunk_is_sampled():

@@ -19,3 +19,18 @@ def prefill_chunk(num_remaining: int, budget: int, chunked: bool, step_is_empty:
     if chunked:
         return min(num_remaining, budget)
     return num_remaining if num_remaining <= budget or step_is_empty else 0
+
+
+# A step of prefills into an idle pipeline is never cut below this many tokens: every step reads
+# all of a stage's weights once, which at a few hundred tokens is a small part of its time and at
+# a few dozen most of it.
+MIN_FILL_STEP_TOKENS = 256
+
+
+def fill_step_budget(budget: int, num_pending: int, max_in_flight: int) -> int:
+    """Prompt tokens a step may take while more prompts wait than sequences decode (a burst into
+    an idle pipeline) and `num_pending` prompt tokens wait: about a (2 x max_in_flight)-th of them, so that
+    the burst flows through the stages in several micro-batches and the last stages start early,
+    instead of waiting for stage 0 to compute one micro-batch of all of them; not below
+    MIN_FILL_STEP_TOKENS nor above `budget`."""
+    return min(budget, max(MIN_FILL_STEP_TOKENS, -(-num_pending // (2 * max_in_flight))))
