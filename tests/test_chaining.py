@@ -114,15 +114,21 @@ def test_no_chain_while_anything_else_wants_a_step():
     assert other.schedule() is None
 
 
-def test_rows_of_another_sampler_do_not_chain():
+def test_rows_of_another_sampler_do_not_chain_and_no_micro_batch_jumps_the_queue():
     s = scheduler()
     s.add(seq("a", sampler="replica:1"))
     s.add(seq("b"))
     s.update(s.schedule().step_id, rows(a=1, b=2))
     a, b = s.schedule(), s.schedule()
     assert [x.request_id for x in a.sequences] == ["a"]
-    continued = s.schedule()  # a's step holds a row the last stage does not sample: only b's continues
-    assert continued.input_step_id == b.step_id and s.schedule() is None
+    # a's step holds a row the last stage does not sample, and b's continuation would run on stage
+    # 0 right after b, waiting for b's tokens while a's next step waits behind it: neither continues
+    assert s.schedule() is None
+    s.update(a.step_id, rows(a=3))  # a's next step is an ordinary one, and b's turn comes after it
+    a2 = s.schedule()
+    assert [x.request_id for x in a2.sequences] == ["a"] and not a2.input_step_id
+    b2 = s.schedule()  # b's step is now the oldest without a continuation: it continues, after a's
+    assert b2.input_step_id == b.step_id and s.schedule() is None
 
 
 def test_an_uneven_micro_batch_is_left_to_the_ordinary_steps():

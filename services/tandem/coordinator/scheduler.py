@@ -291,17 +291,22 @@ class Scheduler:
         return commits
 
     def _chain(self) -> Step | None:
-        """The continuation of the oldest in-flight step that has none and may have one: its chain
-        of steps in flight is shorter than chain_steps."""
+        """The continuation of the oldest in-flight step that has none, if its chain of steps in
+        flight is shorter than chain_steps and it may be continued; else None. Only the oldest: stage 0
+        runs steps in the order they are sent, so a younger micro-batch continued first would put
+        two steps of one micro-batch next to each other there, the second waiting for the first's
+        tokens to come round the pipeline while the other micro-batch waits behind it."""
         decoding = self.phases is None or self.phases.phase == Phase.DECODE
         if not chaining.may_chain(self.seqs.values(), self.num_waiting, decoding):
             return None
         for record in self.in_flight.values():
-            if record.continuation or self._steps_before(record) + 2 > self.chain_steps:
+            if record.continuation:
                 continue
+            if self._steps_before(record) + 2 > self.chain_steps:
+                return None
             rows = chaining.continued_rows(record, self.seqs, self.chain_sampler, len(self.seqs) / self.max_in_flight)
             if not rows:
-                continue
+                return None
             needed = [chaining.blocks_for_next(self.blocks, seq) for seq in rows]
             if not self.blocks.can_allocate(sum(needed)):
                 return None

@@ -194,13 +194,13 @@ class StageRunner:
     def _log_step(self, plan: pb.StepPlan, ready_ns: int, start_ns: int, end_ns: int, cpu_ns: int) -> None:
         """One line of the step log: when its inputs were ready (its plan came and was prepared),
         when it computed (after its activations or chained tokens came), the CPU time its thread
-        got meanwhile (less than end - start when other processes took the core), its rows and
-        the prompt tokens among them."""
+        got meanwhile (less than end - start when other processes took the core), its rows, the
+        prompt tokens among them, and the step whose tokens it takes (decode chaining; 0: none)."""
         prefill = sum(len(s.input_ids) for s in plan.sequences if len(s.input_ids) > 1)
         decode = sum(1 for s in plan.sequences if len(s.input_ids) == 1 or plan.input_step_id)
         self._step_log.write(json.dumps({"step": plan.step_id, "ready_ns": ready_ns, "start_ns": start_ns,
                                          "end_ns": end_ns, "cpu_ns": cpu_ns, "prefill_tokens": prefill,
-                                         "decode_rows": decode}) + "\n")
+                                         "decode_rows": decode, "input_step": plan.input_step_id}) + "\n")
 
     def _execute(self, prepared: Prepared, done: pb.StepDone) -> None:
         ex, plan = self.executor, prepared.plan
