@@ -140,9 +140,10 @@ class Launcher:
         `dtype` the stages' (auto, float32, bfloat16, float16).
 
         Each stage gets cores of its own and as many torch threads (`stage_threads` each, 0: an
-        equal share, see plan_cores), or GPU_STAGE_THREADS on a GPU; the samplers, coordinator, KV store and gateway share the
-        cores left over, or all of them at plan.others_nice (19) when none is. `stage_boundaries` is the first layer of stages 1..N-1,
-        empty for an even split, or "auto": profile the model on stage 0's cores first and split
+        equal share, see plan_cores), or GPU_STAGE_THREADS on a GPU; the samplers, coordinator, KV
+        store and gateway share the cores left over, or all of them at plan.others_nice
+        (core.cpus.SHARED_NICE) when none is. `stage_boundaries` is the first layer of stages
+        1..N-1, empty for an even split, or "auto": profile the model on stage 0's cores first and split
         the layers so that the stages take equal time, LM head included, for a decode step of
         `balance_at` (tokens, context; default: profile_stage's). `max_in_flight` and
         `max_num_seqs` shape the coordinator's micro-batches, `max_queue` bounds its waiting requests

@@ -3,6 +3,11 @@ first, one token each, then prefills with what is left, in chunks when chunked p
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from tandem.coordinator.steps import Sequence as Seq
+from tandem.coordinator.steps import Status
+
 
 def num_decodes(num_ready: int, num_rows_in_flight: int, max_in_flight: int, max_num_seqs: int, budget: int) -> int:
     """Ready decodes a step takes: its share of every sampled sequence (`num_ready` waiting for a
@@ -34,3 +39,15 @@ def fill_step_budget(budget: int, num_pending: int, max_in_flight: int) -> int:
     instead of waiting for stage 0 to compute one micro-batch of all of them; not below
     MIN_FILL_STEP_TOKENS nor above `budget`."""
     return min(budget, max(MIN_FILL_STEP_TOKENS, -(-num_pending // (2 * max_in_flight))))
+
+
+def filling(seqs: Mapping[str, Seq], waiting: Sequence[str]) -> bool:
+    """More prompts wait than sequences decode: a burst into an idle, or nearly idle, pipeline
+    (with none waiting, as in steady decode, answered without looking at the sequences)."""
+    return bool(waiting) and len(waiting) > sum(1 for s in seqs.values() if s.output_ids)
+
+
+def prompt_tokens_pending(seqs: Mapping[str, Seq], waiting: Sequence[str]) -> int:
+    """Prompt tokens not yet computed of the sequences part-way through their prefill and waiting."""
+    pending = [*(s for s in seqs.values() if s.status == Status.PREFILLING), *(seqs[rid] for rid in waiting)]
+    return sum(s.num_tokens - s.num_computed_tokens for s in pending)

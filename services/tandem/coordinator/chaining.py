@@ -54,6 +54,14 @@ def continued_rows(record: InFlight, seqs: Mapping[str, Sequence], sampler: str,
     return [seq for seq in rows if len(seq.output_ids) + len(seq.chained_step_ids) + 2 <= seq.max_tokens]
 
 
+def steps_before(record: InFlight, in_flight: Mapping[int, InFlight]) -> int:
+    """The steps of `record`'s chain still in flight before it."""
+    n = 0
+    while (before := in_flight.get(record.input_step_id)) is not None:
+        record, n = before, n + 1
+    return n
+
+
 def blocks_for_next(pool: BlockPool, seq: Sequence) -> int:
     """Blocks `seq` must add to hold the token its last step in flight samples (position num_tokens
     plus the continuations it is in already)."""

@@ -21,7 +21,7 @@ from collections import deque
 from collections.abc import Mapping
 
 from tandem.coordinator import chaining, preemption
-from tandem.coordinator.budget import fill_step_budget, num_decodes, prefill_chunk
+from tandem.coordinator.budget import fill_step_budget, filling, num_decodes, prefill_chunk, prompt_tokens_pending
 from tandem.coordinator.kv_projection import as_running, head_of_line
 from tandem.coordinator.seq_blocks import blocks_needed, match_prefix, set_computed, unmatch_prefix
 from tandem.coordinator.steps import (
@@ -127,9 +127,8 @@ class Scheduler:
             if seq.status == Status.READY and self._grow(seq, 1, step):
                 budget -= 1
                 step.take(seq, 1)
-        if admit and self._filling():  # prompts flow through the stages in several micro-batches
-            budget = min(budget, fill_step_budget(self.max_num_batched_tokens, self._num_prefill_tokens_pending(),
-                                                  self.max_in_flight))
+        if admit and filling(self.seqs, self.waiting):  # prompts flow through the stages in several micro-batches
+            budget = fill_step_budget(budget, prompt_tokens_pending(self.seqs, self.waiting), self.max_in_flight)
         for seq in [s for s in self.seqs.values() if s.status == Status.PREFILLING and s.sampler and admit]:
             num_new = prefill_chunk(seq.num_tokens - seq.num_computed_tokens, budget, self.chunked_prefill,
                                     not step.sequences)
@@ -302,7 +301,7 @@ class Scheduler:
         for record in self.in_flight.values():
             if record.continuation:
                 continue
-            if self._steps_before(record) + 2 > self.chain_steps:
+            if chaining.steps_before(record, self.in_flight) + 2 > self.chain_steps:
                 return None
             rows = chaining.continued_rows(record, self.seqs, self.chain_sampler, len(self.seqs) / self.max_in_flight)
             if not rows:
@@ -320,22 +319,6 @@ class Scheduler:
             self.num_chained_steps += 1
             return step
         return None
-
-    def _filling(self) -> bool:
-        """More prompts wait than sequences decode: a burst into an idle, or nearly idle, pipeline."""
-        return len(self.waiting) > sum(1 for s in self.seqs.values() if s.output_ids)
-
-    def _num_prefill_tokens_pending(self) -> int:
-        """Prompt tokens not yet computed of the sequences part-way through their prefill and waiting."""
-        ids = [*(s.request_id for s in self.seqs.values() if s.status == Status.PREFILLING), *self.waiting]
-        return sum(self.seqs[rid].num_tokens - self.seqs[rid].num_computed_tokens for rid in ids)
-
-    def _steps_before(self, record: InFlight) -> int:
-        """The steps of its chain in flight before `record`."""
-        n = 0
-        while (record := self.in_flight.get(record.input_step_id)) is not None:  # type: ignore[assignment]
-            n += 1
-        return n
 
     def _rides(self, record: InFlight) -> bool:
         """A continuation whose step before is still in flight: it takes no micro-batch slot of its own."""
